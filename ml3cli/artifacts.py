@@ -1,0 +1,252 @@
+"""Learned-loss artifacts: safetensors files with φ's tensors and JSON metadata. The only module that writes files.
+
+Layout of an artifact (``*.safetensors``):
+
+* tensors: M_φ's ``state_dict`` (float32 unless trained otherwise);
+* metadata ``format`` = ``ml3-loss``, ``format_version``, ``sha256`` (of the tensors, names, dtypes and shapes)
+  and ``ml3`` = a JSON document: versions, task, loss inputs, architecture, effective recipe, seed, metrics.
+
+Files are written atomically (temp file in the same folder, fsync, rename) and read without pickle; the reader
+checks sizes before it allocates, the format version, the checksum and the architecture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ml3cli.errors import ML3Error
+from ml3cli.metaloss import ACTIVATIONS, OUTPUTS, LossInput, MetaLoss
+
+FORMAT = "ml3-loss"
+FORMAT_VERSION = 1
+MAX_ARTIFACT_BYTES = 256 * 2**20  # a meta-loss is a few kB; anything this large is not one of ours
+MAX_HEADER_BYTES = 16 * 2**20
+
+
+# -- atomic writes --------------------------------------------------------------------------------------------
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that the final name only ever holds a complete file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise ML3Error(f"cannot write {path}: {err.strerror or err}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ML3Error(f"cannot write {path}: {err.strerror or err}") from None
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail early (before minutes of work) when ``path``'s folder cannot be created or written."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ml3-write-test-"):
+            pass
+    except OSError as err:
+        raise ML3Error(f"cannot write to {folder}: {err.strerror or err}") from None
+
+
+# -- checksums ------------------------------------------------------------------------------------------------
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+# -- save -----------------------------------------------------------------------------------------------------
+def architecture_of(metaloss: MetaLoss) -> dict[str, Any]:
+    return {
+        "inputs": [{"name": i.name, "size": i.size, "description": i.description} for i in metaloss.inputs],
+        "hidden": list(metaloss.hidden),
+        "activation": metaloss.activation,
+        "bias": metaloss.bias,
+        "output": metaloss.output,
+    }
+
+
+def save_loss(path: str | Path, metaloss: MetaLoss, info: dict[str, Any]) -> Path:
+    """Write M_φ and ``info`` (task, recipe, seed, metrics …) as an artifact at ``path``, atomically."""
+    import ml3cli
+
+    tensors = {name: t.detach().cpu().contiguous() for name, t in metaloss.state_dict().items()}
+    document = {
+        "ml3_version": ml3cli.__version__,
+        "torch_version": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "architecture": architecture_of(metaloss),
+        **info,
+    }
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "sha256": tensors_sha256(tensors),
+        "ml3": json.dumps(document, allow_nan=True),
+    }
+    return write_bytes_atomic(path, st_save(tensors, metadata=metadata))
+
+
+# -- load -----------------------------------------------------------------------------------------------------
+def _read_checked(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The file's bytes and its parsed header, after the size checks that keep memory bounded."""
+    if not path.is_file():
+        raise ML3Error(f"artifact not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_ARTIFACT_BYTES:
+        raise ML3Error(f"{path}: {size} bytes is too large for an ml3 loss artifact")
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise ML3Error(f"{path}: not a safetensors file (too short: {len(data)} bytes); truncated?")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
+        raise ML3Error(f"{path}: corrupt or truncated safetensors header (declares {header_len} bytes)")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ML3Error(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise ML3Error(f"{path}: corrupt safetensors header")
+    body = len(data) - 8 - header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ML3Error(f"{path}: corrupt entry for tensor {name!r}")
+        if not 0 <= offsets[0] <= offsets[1] <= body:
+            raise ML3Error(f"{path}: tensor {name!r} lies outside the file; truncated?")
+    return data, header
+
+
+def read_info(path: str | Path) -> dict[str, Any]:
+    """The artifact's metadata document (the ``ml3`` JSON), checked for format and version."""
+    path = Path(path)
+    _, header = _read_checked(path)
+    return _info_from_header(path, header)
+
+
+def _info_from_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != FORMAT:
+        raise ML3Error(f"{path}: not an ml3 loss artifact (metadata format is {meta.get('format')!r})")
+    version = meta.get("format_version")
+    if not (isinstance(version, str) and version.isdigit()):
+        raise ML3Error(f"{path}: artifact has no valid format_version")
+    if int(version) > FORMAT_VERSION:
+        raise ML3Error(
+            f"{path}: artifact format version {version} is newer than this ml3 understands ({FORMAT_VERSION}); "
+            "upgrade ml3"
+        )
+    try:
+        info = json.loads(meta["ml3"])
+        arch = info["architecture"]
+        inputs = tuple(
+            LossInput(str(i["name"]), int(i["size"]), str(i.get("description", ""))) for i in arch["inputs"]
+        )
+        hidden = [int(h) for h in arch["hidden"]]
+        if (
+            arch["activation"] not in ACTIVATIONS
+            or arch["output"] not in OUTPUTS
+            or not isinstance(arch["bias"], bool)
+        ):
+            raise ValueError("unknown activation or output")
+        if not inputs or any(i.size <= 0 for i in inputs) or any(h <= 0 or h > 1_000_000 for h in hidden):
+            raise ValueError("bad sizes")
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+        raise ML3Error(f"{path}: artifact metadata is missing or malformed ({err})") from None
+    info["_inputs"] = inputs
+    info["_sha256"] = meta.get("sha256")
+    return info
+
+
+def load_loss(path: str | Path, expect_inputs: tuple[LossInput, ...] | None = None) -> MetaLoss:
+    """Load a learned loss as an ordinary ``torch.nn.Module`` (in eval mode, φ frozen).
+
+    Args:
+        path: an artifact written by ``ml3 meta-train``.
+        expect_inputs: the loss inputs of the task it will train; a mismatch is refused with a clear message.
+
+    Example::
+
+        loss_fn = load_loss("artifacts/sine.safetensors")
+        loss = loss_fn(y_pred, y_true); loss.backward()
+    """
+    path = Path(path)
+    data, header = _read_checked(path)
+    info = _info_from_header(path, header)
+    inputs = info["_inputs"]
+    if expect_inputs is not None and tuple((i.name, i.size) for i in inputs) != tuple(
+        (i.name, i.size) for i in expect_inputs
+    ):
+        got = ", ".join(f"{i.name}[{i.size}]" for i in inputs)
+        want = ", ".join(f"{i.name}[{i.size}]" for i in expect_inputs)
+        raise ML3Error(
+            f"{path}: this loss was learned for task {info.get('task')!r} with inputs ({got}); "
+            f"the task here needs inputs ({want})"
+        )
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise ML3Error(f"{path}: corrupt tensor data ({err})") from None
+    if info["_sha256"] != tensors_sha256(tensors):
+        raise ML3Error(f"{path}: checksum mismatch: the tensors were modified or corrupted")
+    arch = info["architecture"]
+    metaloss = MetaLoss(inputs, arch["hidden"], arch["activation"], arch["bias"], arch["output"])
+    expected = metaloss.state_dict()
+    problems = [
+        name
+        for name in set(expected) | set(tensors)
+        if name not in tensors
+        or name not in expected
+        or tensors[name].shape != expected[name].shape
+        or not tensors[name].is_floating_point()
+    ]
+    if problems:
+        raise ML3Error(f"{path}: tensors do not match the declared architecture ({sorted(problems)[:3]})")
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1:  # keep φ's stored precision so that a round trip is bit-exact
+        metaloss.to(dtypes.pop())
+    metaloss.load_state_dict(tensors)
+    metaloss.requires_grad_(False)
+    metaloss.eval()
+    metaloss.info = {k: v for k, v in info.items() if not k.startswith("_")}  # type: ignore[attr-defined]
+    return metaloss

@@ -1,0 +1,172 @@
+"""The ``ml3`` command line: parses flags and calls :mod:`ml3cli.workflows`. User errors exit with code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ml3cli.errors import ML3Error
+
+app = typer.Typer(
+    name="ml3",
+    help="Meta-learn loss functions (ML³) and train new models with them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Seed = Annotated[int | None, typer.Option("--seed", help="the one seed that controls everything")]
+Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or auto")]
+Threads = Annotated[int | None, typer.Option("--threads", help="torch intra-op threads (default 1)")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
+JsonOut = Annotated[Path | None, typer.Option("--json", help="also write the table's numbers as JSON here")]
+OutDir = Annotated[
+    Path | None, typer.Option("--out-dir", help="folder for curves.csv, curves.png, results.json")
+]
+Tasks = Annotated[int | None, typer.Option("--tasks", min=1, help="test tasks per seed (default 10)")]
+Seeds = Annotated[int | None, typer.Option("--seeds", min=1, help="seeds (default 5)")]
+Steps = Annotated[int | None, typer.Option("--steps", min=1, help="SGD steps per optimizee (default 100)")]
+Lr = Annotated[float | None, typer.Option("--lr", min=0.0, help="SGD learning rate (default: the recipe's)")]
+Threshold = Annotated[
+    float | None,
+    typer.Option("--threshold", help="report steps to reach this metric (default: half the initial)"),
+]
+TuneLr = Annotated[
+    bool,
+    typer.Option("--tune-baseline-lr", help="add the baseline at its best lr, chosen on the meta-train task"),
+]
+
+
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+@app.command("meta-train")
+def meta_train_command(
+    recipe: Annotated[Path, typer.Argument(help="a YAML recipe, e.g. recipes/sine.yaml")],
+    out: Annotated[Path | None, typer.Option("--out", help="artifact path (default from the recipe)")] = None,
+    seed: Seed = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a recipe field: --set outer.lr=3e-4 (repeatable)"),
+    ] = None,
+    device: Device = None,
+    threads: Threads = None,
+    quiet: Quiet = False,
+) -> None:
+    """Learn a loss from RECIPE and save it as a safetensors artifact."""
+    from ml3cli.recipes import load_recipe
+    from ml3cli.workflows import run_meta_train
+
+    extra = list(overrides or [])
+    if device is not None:
+        extra.append(f"device={device}")
+    if threads is not None:
+        extra.append(f"threads={threads}")
+    loaded = load_recipe(recipe, extra, seed=seed)
+    run_meta_train(loaded, out, _console(), quiet=quiet)
+
+
+@app.command("meta-test")
+def meta_test_command(
+    loss: Annotated[Path, typer.Option("--loss", help="a learned-loss artifact")],
+    task: Annotated[str, typer.Option("--task", help="the task family to test on (see `ml3 tasks`)")],
+    baseline: Annotated[
+        str | None, typer.Option("--baseline", help="hand-written loss to compare with")
+    ] = None,
+    tasks: Tasks = None,
+    seeds: Seeds = None,
+    steps: Steps = None,
+    lr: Lr = None,
+    seed: Seed = None,
+    threshold: Threshold = None,
+    tune_baseline_lr: TuneLr = False,
+    json_path: JsonOut = None,
+    out_dir: OutDir = None,
+    device: Device = None,
+    threads: Threads = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train fresh optimizees on TASK with the learned loss only, next to the task's hand-written baseline."""
+    from ml3cli.tasks import task_class
+    from ml3cli.workflows import EvalSettings, run_comparison
+
+    base = baseline or next(iter(task_class(task).builtin_losses))
+    settings = EvalSettings(
+        tasks, seeds, steps, lr, seed or 0, threshold, device or "cpu", 1 if threads is None else threads
+    )
+    run_comparison(
+        task, [str(loss), base], settings, _console(), command="meta-test", json_path=json_path,
+        out_dir=out_dir, tune_baseline_lr=tune_baseline_lr, quiet=quiet,
+    )  # fmt: skip
+
+
+@app.command("compare")
+def compare_command(
+    task: Annotated[str, typer.Option("--task", help="the task family (see `ml3 tasks`)")],
+    losses: Annotated[
+        list[str], typer.Option("--loss", help="artifact path or built-in name (mse, mse@0.01 …); repeatable")
+    ],
+    tasks: Tasks = None,
+    seeds: Seeds = None,
+    steps: Steps = None,
+    lr: Lr = None,
+    seed: Seed = None,
+    threshold: Threshold = None,
+    tune_baseline_lr: TuneLr = False,
+    json_path: JsonOut = None,
+    out_dir: OutDir = None,
+    device: Device = None,
+    threads: Threads = None,
+    quiet: Quiet = False,
+) -> None:
+    """Compare any number of losses on one task family: same seeds, same initialisations, paired statistics."""
+    from ml3cli.workflows import EvalSettings, run_comparison
+
+    settings = EvalSettings(
+        tasks, seeds, steps, lr, seed or 0, threshold, device or "cpu", 1 if threads is None else threads
+    )
+    run_comparison(
+        task, losses, settings, _console(), command="compare", json_path=json_path, out_dir=out_dir,
+        tune_baseline_lr=tune_baseline_lr, quiet=quiet,
+    )  # fmt: skip
+
+
+@app.command("inspect")
+def inspect_command(
+    artifact: Annotated[Path, typer.Argument(help="a learned-loss artifact")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the metadata as JSON")] = False,
+) -> None:
+    """Show what an artifact is: task, inputs, architecture, recipe, metrics."""
+    from ml3cli.workflows import inspect_artifact
+
+    inspect_artifact(artifact, _console(), as_json)
+
+
+@app.command("tasks")
+def tasks_command() -> None:
+    """List the registered task families and their loss inputs."""
+    from ml3cli.workflows import list_tasks
+
+    list_tasks(_console())
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    try:
+        app()
+    except ML3Error as err:
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The ML³ engine: inner unroll, meta-gradient and outer loop (paper, section 3.1, algorithm 1).
+
+It knows nothing of sines or robots: a :class:`~ml3cli.tasks.base.Task` supplies tasks, the optimizee, the
+loss inputs and the task loss. Everything is written with ``torch.func``: θ is a ``dict[str, Tensor]``, inner
+updates are out of place, and a batch of tasks is one ``vmap``.
+
+One outer step (a meta-update of φ):
+
+    θ_{k+1} = θ_k − α ∇_θ mean_i M_φ(inputs_i(θ_k))            k = 0 … K−1   (inner SGD, per task)
+    L_T(φ)  = mean_tasks [β · task_loss(θ_K) + Σ_j γ_j · extra_j(θ_K)]       (on held-out query data)
+    φ      ← Adam(φ, ∇_φ L_T)                                            (full second order through all K steps)
+
+With ``truncate`` the gradient of step k is taken at a detached θ_k: dθ_{k+1}/dφ = dθ_k/dφ − α ∂²M/∂θ∂φ, i.e.
+the θ–θ Hessian chain is dropped and the mixed term kept. (Dropping the mixed term too would make the
+meta-gradient exactly zero: ML³ has no first-order shortcut.)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, vmap
+
+from ml3cli.errors import DivergenceError
+from ml3cli.metaloss import MetaLoss
+from ml3cli.recipes import InnerConfig, Recipe, TaskLossConfig
+from ml3cli.runtime import generator
+from ml3cli.tasks.base import Task, Theta
+
+#: A loss over a task's named loss inputs, e.g. ``lambda inputs: mse(**inputs)``.
+LossFn = Callable[[dict[str, Tensor]], Tensor]
+Phi = dict[str, Tensor]
+
+
+def detached(theta: Theta) -> Theta:
+    return {name: value.detach() for name, value in theta.items()}
+
+
+def sgd_step(
+    task: Task, loss_fn: LossFn, theta: Theta, batch: Any, lr: float, truncate: bool = False
+) -> Theta:
+    """One inner SGD step for ONE task: θ' = θ − α ∇_θ loss_fn(task.loss_inputs(θ, batch))."""
+
+    def inner_objective(theta: Theta) -> Tensor:
+        return loss_fn(task.loss_inputs(theta, batch))
+
+    gradient = grad(inner_objective)(detached(theta) if truncate else theta)
+    return {name: theta[name] - lr * gradient[name] for name in theta}
+
+
+def unroll(
+    task: Task, loss_fn: LossFn, theta: Theta, batch: Any, lr: float, steps: int, truncate: bool = False
+) -> Theta:
+    """``steps`` differentiable inner SGD steps for ONE task."""
+    for _ in range(steps):
+        theta = sgd_step(task, loss_fn, theta, batch, lr, truncate)
+    return theta
+
+
+def task_objective(task: Task, weights: TaskLossConfig) -> Callable[[Theta, Any], Tensor]:
+    """L_T for ONE task: β · task loss + Σ γ_j · extra_j (paper, equation 9)."""
+
+    def objective(theta: Theta, batch: Any) -> Tensor:
+        loss = weights.weight * task.task_loss(theta, batch)
+        for name, gamma in weights.extra.items():
+            loss = loss + gamma * task.extra_term(name, theta, batch)
+        return loss
+
+    return objective
+
+
+def learned_loss_fn(metaloss: MetaLoss, phi: Phi) -> LossFn:
+    """M_φ as a :data:`LossFn` with φ given explicitly (so that ``torch.func.grad`` can differentiate it)."""
+    return lambda inputs: functional_call(metaloss, phi, (), inputs)
+
+
+@dataclass(frozen=True)
+class MetaStep:
+    """What one meta-gradient evaluation saw; tensors have a leading task axis."""
+
+    task_loss: Tensor  # [n]  L_T after the K inner steps
+    task_loss_before: Tensor  # [n]  L_T at θ_0 of this unroll
+    learned_loss: Tensor  # [n]  M_φ at θ_0 (the inner loss the first step descended)
+    theta: Theta  # θ_K, detached
+
+
+def meta_gradient(
+    metaloss: MetaLoss,
+    phi: Phi,
+    task: Task,
+    theta: Theta,
+    batch: Any,
+    inner: InnerConfig,
+    objective: Callable[[Theta, Any], Tensor],
+) -> tuple[Phi, MetaStep]:
+    """∇_φ of the mean task loss over a batch of tasks after K inner steps, and what the step saw."""
+
+    def mean_task_loss(phi: Phi) -> tuple[Tensor, tuple[Tensor, ...]]:
+        loss_fn = learned_loss_fn(metaloss, phi)
+
+        def per_task(theta: Theta, batch: Any) -> tuple[Tensor, ...]:
+            before = objective(theta, batch)
+            learned = loss_fn(task.loss_inputs(theta, batch))
+            theta_k = unroll(task, loss_fn, theta, batch, inner.lr, inner.steps, inner.truncate)
+            return objective(theta_k, batch), before, learned, theta_k
+
+        after, before, learned, theta_k = vmap(per_task)(theta, batch)
+        return after.mean(), (after, before, learned, theta_k)
+
+    gradient, (after, before, learned, theta_k) = grad(mean_task_loss, has_aux=True)(phi)
+    step = MetaStep(after.detach(), before.detach(), learned.detach(), detached(theta_k))
+    return gradient, step
+
+
+def build_metaloss(recipe: Recipe, task: Task, gen: torch.Generator) -> MetaLoss:
+    """M_φ for ``task`` with the recipe's architecture, initialised from ``gen``."""
+    config = recipe.meta_loss
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))
+        metaloss = MetaLoss(
+            task.loss_inputs_spec, config.hidden, config.activation, config.bias, config.output
+        )
+    return metaloss.to(task.device)
+
+
+@dataclass
+class MetaTrainResult:
+    metaloss: MetaLoss
+    curves: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.curves[-1] if self.curves else {}
+
+
+def _all_finite(tensors: Any) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def meta_train(
+    recipe: Recipe,
+    task: Task,
+    on_step: Callable[[int, dict[str, float] | None], None] | None = None,
+) -> MetaTrainResult:
+    """Algorithm 1: learn φ on ``task`` with the recipe's settings; deterministic for a given ``recipe.seed``.
+
+    ``on_step(step, record)`` is called after every outer step (``record`` is the row written to the curves at
+    logging steps, else None): the CLI hangs its progress bar here.
+    """
+    gen = generator(recipe.seed)
+    metaloss = build_metaloss(recipe, task, gen)
+    optimizer = torch.optim.Adam(metaloss.parameters(), lr=recipe.outer.lr)
+    objective = task_objective(task, recipe.task_loss)
+    inner, outer = recipe.inner, recipe.outer
+
+    result = MetaTrainResult(metaloss)
+    started = time.perf_counter()
+    theta: Theta | None = None
+    batch: Any = None
+    age = 0  # inner steps θ has taken since its last initialisation
+    for step in range(1, outer.steps + 1):
+        if theta is None or age >= inner.reset_period:
+            batch = task.sample_tasks(outer.tasks, gen)
+            theta = task.init_theta(outer.tasks, gen)
+            age = 0
+        phi = {name: p.detach() for name, p in metaloss.named_parameters()}
+        gradient, seen = meta_gradient(metaloss, phi, task, theta, batch, inner, objective)
+        if not _all_finite([seen.task_loss]):
+            raise DivergenceError(step, "the task loss")
+        if not _all_finite(gradient.values()):
+            raise DivergenceError(step, "the meta-gradient")
+        if not _all_finite(seen.theta.values()):
+            raise DivergenceError(step, "θ after the inner steps")
+        grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradient.values()])).item()
+        if outer.grad_clip is not None and grad_norm > outer.grad_clip:
+            scale = outer.grad_clip / (grad_norm + 1e-12)
+            gradient = {name: g * scale for name, g in gradient.items()}
+        for name, p in metaloss.named_parameters():
+            p.grad = gradient[name]
+        optimizer.step()
+        if not _all_finite(p.detach() for p in metaloss.parameters()):
+            raise DivergenceError(step, "φ after the Adam step")
+        theta, age = seen.theta, age + inner.steps
+
+        record = None
+        if step % recipe.log_every == 0 or step == outer.steps or step == 1:
+            record = {
+                "step": step,
+                "meta/task_loss": seen.task_loss.mean().item(),
+                "meta/task_loss_before": seen.task_loss_before.mean().item(),
+                "inner/learned_loss": seen.learned_loss.mean().item(),
+                "meta/grad_norm": grad_norm,
+                "time/seconds": time.perf_counter() - started,
+            }
+            result.curves.append(record)
+        if on_step is not None:
+            on_step(step, record)
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,131 @@
+"""Meta-test (paper, algorithm 2): train fresh optimizees on new tasks with a given loss only.
+
+Every loss under comparison starts from the same θ₀ on the same tasks for a given seed, so differences between
+losses are paired. The recorded metric is the task's own task loss on held-out query points (e.g. MSE).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import vmap
+
+from ml3cli.engine import LossFn, sgd_step
+from ml3cli.runtime import generator
+from ml3cli.tasks.base import Task
+
+#: t_{0.975, df} for df = 1 … 30 (two-sided 95% intervals); above 30 the normal quantile is close enough.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NamedLoss:
+    """A loss to test: a label for tables, the function over the task's loss inputs, its SGD learning rate."""
+
+    label: str
+    fn: LossFn
+    lr: float
+    source: str = "builtin"  # "builtin" or the artifact's path
+
+
+@dataclass(frozen=True)
+class LossCurves:
+    """The metric of one loss: ``values[seed, task, step]`` for steps 0 … S (step 0 is θ₀)."""
+
+    label: str
+    lr: float
+    source: str
+    values: np.ndarray
+
+    @property
+    def per_seed(self) -> np.ndarray:
+        """Mean over the test tasks: ``[seeds, steps + 1]``."""
+        return self.values.mean(axis=1)
+
+    def at(self, step: int) -> np.ndarray:
+        return self.per_seed[:, step]
+
+    def steps_to(self, threshold: float) -> list[int | None]:
+        """Per seed: the first step at which the mean metric is at or below ``threshold`` (None: never)."""
+        out: list[int | None] = []
+        for curve in self.per_seed:
+            hits = np.nonzero(curve <= threshold)[0]
+            out.append(int(hits[0]) if hits.size else None)
+        return out
+
+
+def train_curve(task: Task, loss_fn: LossFn, theta, batch, lr: float, steps: int) -> torch.Tensor:
+    """Train a batch of optimizees with ``loss_fn`` for ``steps`` SGD steps; the metric ``[steps + 1, n]``."""
+    step_fn = vmap(lambda theta, batch: sgd_step(task, loss_fn, theta, batch, lr))
+    metric_fn = vmap(task.task_loss)
+    history = []
+    with torch.no_grad():
+        for _ in range(steps):
+            history.append(metric_fn(theta, batch))
+            theta = step_fn(theta, batch)
+        history.append(metric_fn(theta, batch))
+    return torch.stack(history)
+
+
+def evaluate(
+    task: Task, losses: Sequence[NamedLoss], tasks: int, seeds: int, steps: int, seed: int = 0
+) -> list[LossCurves]:
+    """Meta-test every loss on ``tasks`` test tasks × ``seeds`` seeds (seed s uses ``seed + s``)."""
+    values = {loss.label: [] for loss in losses}
+    for s in range(seeds):
+        gen = generator(seed + s)
+        batch = task.sample_tasks(tasks, gen)
+        theta = task.init_theta(tasks, gen)
+        for loss in losses:
+            curve = train_curve(task, loss.fn, theta, batch, loss.lr, steps)
+            values[loss.label].append(curve.T.cpu().double().numpy())
+    return [LossCurves(loss.label, loss.lr, loss.source, np.stack(values[loss.label])) for loss in losses]
+
+
+def tune_lr(
+    task: Task, loss: NamedLoss, lrs: Sequence[float], tasks: int, seeds: int, steps: int, seed: int = 0
+) -> tuple[float, dict[float, float]]:
+    """The learning rate from ``lrs`` with the lowest mean final metric of ``loss`` on ``task``.
+
+    Call it with the META-TRAIN task family so that the choice never sees the test tasks. Diverging rates
+    score +inf.
+    """
+    candidates = [NamedLoss(f"{loss.label}@{lr:g}", loss.fn, lr, loss.source) for lr in lrs]
+    scores: dict[float, float] = {}
+    for candidate, curves in zip(candidates, evaluate(task, candidates, tasks, seeds, steps, seed)):
+        final = float(curves.at(steps).mean())
+        scores[candidate.lr] = final if math.isfinite(final) else math.inf
+    best = min(scores, key=lambda lr: scores[lr])
+    return best, scores
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``other − reference`` of the final metric, paired by seed."""
+
+    reference: str
+    other: str
+    mean: float
+    low: float
+    high: float
+    reference_wins: int
+    seeds: int
+
+
+def paired_difference(reference: LossCurves, other: LossCurves, step: int) -> PairedDifference:
+    diff = other.at(step) - reference.at(step)
+    n = diff.size
+    mean = float(diff.mean())
+    if n > 1:
+        t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+        half = t * float(diff.std(ddof=1)) / math.sqrt(n)
+    else:
+        half = math.nan
+    wins = int((reference.at(step) < other.at(step)).sum())
+    return PairedDifference(reference.label, other.label, mean, mean - half, mean + half, wins, n)

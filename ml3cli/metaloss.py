@@ -1,0 +1,124 @@
+"""The meta-loss network M_φ and the hand-written losses it is compared with.
+
+M_φ maps per-sample loss inputs declared by a task (for regression: ŷ and y) to a per-sample loss, then reduces
+by the mean over the batch (paper, equation 3):
+
+    L_learned = mean_i M_φ(inputs_i)
+
+The same module trains θ during meta-training (through ``torch.func.functional_call`` with φ as a parameter
+dict) and in any ordinary PyTorch training loop after :func:`ml3cli.load_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+}
+OUTPUTS: dict[str, Callable[[], nn.Module]] = {"softplus": nn.Softplus, "linear": nn.Identity}
+
+
+@dataclass(frozen=True)
+class LossInput:
+    """One named input of a loss: ``size`` features per sample."""
+
+    name: str
+    size: int
+    description: str = ""
+
+
+def flatten_inputs(spec: Sequence[LossInput], args: Sequence[Tensor], kwargs: dict[str, Tensor]) -> Tensor:
+    """Bring the inputs of ``spec`` (positional in spec order, or by name) to one ``[batch, features]`` tensor."""
+    if args and kwargs:
+        raise TypeError("pass the loss inputs either positionally or by name, not both")
+    names = [item.name for item in spec]
+    if args:
+        if len(args) != len(spec):
+            raise TypeError(f"this loss takes {len(spec)} inputs ({', '.join(names)}), got {len(args)}")
+        kwargs = dict(zip(names, args))
+    missing = [n for n in names if n not in kwargs]
+    extra = [n for n in kwargs if n not in names]
+    if missing or extra:
+        raise TypeError(f"this loss takes inputs ({', '.join(names)}); missing {missing}, unexpected {extra}")
+    columns = [kwargs[item.name].reshape(-1, item.size) for item in spec]
+    rows = {c.shape[0] for c in columns}
+    if len(rows) != 1:
+        shapes = {item.name: tuple(kwargs[item.name].shape) for item in spec}
+        raise ValueError(f"loss inputs disagree on the number of samples: {shapes}")
+    return torch.cat(columns, dim=-1)
+
+
+class MetaLoss(nn.Module):
+    """M_φ: an MLP over the concatenated loss inputs, mean-reduced over samples.
+
+    Args:
+        inputs: the task's loss inputs, in order (their sizes add up to the first layer's width).
+        hidden: widths of the hidden layers, e.g. ``(40, 40)``.
+        activation: name from :data:`ACTIVATIONS`.
+        bias: whether the linear layers have biases.
+        output: ``softplus`` (a non-negative loss) or ``linear``.
+
+    Call it like a hand-written loss: ``loss_fn(y_pred, y_true)`` or ``loss_fn(y_pred=..., y_true=...)``; the
+    result is a scalar tensor that is differentiable with respect to the inputs (and φ).
+    """
+
+    def __init__(
+        self,
+        inputs: Sequence[LossInput],
+        hidden: Sequence[int] = (40, 40),
+        activation: str = "relu",
+        bias: bool = True,
+        output: str = "softplus",
+    ):
+        super().__init__()
+        self.inputs = tuple(inputs)
+        self.hidden = tuple(int(h) for h in hidden)
+        self.activation = activation
+        self.bias = bias
+        self.output = output
+        layers: list[nn.Module] = []
+        width = sum(item.size for item in self.inputs)
+        for h in self.hidden:
+            layers += [nn.Linear(width, h, bias=bias), ACTIVATIONS[activation]()]
+            width = h
+        layers += [nn.Linear(width, 1, bias=bias), OUTPUTS[output]()]
+        self.net = nn.Sequential(*layers)
+
+    def pointwise(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
+        """The per-sample loss values, shape ``[batch]`` (what the mean in :meth:`forward` reduces)."""
+        return self.net(flatten_inputs(self.inputs, args, kwargs)).squeeze(-1)
+
+    def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
+        return self.pointwise(*args, **kwargs).mean()
+
+    def extra_repr(self) -> str:
+        names = ", ".join(f"{i.name}[{i.size}]" for i in self.inputs)
+        return f"inputs=({names})"
+
+
+# Hand-written losses over the same named inputs as a supervised task's meta-loss.
+def mse(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    """Mean squared error, mean over all elements."""
+    return ((y_pred - y_true) ** 2).mean()
+
+
+def l1(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    """Mean absolute error."""
+    return (y_pred - y_true).abs().mean()
+
+
+def huber(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    """Huber loss with δ = 1 (quadratic near zero, linear in the tails)."""
+    return torch.nn.functional.huber_loss(y_pred, y_true, delta=1.0)

@@ -1,0 +1,230 @@
+"""Typed, validated recipes: one YAML file records every setting of a meta-training run.
+
+Loading refuses unknown keys, wrong types, out-of-range values and missing files before any work starts, with a
+one-line message that names the file and the field. ``--set key=value`` overrides any field (the value is read
+as YAML, so ``--set outer.lr=3e-4`` and ``--set meta_loss.hidden=[50,50]`` both work).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+from ml3cli.errors import ML3Error
+from ml3cli.metaloss import ACTIVATIONS, OUTPUTS
+
+Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
+Output = Literal[tuple(OUTPUTS)]  # type: ignore[valid-type]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetaLossConfig(Section):
+    """The architecture of M_φ (paper: 2 hidden layers of 40)."""
+
+    hidden: list[PositiveInt] = Field([40, 40], description="hidden layer widths")
+    activation: Activation = Field("relu", description="hidden activation")
+    bias: bool = Field(True, description="linear layers with biases")
+    output: Output = Field("softplus", description="output non-linearity: softplus (loss ≥ 0) or linear")
+
+
+class InnerConfig(Section):
+    """The inner loop: plain SGD on θ with the learned loss."""
+
+    lr: PositiveFloat = Field(1e-3, description="α, the inner SGD learning rate")
+    steps: PositiveInt = Field(
+        1, description="K, differentiable inner steps per meta-update (the meta-gradient flows through all K)"
+    )
+    reset_every: PositiveInt | None = Field(
+        None,
+        description="inner steps before θ is re-initialised (a multiple of steps; default: steps, i.e. a fresh θ "
+        "every outer step). steps=1, reset_every=M is the paper's 'meta-update after each inner step'.",
+    )
+    truncate: bool = Field(
+        False, description="drop the θ–θ Hessian chain between inner steps, keep the mixed ∂²M/∂θ∂φ term"
+    )
+
+    @model_validator(mode="after")
+    def _reset_is_multiple(self) -> InnerConfig:
+        if self.reset_every is not None and self.reset_every % self.steps:
+            raise ValueError(f"reset_every ({self.reset_every}) must be a multiple of steps ({self.steps})")
+        return self
+
+    @property
+    def reset_period(self) -> int:
+        return self.reset_every or self.steps
+
+
+class OuterConfig(Section):
+    """The outer loop: Adam on φ."""
+
+    lr: PositiveFloat = Field(1e-3, description="η, Adam's learning rate on φ")
+    steps: PositiveInt = Field(500, description="outer iterations (meta-updates)")
+    tasks: PositiveInt = Field(1, description="tasks per meta-batch (vectorised with vmap)")
+    grad_clip: PositiveFloat | None = Field(None, description="clip the meta-gradient's global norm to this")
+
+
+class TaskLossConfig(Section):
+    """L_T = weight · task loss + Σ extra[name] · extra term (paper, equation 9)."""
+
+    weight: NonNegativeFloat = Field(1.0, description="β, weight of the task's own loss")
+    extra: dict[str, NonNegativeFloat] = Field({}, description="γ per named extra (shaping) term of the task")
+
+
+class MetaTestConfig(Section):
+    """How the learned loss is tested: fresh optimizees on new tasks, trained with the learned loss only."""
+
+    task: str = Field(description="the meta-test task family")
+    task_options: dict[str, Any] = Field({}, description="options of the meta-test task family")
+    tasks: PositiveInt = Field(10, description="test tasks per seed")
+    seeds: PositiveInt = Field(5, description="seeds (each draws its own test tasks and initialisations)")
+    steps: PositiveInt = Field(100, description="SGD steps per optimizee")
+    lr: PositiveFloat | None = Field(None, description="SGD learning rate (default: inner.lr)")
+    baseline: str | None = Field(None, description="hand-written loss to compare with (default: the task's)")
+
+
+class Recipe(Section):
+    """Everything a meta-training run needs. ``ml3 meta-train`` stores the effective recipe in the artifact."""
+
+    name: str = Field(description="name of the run; the default artifact is artifacts/<name>.safetensors")
+    task: str = Field(description="the meta-train task family (see `ml3 tasks`)")
+    task_options: dict[str, Any] = Field({}, description="options of the meta-train task family")
+    seed: int = Field(0, description="the one seed that controls φ, θ initialisations and task sampling")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    threads: NonNegativeInt = Field(1, description="torch intra-op threads (0: torch's default)")
+    meta_loss: MetaLossConfig = MetaLossConfig()
+    inner: InnerConfig = InnerConfig()
+    outer: OuterConfig = OuterConfig()
+    task_loss: TaskLossConfig = TaskLossConfig()
+    meta_test: MetaTestConfig
+    artifact: str | None = Field(None, description="where to write the learned loss")
+    log_every: PositiveInt = Field(10, description="record the curves every this many outer steps")
+
+    @property
+    def artifact_path(self) -> Path:
+        return Path(self.artifact) if self.artifact else Path("artifacts") / f"{self.name}.safetensors"
+
+    @property
+    def meta_test_lr(self) -> float:
+        return self.meta_test.lr if self.meta_test.lr is not None else self.inner.lr
+
+
+# -- loading --------------------------------------------------------------------------------------------------
+def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line for the first problem pydantic found: ``field.path: what was expected (got value)``."""
+    first = err.errors(include_url=False)[0]
+    loc = ".".join(str(part) for part in ((prefix,) if prefix else ()) + tuple(first["loc"]))
+    loc = loc or "<top level>"
+    if first["type"] == "extra_forbidden":
+        return f"unknown field `{loc}`"
+    if first["type"] == "missing":
+        return f"missing required field `{loc}`"
+    got = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"field `{loc}`: {msg} (got {got!r})"
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``dotted.key=value`` applied (value parsed as YAML)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ML3Error(f"--set {item!r}: expected KEY=VALUE, e.g. --set outer.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ML3Error(f"--set {item!r}: `{'.'.join(parents[: i + 1])}` is not a section")
+            node = child
+        node[leaf] = value
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ML3Error(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ML3Error(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    except UnicodeDecodeError:
+        raise ML3Error(f"{path}: not a text file (expected a YAML recipe)") from None
+    if not isinstance(data, dict):
+        raise ML3Error(
+            f"{path}: expected a mapping of recipe fields at the top level, got {type(data).__name__}"
+        )
+    return data
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate ``data`` as a recipe, including the task names, their options and the extra terms."""
+    from ml3cli.tasks import make_options, task_class
+
+    try:
+        recipe = Recipe(**data) if all(isinstance(k, str) for k in data) else Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ML3Error(f"{source}: {describe_validation_error(err)}") from None
+    except TypeError as err:  # non-string keys at the top level
+        raise ML3Error(f"{source}: {err}") from None
+    try:
+        train_cls = task_class(recipe.task)
+        make_options(recipe.task, recipe.task_options, "task_options")
+        test_cls = task_class(recipe.meta_test.task)
+        make_options(recipe.meta_test.task, recipe.meta_test.task_options, "meta_test.task_options")
+    except ML3Error as err:
+        raise ML3Error(f"{source}: {err}") from None
+    if train_cls.loss_inputs_spec != test_cls.loss_inputs_spec:
+        raise ML3Error(
+            f"{source}: field `meta_test.task`: {recipe.meta_test.task!r} takes loss inputs "
+            f"{test_cls.input_names()} but {recipe.task!r} gives {train_cls.input_names()}"
+        )
+    unknown = sorted(set(recipe.task_loss.extra) - set(train_cls.extra_term_names))
+    if unknown:
+        known = sorted(train_cls.extra_term_names) or "none"
+        raise ML3Error(
+            f"{source}: field `task_loss.extra`: unknown term(s) {unknown} for {recipe.task!r} (known: {known})"
+        )
+    baseline = recipe.meta_test.baseline
+    if baseline is not None and baseline not in test_cls.builtin_losses:
+        raise ML3Error(
+            f"{source}: field `meta_test.baseline`: {baseline!r} is not a loss of {recipe.meta_test.task!r} "
+            f"(known: {sorted(test_cls.builtin_losses)})"
+        )
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, seed: int | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    if seed is not None:
+        data["seed"] = seed
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")

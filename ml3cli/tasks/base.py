@@ -1,0 +1,102 @@
+"""The task protocol: how an experiment plugs into the engine without the engine knowing what it is.
+
+A task family supplies (paper, section 3.1 and algorithms 1–2):
+
+* ``sample_tasks(n, generator)``: a batch of ``n`` tasks as a named tuple of tensors with a leading task axis
+  (the engine ``vmap``s over it);
+* ``build_optimizee()`` / ``init_theta(n, generator)``: the optimizee f_θ and ``n`` fresh initialisations θ₀;
+* ``loss_inputs(theta, task)``: the named inputs of the loss for one task (M_φ's inputs, and those of the
+  hand-written baselines), computed from the optimizee's predictions on the task's training (support) data;
+* ``task_loss(theta, task)``: L_T for one task, measured on query data that the inner steps did not see; it is
+  also the metric reported at meta-test;
+* ``extra_term(name, theta, task)``: named shaping terms that exist only at meta-train time (paper, equation 9);
+* ``builtin_losses``: hand-written losses over the same inputs (``mse`` …), the first one being the baseline.
+
+Everything per task is a pure function of ``theta`` (a ``dict[str, Tensor]``) so that ``torch.func`` can
+differentiate and vectorise through it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from ml3cli.metaloss import LossInput
+
+Theta = dict[str, Tensor]
+
+
+class TaskOptions(BaseModel):
+    """Base of every task's options: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Task(ABC):
+    """A family of meta-learning problems. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type[TaskOptions]]
+    loss_inputs_spec: ClassVar[tuple[LossInput, ...]]
+    metric: ClassVar[str]
+    #: hand-written losses over ``loss_inputs_spec``; the first is the default baseline.
+    builtin_losses: ClassVar[dict[str, Callable[..., Tensor]]]
+    #: names of the shaping terms that ``extra_term`` computes (paper, equation 9).
+    extra_term_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: TaskOptions | None = None, device: torch.device | str = "cpu"):
+        self.options = options if options is not None else self.Options()
+        self.device = torch.device(device)
+        self.optimizee = self.build_optimizee().to(self.device)
+
+    # -- the optimizee -------------------------------------------------------------------------------------
+    @abstractmethod
+    def build_optimizee(self) -> nn.Module:
+        """A fresh optimizee module (its parameters are replaced by θ through ``functional_call``)."""
+
+    def init_theta(self, n: int, generator: torch.Generator) -> Theta:
+        """``n`` independent initialisations θ₀ stacked on a leading task axis.
+
+        Uses each layer's own ``reset_parameters`` (PyTorch's default init), fed from ``generator`` so that a
+        seed fixes every θ₀.
+        """
+        draws = []
+        for _ in range(n):
+            seed = int(torch.randint(0, 2**62, (), generator=generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                module = self.build_optimizee()
+            draws.append({k: v.detach() for k, v in module.named_parameters()})
+        return {k: torch.stack([d[k] for d in draws]).to(self.device) for k in draws[0]}
+
+    # -- the tasks -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def sample_tasks(self, n: int, generator: torch.Generator) -> Any:
+        """A batch of ``n`` tasks: a NamedTuple of tensors with a leading task axis, on ``self.device``."""
+
+    @abstractmethod
+    def loss_inputs(self, theta: Theta, task: Any) -> dict[str, Tensor]:
+        """The named inputs of the loss for ONE task (called inside ``vmap``), keys as ``loss_inputs_spec``."""
+
+    @abstractmethod
+    def task_loss(self, theta: Theta, task: Any) -> Tensor:
+        """L_T for ONE task on its held-out query data: a scalar. Also the meta-test metric."""
+
+    def extra_term(self, name: str, theta: Theta, task: Any) -> Tensor:
+        """The shaping term ``name`` (one of ``extra_term_names``) for ONE task; meta-train time only."""
+        raise KeyError(f"task {self.name!r} has no extra term {name!r}")
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def predict(self, theta: Theta, x: Tensor) -> Tensor:
+        """f_θ(x) for one task."""
+        return torch.func.functional_call(self.optimizee, theta, (x,))
+
+    @classmethod
+    def input_names(cls) -> tuple[str, ...]:
+        return tuple(item.name for item in cls.loss_inputs_spec)

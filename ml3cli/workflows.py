@@ -1,0 +1,426 @@
+"""What each CLI command does, as library functions: load, run, report, write. The CLI only parses flags."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ml3cli import artifacts, plots
+from ml3cli.engine import meta_train
+from ml3cli.errors import ML3Error
+from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, paired_difference, tune_lr
+from ml3cli.recipes import Recipe, recipe_to_dict
+from ml3cli.runtime import configure, resolve_device
+from ml3cli.tasks import TASKS, make_task, task_class
+from ml3cli.tasks.base import Task
+
+#: learning rates tried by ``--tune-baseline-lr`` (on the meta-train task family only).
+BASELINE_LR_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+#: tuning uses seeds far from the test seeds so that it never sees a test task.
+TUNING_SEED_OFFSET = 10_000
+
+
+def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+# -- meta-train -----------------------------------------------------------------------------------------------
+def run_meta_train(recipe: Recipe, out: str | Path | None, console: Console, quiet: bool = False) -> Path:
+    """``ml3 meta-train``: learn φ, meta-test it, write the artifact with its curves beside it."""
+    configure(recipe.threads, recipe.seed)
+    device = resolve_device(recipe.device)
+    out_path = Path(out) if out else recipe.artifact_path
+    if out_path.suffix != ".safetensors":
+        raise ML3Error(f"--out {out_path}: an artifact path must end in .safetensors")
+    artifacts.check_writable(out_path)
+    task = make_task(recipe.task, recipe.task_options, device)
+
+    with _progress(console, quiet) as progress:
+        bar = progress.add_task(f"meta-train {recipe.name}", total=recipe.outer.steps)
+
+        def on_step(step: int, record: dict[str, float] | None) -> None:
+            if record is not None:
+                progress.update(
+                    bar, description=f"meta-train {recipe.name}  task loss {record['meta/task_loss']:.4g}"
+                )
+            progress.update(bar, completed=step)
+
+        result = meta_train(recipe, task, on_step=on_step)
+
+    test = recipe.meta_test
+    test_task = make_task(test.task, test.task_options, device, where="meta_test.task_options")
+    learned = NamedLoss("learned", _module_loss(result.metaloss), recipe.meta_test_lr, str(out_path))
+    baseline_name = test.baseline or next(iter(test_task.builtin_losses))
+    baseline = _builtin_loss(test_task, baseline_name, recipe.meta_test_lr)
+    curves = evaluate(test_task, [learned, baseline], test.tasks, test.seeds, test.steps, recipe.seed)
+    metrics = {
+        "meta_train": {k: v for k, v in result.final.items() if k != "step"}
+        | {"outer_steps": recipe.outer.steps},
+        "meta_train_seconds": round(result.seconds, 3),
+        "meta_test": {
+            "task": test.task,
+            "metric": test_task.metric,
+            "steps": test.steps,
+            "tasks": test.tasks,
+            "seeds": test.seeds,
+            "final": {c.label: float(c.at(test.steps).mean()) for c in curves},
+            "final_per_seed": {c.label: [float(v) for v in c.at(test.steps)] for c in curves},
+            "baseline": baseline_name,
+        },
+    }
+    info = {
+        "task": recipe.task,
+        "test_task": test.task,
+        "seed": recipe.seed,
+        "recipe": recipe_to_dict(recipe),
+        "metrics": metrics,
+    }
+    artifacts.save_loss(out_path, result.metaloss, info)
+    curves_path = out_path.with_suffix(".curves.csv")
+    artifacts.write_text_atomic(curves_path, _rows_to_csv(result.curves))
+    artifacts.write_bytes_atomic(
+        out_path.with_suffix(".curves.png"), plots.meta_train_plot(result.curves, f"meta-train {recipe.name}")
+    )
+
+    final = metrics["meta_test"]["final"]
+    console.print(
+        f"[bold]meta-train {recipe.name}[/]: {recipe.outer.steps} outer steps in {result.seconds:.1f} s; "
+        f"task loss {_fmt(result.final['meta/task_loss_before'])} → {_fmt(result.final['meta/task_loss'])} "
+        f"over {recipe.inner.steps} inner step(s)"
+    )
+    console.print(
+        f"meta-test on {test.task} ({test.tasks} tasks × {test.seeds} seeds, {test.steps} steps): "
+        f"{test_task.metric} learned {_fmt(final['learned'])} vs {baseline_name} {_fmt(final[baseline_name])}"
+    )
+    console.print(f"wrote {out_path}  (curves: {curves_path})")
+    return out_path
+
+
+def _rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _progress(console: Console, quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    )
+
+
+# -- losses by name -------------------------------------------------------------------------------------------
+def _module_loss(module: torch.nn.Module):
+    return lambda inputs: module(**inputs)
+
+
+def _builtin_loss(task: Task, name: str, lr: float, label: str | None = None) -> NamedLoss:
+    fn = task.builtin_losses[name]
+    return NamedLoss(label or name, lambda inputs: fn(**inputs), lr, "builtin")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A ``--loss`` value: a built-in name (``mse``), optionally with a learning rate (``mse@0.01``), or a path."""
+
+    text: str
+
+    def resolve(
+        self, task: Task, default_lr: float | None, device: torch.device
+    ) -> tuple[NamedLoss, dict | None]:
+        body, _, lr_text = self.text.partition("@")
+        lr = None
+        if lr_text:
+            try:
+                lr = float(lr_text)
+            except ValueError:
+                raise ML3Error(
+                    f"--loss {self.text!r}: the part after @ must be a learning rate, e.g. mse@0.01"
+                ) from None
+            if not lr > 0:
+                raise ML3Error(f"--loss {self.text!r}: the learning rate must be positive")
+        if body in task.builtin_losses:
+            chosen = lr or default_lr or 1e-3
+            label = body if not lr_text else f"{body}@{lr_text}"
+            return _builtin_loss(task, body, chosen, label), None
+        path = Path(body)
+        if not path.exists():
+            raise ML3Error(
+                f"--loss {self.text!r}: neither a built-in loss of {task.name!r} ({', '.join(task.builtin_losses)}) "
+                "nor an existing artifact file"
+            )
+        module = artifacts.load_loss(path, expect_inputs=task.loss_inputs_spec).to(device)
+        info = module.info
+        chosen = lr or default_lr or info["recipe"]["inner"]["lr"]
+        label = path.stem if not lr_text else f"{path.stem}@{lr_text}"
+        return NamedLoss(label, _module_loss(module), chosen, str(path)), info
+
+
+# -- meta-test and compare ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalSettings:
+    tasks: int | None = None
+    seeds: int | None = None
+    steps: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    threshold: float | None = None
+    device: str = "cpu"
+    threads: int = 1
+
+
+def run_comparison(
+    task_name: str,
+    loss_specs: Sequence[str],
+    settings: EvalSettings,
+    console: Console,
+    *,
+    command: str,
+    json_path: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    tune_baseline_lr: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """``ml3 meta-test`` / ``ml3 compare``: train fresh optimizees with each loss, same seeds, and report."""
+    configure(settings.threads, settings.seed)
+    device = resolve_device(settings.device)
+    if not loss_specs:
+        raise ML3Error("give at least one --loss (an artifact path or a built-in name such as mse)")
+    task_class(task_name)
+
+    # Settings the artifact was meta-tested with are the defaults when it is tested on the same task family.
+    artifact_infos = []
+    for spec in loss_specs:
+        path = Path(spec.partition("@")[0])
+        if spec.partition("@")[0] not in task_class(task_name).builtin_losses and path.is_file():
+            artifact_infos.append(artifacts.read_info(path))
+    recorded = next(
+        (i["recipe"]["meta_test"] for i in artifact_infos if i["recipe"]["meta_test"]["task"] == task_name),
+        {},
+    )
+    task_options = recorded.get("task_options", {})
+    tasks = settings.tasks or recorded.get("tasks", 10)
+    seeds = settings.seeds or recorded.get("seeds", 5)
+    steps = settings.steps or recorded.get("steps", 100)
+    default_lr = settings.lr or recorded.get("lr")
+    task = make_task(task_name, task_options, device)
+
+    losses: list[NamedLoss] = []
+    for spec in loss_specs:
+        named, _ = LossSpec(spec).resolve(task, default_lr, device)
+        losses.append(named)
+    labels = [loss.label for loss in losses]
+    if len(set(labels)) != len(labels):
+        raise ML3Error(f"two --loss values share the label {labels}; give each loss once")
+
+    tuning = None
+    if tune_baseline_lr:
+        if not artifact_infos:
+            raise ML3Error(
+                "--tune-baseline-lr chooses the rate on an artifact's meta-train task: give an artifact"
+            )
+        info = artifact_infos[0]
+        train_task = make_task(info["task"], info["recipe"]["task_options"], device)
+        baseline_name = next(iter(task.builtin_losses))
+        base = _builtin_loss(train_task, baseline_name, 1.0)
+        best, scores = tune_lr(
+            train_task, base, BASELINE_LR_SWEEP, tasks, seeds, steps, settings.seed + TUNING_SEED_OFFSET
+        )
+        losses.append(_builtin_loss(task, baseline_name, best, f"{baseline_name} (tuned lr {best:g})"))
+        tuning = {"loss": baseline_name, "on_task": info["task"], "best_lr": best, "final_by_lr": scores}
+
+    with _progress(console, quiet) as progress:
+        progress.add_task(f"{command} {task_name}: {len(losses)} losses × {seeds} seeds", total=None)
+        curves = evaluate(task, losses, tasks, seeds, steps, settings.seed)
+
+    initial = float(curves[0].at(0).mean())
+    threshold = settings.threshold if settings.threshold is not None else 0.5 * initial
+    document = _results_document(task, task_options, curves, tasks, seeds, steps, settings, threshold, tuning)
+    _print_results(console, task, curves, steps, seeds, tasks, threshold, document)
+
+    out = Path(out_dir) if out_dir else Path("runs") / f"{command}_{task_name}"
+    artifacts.write_json_atomic(out / "results.json", document)
+    artifacts.write_text_atomic(out / "curves.csv", _curves_csv(curves))
+    artifacts.write_bytes_atomic(
+        out / "curves.png", plots.meta_test_plot(curves, f"{command} on {task_name}", task.metric)
+    )
+    if json_path:
+        artifacts.write_json_atomic(json_path, document)
+    console.print(f"wrote {out / 'results.json'}, {out / 'curves.csv'}, {out / 'curves.png'}")
+    return document
+
+
+def _table_steps(steps: int) -> list[int]:
+    return sorted({s for s in (0, 1, 10, 50, 100, steps) if s <= steps})
+
+
+def _results_document(task, task_options, curves, tasks, seeds, steps, settings, threshold, tuning) -> dict:
+    reference = curves[0]
+    return {
+        "task": task.name,
+        "task_options": task.options.model_dump(mode="json"),
+        "metric": task.metric,
+        "tasks": tasks,
+        "seeds": list(range(settings.seed, settings.seed + seeds)),
+        "steps": steps,
+        "recorded_steps": list(range(steps + 1)),
+        "threshold": threshold,
+        "losses": [
+            {
+                "name": c.label,
+                "source": c.source,
+                "lr": c.lr,
+                "per_seed": [[float(v) for v in row] for row in c.per_seed],
+                "mean": [float(v) for v in c.per_seed.mean(axis=0)],
+                "std": [float(v) for v in c.per_seed.std(axis=0)],
+                "steps_to_threshold": c.steps_to(threshold),
+            }
+            for c in curves
+        ],
+        "paired": [
+            {
+                "reference": d.reference,
+                "other": d.other,
+                "step": steps,
+                "mean_difference": d.mean,
+                "ci95": [d.low, d.high],
+                "reference_better_on": d.reference_wins,
+                "seeds": d.seeds,
+            }
+            for d in (paired_difference(reference, other, steps) for other in curves[1:])
+        ],
+        "baseline_lr_tuning": tuning,
+    }
+
+
+def _print_results(console, task, curves: list[LossCurves], steps, seeds, tasks, threshold, document) -> None:
+    table = Table(
+        title=f"{task.name}: task {task.metric} on held-out points ({tasks} tasks × {seeds} seeds, mean ± std over seeds)"
+    )
+    table.add_column("loss")
+    table.add_column("lr", justify="right")
+    shown = _table_steps(steps)
+    for s in shown:
+        table.add_column(f"step {s}", justify="right")
+    table.add_column(f"steps to ≤ {_fmt(threshold)}", justify="right")
+    for c in curves:
+        cells = [f"{_fmt(float(c.at(s).mean()))} ± {_fmt(float(c.at(s).std()))}" for s in shown]
+        reached = [n for n in c.steps_to(threshold) if n is not None]
+        when = (
+            f"{sorted(reached)[len(reached) // 2]} ({len(reached)}/{seeds})"
+            if reached
+            else f"never (0/{seeds})"
+        )
+        table.add_row(c.label, f"{c.lr:g}", *cells, when)
+    console.print(table)
+    for pair in document["paired"]:
+        low, high = pair["ci95"]
+        console.print(
+            f"{pair['other']} − {pair['reference']} at step {steps}: {_fmt(pair['mean_difference'])} "
+            f"(95% CI {_fmt(low)} … {_fmt(high)}); {pair['reference']} better on "
+            f"{pair['reference_better_on']}/{pair['seeds']} seeds"
+        )
+    tuning = document["baseline_lr_tuning"]
+    if tuning:
+        console.print(
+            f"baseline lr tuned on {tuning['on_task']}: best {tuning['best_lr']:g} of "
+            + ", ".join(f"{lr:g}→{_fmt(v)}" for lr, v in tuning["final_by_lr"].items())
+        )
+
+
+def _curves_csv(curves: list[LossCurves]) -> str:
+    rows = []
+    for c in curves:
+        for seed_index, row in enumerate(c.per_seed):
+            for step, value in enumerate(row):
+                rows.append(
+                    {
+                        "loss": c.label,
+                        "lr": c.lr,
+                        "seed_index": seed_index,
+                        "step": step,
+                        "metric": float(value),
+                    }
+                )
+    return _rows_to_csv(rows)
+
+
+# -- inspect and tasks ----------------------------------------------------------------------------------------
+def inspect_artifact(path: str | Path, console: Console, as_json: bool = False) -> dict[str, Any]:
+    """``ml3 inspect``: what an artifact is, after the same checks a load does."""
+    module = artifacts.load_loss(path)
+    info = module.info
+    if as_json:
+        console.print_json(json.dumps(info))
+        return info
+    arch = info["architecture"]
+    inputs = ", ".join(f"{i['name']}[{i['size']}]" for i in arch["inputs"])
+    n_params = sum(p.numel() for p in module.parameters())
+    console.print(
+        f"[bold]{path}[/]  (ml3 {info['ml3_version']}, torch {info['torch_version']}, {info['created']})"
+    )
+    console.print(f"task: {info['task']}   meta-test task: {info['test_task']}   seed: {info['seed']}")
+    console.print(f"inputs: ({inputs}) → mean over samples")
+    console.print(
+        f"meta-loss: MLP {arch['hidden']} {arch['activation']}, bias={arch['bias']}, output {arch['output']}; "
+        f"{n_params} parameters"
+    )
+    metrics = info.get("metrics", {})
+    if "meta_test" in metrics:
+        mt = metrics["meta_test"]
+        finals = ", ".join(f"{k} {_fmt(v)}" for k, v in mt["final"].items())
+        console.print(f"meta-test {mt['task']} after {mt['steps']} steps ({mt['metric']}): {finals}")
+    if "meta_train" in metrics:
+        finals = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics["meta_train"].items())
+        console.print(f"meta-train: {finals}")
+    console.print("recipe:")
+    console.print(yaml.safe_dump(info["recipe"], sort_keys=False).rstrip(), markup=False, highlight=False)
+    return info
+
+
+def list_tasks(console: Console) -> None:
+    """``ml3 tasks``: the registered task families and what their losses see."""
+    table = Table(title="ml3 tasks")
+    for column in ("task", "loss inputs", "metric", "built-in losses", "extra terms", "summary"):
+        table.add_column(column)
+    for name, cls in sorted(TASKS.items()):
+        inputs = ", ".join(f"{i.name}[{i.size}]" for i in cls.loss_inputs_spec)
+        table.add_row(
+            name,
+            inputs,
+            cls.metric,
+            ", ".join(cls.builtin_losses),
+            ", ".join(cls.extra_term_names) or "—",
+            cls.summary,
+        )
+    console.print(table)

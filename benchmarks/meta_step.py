@@ -13,15 +13,14 @@ What is measured
     query points per task, α = 1e-3, float32 on the CPU.
 
     * ``engine``   – :func:`ml3cli.engine.meta_gradient`: θ as a dict of tensors, inner steps with
-      ``torch.func.grad``, all tasks in one ``vmap``, one ``grad`` w.r.t. φ around it all.
+      ``torch.func.grad``, all tasks in one ``vmap``, one reverse pass w.r.t. φ through it all.
     * ``autograd`` – the same math written the way one would without ``torch.func``: φ as leaf tensors, a Python
       loop over the tasks, each inner step with ``torch.autograd.grad(..., create_graph=True)``, one backward
       per task into φ, summed (the forward passes are written out with ``torch.nn.functional``, so this is
       also an independent re-implementation that the engine is checked against).
 
-    The engine does slightly more work than the loop: besides the gradient, ``meta_gradient`` also returns
-    what the step saw (the task loss at θ₀ and M_φ at θ₀, two extra forward passes per task, and θ_K). That
-    bookkeeping is part of every outer step of ``ml3 meta-train``, so it is timed with the engine.
+    The engine is timed as ``ml3 meta-train`` calls it on the outer steps that are not logged
+    (``diagnostics=False``): the gradient and θ_K, without the two extra forward passes that logged steps add.
 
 Correctness first
     For every configuration the two meta-gradients are compared before anything is timed: in float64, where
@@ -141,7 +140,7 @@ def engine_meta_gradient(problem: Problem) -> Phi:
     inner = InnerConfig(lr=INNER_LR, steps=problem.steps)
     objective = task_objective(problem.task, TaskLossConfig())
     gradient, _ = meta_gradient(
-        problem.metaloss, problem.phi, problem.task, problem.theta, problem.batch, inner, objective
+        problem.metaloss, problem.phi, problem.task, problem.theta, problem.batch, inner, objective, diagnostics=False
     )
     return gradient
 

@@ -50,6 +50,9 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)  # mkstemp creates 0600; give the file the mode an ordinary open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as err:
         with contextlib.suppress(OSError):
@@ -178,16 +181,15 @@ def _info_from_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         )
     try:
         info = json.loads(meta["ml3"])
+        # Artifacts written by save_loss() from user code may carry less than `ml3 meta-train` records.
+        for key, default in (("task", None), ("test_task", None), ("seed", None), ("recipe", {}), ("metrics", {})):
+            info.setdefault(key, default)
+        if not isinstance(info["recipe"], dict) or not isinstance(info["metrics"], dict):
+            raise ValueError("recipe and metrics must be mappings")
         arch = info["architecture"]
-        inputs = tuple(
-            LossInput(str(i["name"]), int(i["size"]), str(i.get("description", ""))) for i in arch["inputs"]
-        )
+        inputs = tuple(LossInput(str(i["name"]), int(i["size"]), str(i.get("description", ""))) for i in arch["inputs"])
         hidden = [int(h) for h in arch["hidden"]]
-        if (
-            arch["activation"] not in ACTIVATIONS
-            or arch["output"] not in OUTPUTS
-            or not isinstance(arch["bias"], bool)
-        ):
+        if arch["activation"] not in ACTIVATIONS or arch["output"] not in OUTPUTS or not isinstance(arch["bias"], bool):
             raise ValueError("unknown activation or output")
         if not inputs or any(i.size <= 0 for i in inputs) or any(h <= 0 or h > 1_000_000 for h in hidden):
             raise ValueError("bad sizes")

@@ -17,7 +17,6 @@ class DivergenceError(ML3Error):
     def __init__(self, outer_step: int, what: str, kept: str | None = None):
         hint = "lower inner.lr or outer.lr, or set outer.grad_clip"
         kept_note = f"; the last good checkpoint is kept at {kept}" if kept else ""
-        super().__init__(
-            f"meta-training diverged at outer step {outer_step}: {what} is not finite ({hint}){kept_note}"
-        )
+        super().__init__(f"meta-training diverged at outer step {outer_step}: {what} is not finite ({hint}){kept_note}")
         self.outer_step = outer_step
+        self.what = what

@@ -7,7 +7,7 @@ losses are paired. The recorded metric is the task's own task loss on held-out q
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,9 +74,18 @@ def train_curve(task: Task, loss_fn: LossFn, theta, batch, lr: float, steps: int
 
 
 def evaluate(
-    task: Task, losses: Sequence[NamedLoss], tasks: int, seeds: int, steps: int, seed: int = 0
+    task: Task,
+    losses: Sequence[NamedLoss],
+    tasks: int,
+    seeds: int,
+    steps: int,
+    seed: int = 0,
+    on_seed: Callable[[int], None] | None = None,
 ) -> list[LossCurves]:
-    """Meta-test every loss on ``tasks`` test tasks × ``seeds`` seeds (seed s uses ``seed + s``)."""
+    """Meta-test every loss on ``tasks`` test tasks × ``seeds`` seeds (seed s uses ``seed + s``).
+
+    ``on_seed(done)`` is called after each seed (for progress bars).
+    """
     values = {loss.label: [] for loss in losses}
     for s in range(seeds):
         gen = generator(seed + s)
@@ -85,6 +94,8 @@ def evaluate(
         for loss in losses:
             curve = train_curve(task, loss.fn, theta, batch, loss.lr, steps)
             values[loss.label].append(curve.T.cpu().double().numpy())
+        if on_seed is not None:
+            on_seed(s + 1)
     return [LossCurves(loss.label, loss.lr, loss.source, np.stack(values[loss.label])) for loss in losses]
 
 
@@ -98,7 +109,7 @@ def tune_lr(
     """
     candidates = [NamedLoss(f"{loss.label}@{lr:g}", loss.fn, lr, loss.source) for lr in lrs]
     scores: dict[float, float] = {}
-    for candidate, curves in zip(candidates, evaluate(task, candidates, tasks, seeds, steps, seed)):
+    for candidate, curves in zip(candidates, evaluate(task, candidates, tasks, seeds, steps, seed), strict=True):
         final = float(curves.at(steps).mean())
         scores[candidate.lr] = final if math.isfinite(final) else math.inf
     best = min(scores, key=lambda lr: scores[lr])

@@ -47,7 +47,7 @@ def flatten_inputs(spec: Sequence[LossInput], args: Sequence[Tensor], kwargs: di
     if args:
         if len(args) != len(spec):
             raise TypeError(f"this loss takes {len(spec)} inputs ({', '.join(names)}), got {len(args)}")
-        kwargs = dict(zip(names, args))
+        kwargs = dict(zip(names, args, strict=True))
     missing = [n for n in names if n not in kwargs]
     extra = [n for n in kwargs if n not in names]
     if missing or extra:

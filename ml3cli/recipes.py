@@ -115,6 +115,9 @@ class Recipe(Section):
     meta_test: MetaTestConfig
     artifact: str | None = Field(None, description="where to write the learned loss")
     log_every: PositiveInt = Field(10, description="record the curves every this many outer steps")
+    checkpoint_every: NonNegativeInt = Field(
+        100, description="write φ to ARTIFACT.checkpoint.safetensors every this many outer steps (0: never)"
+    )
 
     @property
     def artifact_path(self) -> Path:
@@ -123,6 +126,11 @@ class Recipe(Section):
     @property
     def meta_test_lr(self) -> float:
         return self.meta_test.lr if self.meta_test.lr is not None else self.inner.lr
+
+
+def checkpoint_path_for(artifact: Path) -> Path:
+    """Where meta-training keeps φ's last good state for the artifact ``artifact``."""
+    return artifact.with_suffix(".checkpoint.safetensors")
 
 
 # -- loading --------------------------------------------------------------------------------------------------
@@ -174,9 +182,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ML3Error(f"{path}: not a text file (expected a YAML recipe)") from None
     if not isinstance(data, dict):
-        raise ML3Error(
-            f"{path}: expected a mapping of recipe fields at the top level, got {type(data).__name__}"
-        )
+        raise ML3Error(f"{path}: expected a mapping of recipe fields at the top level, got {type(data).__name__}")
     return data
 
 
@@ -191,12 +197,15 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     except TypeError as err:  # non-string keys at the top level
         raise ML3Error(f"{source}: {err}") from None
     try:
+        where = "field `task`: "
         train_cls = task_class(recipe.task)
-        make_options(recipe.task, recipe.task_options, "task_options")
+        where = "field `meta_test.task`: "
         test_cls = task_class(recipe.meta_test.task)
+        where = ""  # make_options names the field itself
+        make_options(recipe.task, recipe.task_options, "task_options")
         make_options(recipe.meta_test.task, recipe.meta_test.task_options, "meta_test.task_options")
     except ML3Error as err:
-        raise ML3Error(f"{source}: {err}") from None
+        raise ML3Error(f"{source}: {where}{err}") from None
     if train_cls.loss_inputs_spec != test_cls.loss_inputs_spec:
         raise ML3Error(
             f"{source}: field `meta_test.task`: {recipe.meta_test.task!r} takes loss inputs "

@@ -1,0 +1,259 @@
+"""The engine's contracts: the meta-gradient is the true gradient of the post-update task loss (checked against
+finite differences and an independent plain-autograd implementation), truncation drops exactly the θ–θ chain,
+vmap over tasks equals a loop, meta-training is reproducible from its seed, and divergence is reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from ml3cli.engine import meta_gradient, meta_train, task_objective
+from ml3cli.errors import DivergenceError, ML3Error
+from ml3cli.metaloss import MetaLoss
+from ml3cli.recipes import InnerConfig, TaskLossConfig, recipe_from_dict
+from ml3cli.runtime import generator
+from ml3cli.tasks import make_task
+
+SMOOTH_SINE = {"hidden": [8, 8], "points": 16, "query_points": 16, "activation": "tanh"}
+INNER_LR = 0.3
+
+
+def smooth_setup(n_tasks: int = 2, seed: int = 0):
+    """A tanh sine task, a tanh meta-loss and a batch of tasks with θ₀, in the current default dtype."""
+    torch.manual_seed(seed)
+    task = make_task("sine", SMOOTH_SINE)
+    metaloss = MetaLoss(task.loss_inputs_spec, hidden=(8, 8), activation="tanh")
+    gen = generator(seed)
+    batch = task.sample_tasks(n_tasks, gen)
+    theta = task.init_theta(n_tasks, gen)
+    phi = {name: p.detach().clone() for name, p in metaloss.named_parameters()}
+    return task, metaloss, phi, theta, batch
+
+
+def reference_loss(metaloss, phi, task, theta, batch, lr: float, steps: int, truncate: bool) -> torch.Tensor:
+    """Mean task loss after ``steps`` inner SGD steps, one task at a time with ``torch.autograd.grad``.
+
+    Independent of the engine's ``torch.func`` code: with ``truncate`` the inner gradient is taken at a
+    detached copy of θ (so it depends on φ but not on earlier steps), otherwise at θ itself.
+    """
+    losses = []
+    for i in range(batch[0].shape[0]):
+        one = type(batch)(*(t[i] for t in batch))
+        th = {k: v[i].clone().requires_grad_(True) for k, v in theta.items()}
+        for _ in range(steps):
+            at = {k: v.detach().requires_grad_(True) for k, v in th.items()} if truncate else th
+            inner = functional_call(metaloss, phi, (), task.loss_inputs(at, one))
+            grads = torch.autograd.grad(inner, list(at.values()), create_graph=True)
+            th = {k: th[k] - lr * g for k, g in zip(th, grads, strict=True)}
+        losses.append(task.task_loss(th, one))
+    return torch.stack(losses).mean()
+
+
+def reference_gradient(metaloss, phi, task, theta, batch, lr, steps, truncate) -> dict[str, torch.Tensor]:
+    leaf = {k: v.clone().requires_grad_(True) for k, v in phi.items()}
+    loss = reference_loss(metaloss, leaf, task, theta, batch, lr, steps, truncate)
+    grads = torch.autograd.grad(loss, list(leaf.values()))
+    return dict(zip(leaf, grads, strict=True))
+
+
+def engine_gradient(metaloss, phi, task, theta, batch, steps: int, truncate: bool = False):
+    inner = InnerConfig(lr=INNER_LR, steps=steps, truncate=truncate)
+    return meta_gradient(metaloss, phi, task, theta, batch, inner, task_objective(task, TaskLossConfig()))
+
+
+def dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(sum((a[k] * b[k]).sum() for k in a))
+
+
+def assert_same_gradient(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float, atol: float):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=f"gradient of {k} differs")
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_meta_gradient_matches_finite_differences(float64, steps):
+    """∇_φ L_T from the engine equals central finite differences of L_T(φ) along random directions and
+    along single coordinates of φ (float64, relative error < 1e-5), for K = 1 and K = 3 inner steps."""
+    task, metaloss, phi, theta, batch = smooth_setup()
+    gradient, seen = engine_gradient(metaloss, phi, task, theta, batch, steps)
+
+    def loss_at(p: dict[str, torch.Tensor]) -> float:
+        return float(reference_loss(metaloss, p, task, theta, batch, INNER_LR, steps, False).detach())
+
+    # the engine's forward value is the same L_T as the independent implementation's
+    assert float(seen.task_loss.mean()) == pytest.approx(loss_at(phi), rel=1e-10)
+
+    gen = torch.Generator().manual_seed(1)
+    directions = [{k: torch.randn(v.shape, generator=gen) for k, v in phi.items()} for _ in range(2)]
+    names = list(phi)
+    for name, index in [(names[0], (3, 1)), (names[-1], (0,))]:  # a first-layer weight, the output bias
+        unit = {k: torch.zeros_like(v) for k, v in phi.items()}
+        unit[name][index] = 1.0
+        directions.append(unit)
+
+    eps = 1e-5
+    for d in directions:
+        plus = {k: phi[k] + eps * d[k] for k in phi}
+        minus = {k: phi[k] - eps * d[k] for k in phi}
+        fd = (loss_at(plus) - loss_at(minus)) / (2 * eps)
+        analytic = dot(gradient, d)
+        assert abs(analytic) > 1e-8, "a degenerate direction would make the check vacuous"
+        assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-10)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_meta_gradient_matches_plain_autograd(float64, steps):
+    """The engine's torch.func meta-gradient equals a loop over tasks with torch.autograd.grad(create_graph)."""
+    task, metaloss, phi, theta, batch = smooth_setup(n_tasks=3)
+    gradient, _ = engine_gradient(metaloss, phi, task, theta, batch, steps)
+    reference = reference_gradient(metaloss, phi, task, theta, batch, INNER_LR, steps, truncate=False)
+    assert_same_gradient(gradient, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_truncated_gradient_is_the_detached_inner_gradient_and_differs_from_full(float64):
+    """truncate=True equals the reference in which each inner gradient is taken at a detached θ_k, and for
+    K ≥ 2 it is a different vector from the full second-order meta-gradient."""
+    task, metaloss, phi, theta, batch = smooth_setup()
+    steps = 3
+    full, _ = engine_gradient(metaloss, phi, task, theta, batch, steps, truncate=False)
+    truncated, _ = engine_gradient(metaloss, phi, task, theta, batch, steps, truncate=True)
+
+    reference = reference_gradient(metaloss, phi, task, theta, batch, INNER_LR, steps, truncate=True)
+    assert_same_gradient(truncated, reference, rtol=1e-9, atol=1e-12)
+
+    flat_full = torch.cat([full[k].flatten() for k in full])
+    flat_truncated = torch.cat([truncated[k].flatten() for k in truncated])
+    assert torch.linalg.vector_norm(flat_full - flat_truncated) > 1e-3 * torch.linalg.vector_norm(flat_full)
+
+
+def test_truncation_changes_nothing_for_one_inner_step(float64):
+    """With K = 1 there is no θ–θ chain to drop: truncated and full meta-gradients agree."""
+    task, metaloss, phi, theta, batch = smooth_setup()
+    full, _ = engine_gradient(metaloss, phi, task, theta, batch, 1, truncate=False)
+    truncated, _ = engine_gradient(metaloss, phi, task, theta, batch, 1, truncate=True)
+    assert_same_gradient(truncated, full, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_vmap_over_tasks_equals_a_loop(float64, steps):
+    """One vmapped call on n tasks gives the mean of the per-task meta-gradients and the per-task losses
+    that n separate calls give."""
+    n = 4
+    task, metaloss, phi, theta, batch = smooth_setup(n_tasks=n)
+    gradient, seen = engine_gradient(metaloss, phi, task, theta, batch, steps)
+
+    per_task_grads, after, before, learned = [], [], [], []
+    for i in range(n):
+        one_batch = type(batch)(*(t[i : i + 1] for t in batch))
+        one_theta = {k: v[i : i + 1] for k, v in theta.items()}
+        g, s = engine_gradient(metaloss, phi, task, one_theta, one_batch, steps)
+        per_task_grads.append(g)
+        after.append(s.task_loss)
+        before.append(s.task_loss_before)
+        learned.append(s.learned_loss)
+        for k in seen.theta:
+            torch.testing.assert_close(seen.theta[k][i : i + 1], s.theta[k], rtol=1e-12, atol=1e-14)
+
+    mean_grad = {k: torch.stack([g[k] for g in per_task_grads]).mean(0) for k in gradient}
+    assert_same_gradient(gradient, mean_grad, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(seen.task_loss, torch.cat(after), rtol=1e-12, atol=0)
+    torch.testing.assert_close(seen.task_loss_before, torch.cat(before), rtol=1e-12, atol=0)
+    torch.testing.assert_close(seen.learned_loss, torch.cat(learned), rtol=1e-12, atol=0)
+    assert seen.task_loss.shape == (n,)
+
+
+def test_meta_gradient_is_finite_and_non_zero():
+    """In float32 with the default ReLU networks, every tensor of ∇_φ is finite and the whole is non-zero
+    (ML³ has no first-order shortcut that would make it vanish), and θ_K has moved from θ₀."""
+    task = make_task("sine", {"hidden": [8, 8], "points": 16, "query_points": 16})
+    metaloss = MetaLoss(task.loss_inputs_spec, hidden=(8, 8))
+    gen = generator(0)
+    batch, theta = task.sample_tasks(3, gen), task.init_theta(3, gen)
+    phi = {k: p.detach() for k, p in metaloss.named_parameters()}
+    gradient, seen = meta_gradient(
+        metaloss, phi, task, theta, batch, InnerConfig(lr=1e-2, steps=2), task_objective(task, TaskLossConfig())
+    )
+    assert gradient.keys() == phi.keys()
+    for k, g in gradient.items():
+        assert g.shape == phi[k].shape
+        assert torch.isfinite(g).all(), k
+    assert sum(float(g.abs().sum()) for g in gradient.values()) > 0
+    assert torch.isfinite(seen.task_loss).all() and seen.task_loss.shape == (3,)
+    assert any(not torch.equal(seen.theta[k], theta[k]) for k in theta)
+
+
+# -- meta_train -----------------------------------------------------------------------------------------------
+def train(data: dict[str, Any]):
+    recipe = recipe_from_dict(data)
+    return meta_train(recipe, make_task(recipe.task, recipe.task_options))
+
+
+def phi_of(result) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in result.metaloss.state_dict().items()}
+
+
+def test_meta_train_is_reproducible_from_its_seed(tiny_recipe):
+    """Same recipe and seed → bit-identical φ and curves; another seed → a different φ."""
+    tiny_recipe["outer"]["steps"] = 8
+    tiny_recipe["inner"].update(steps=2, reset_every=4)
+    first, second = train(tiny_recipe), train(tiny_recipe)
+    a, b = phi_of(first), phi_of(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in row.items() if k != "time/seconds"} for row in first.curves]
+    assert strip == [{k: v for k, v in row.items() if k != "time/seconds"} for row in second.curves]
+
+    tiny_recipe["seed"] = 1
+    c = phi_of(train(tiny_recipe))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_meta_train_changes_phi_and_records_curves(tiny_recipe):
+    """meta_train takes Adam steps on φ (φ differs from its initialisation) and records the curves at step 1,
+    every log_every steps and the last step, with finite values."""
+    from ml3cli.engine import build_metaloss
+
+    tiny_recipe["outer"]["steps"] = 25
+    recipe = recipe_from_dict(tiny_recipe)
+    task = make_task(recipe.task, recipe.task_options)
+    initial = build_metaloss(recipe, task, generator(recipe.seed)).state_dict()
+    result = meta_train(recipe, task)
+    final = result.metaloss.state_dict()
+    assert any(not torch.equal(initial[k], final[k]) for k in initial)
+    assert [row["step"] for row in result.curves] == [1, 10, 20, 25]
+    for row in result.curves:
+        for key in ("meta/task_loss", "meta/task_loss_before", "inner/learned_loss", "meta/grad_norm"):
+            assert torch.isfinite(torch.tensor(row[key])), key
+
+
+@pytest.mark.parametrize(
+    ("inner", "outer_lr", "step"),
+    [
+        ({"lr": 1e6, "steps": 3}, 1e-3, 1),  # the inner steps explode on the very first meta-update
+        ({"lr": 1e-3, "steps": 1}, 1e30, 2),  # φ explodes after the first Adam step
+    ],
+)
+def test_divergence_raises_and_names_the_outer_step(tiny_recipe, inner, outer_lr, step):
+    """A run that produces non-finite values raises DivergenceError (an ML3Error, so the CLI exits 2) whose
+    message names the outer step where it happened and suggests a fix."""
+    tiny_recipe["inner"] = inner
+    tiny_recipe["outer"].update(lr=outer_lr, steps=10)
+    with pytest.raises(DivergenceError) as info:
+        train(tiny_recipe)
+    assert isinstance(info.value, ML3Error)
+    assert info.value.outer_step == step
+    message = str(info.value)
+    assert f"outer step {step}" in message
+    assert "not finite" in message and "lr" in message
+
+
+def test_overflowing_gradient_norm_is_divergence(tiny_recipe):
+    """A meta-gradient norm of inf (inner lr 1e6) is divergence, with or without grad_clip."""
+    tiny_recipe["inner"] = {"lr": 1e6, "steps": 1}
+    tiny_recipe["outer"].update(steps=20, grad_clip=1.0)
+    with pytest.raises(DivergenceError):
+        train(tiny_recipe)

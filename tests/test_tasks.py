@@ -1,0 +1,146 @@
+"""The task contract, checked for every registered task family (a new task gets these checks for free).
+
+Tiny options (few points, small hidden layers) are used where the task family has those options.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import vmap
+
+from ml3cli.engine import meta_gradient, task_objective
+from ml3cli.errors import ML3Error
+from ml3cli.metaloss import MetaLoss, flatten_inputs
+from ml3cli.recipes import InnerConfig, TaskLossConfig
+from ml3cli.runtime import generator
+from ml3cli.tasks import TASKS, make_task, task_class
+from ml3cli.tasks.base import Task
+
+N = 3
+SMALL = {"points": 16, "query_points": 16, "hidden": [8, 8]}
+
+
+def tiny_task(name: str) -> Task:
+    fields = TASKS[name].Options.model_fields
+    return make_task(name, {k: v for k, v in SMALL.items() if k in fields})
+
+
+def one(batch, i: int):
+    """Task ``i`` of a batch, without its leading axis (what the engine sees inside vmap)."""
+    return type(batch)(*(t[i] for t in batch))
+
+
+def theta_one(theta, i: int):
+    return {k: v[i] for k, v in theta.items()}
+
+
+@pytest.fixture(params=sorted(TASKS))
+def task(request) -> Task:
+    return tiny_task(request.param)
+
+
+def test_registry_names_match_classes():
+    """TASKS maps each task's own name to its class, and unknown names are a user error listing known ones."""
+    for name, cls in TASKS.items():
+        assert cls.name == name
+        assert task_class(name) is cls
+    with pytest.raises(ML3Error, match="unknown task 'nope'.*known tasks"):
+        task_class("nope")
+
+
+def test_class_attributes(task):
+    """Every task declares a summary, options, a non-empty loss-input spec, a metric and builtin losses."""
+    assert task.summary and task.metric
+    names = task.input_names()
+    assert names and len(set(names)) == len(names)
+    assert all(item.size > 0 for item in task.loss_inputs_spec)
+    assert task.builtin_losses, "the first builtin loss is the baseline; there must be one"
+
+
+def test_sample_tasks_shapes_and_determinism(task):
+    """sample_tasks(n, gen) gives a tuple of tensors, each with leading axis n; the same seed gives the same
+    tasks, another seed different ones."""
+    batch = task.sample_tasks(N, generator(5))
+    assert isinstance(batch, tuple) and len(batch) > 0
+    for t in batch:
+        assert isinstance(t, torch.Tensor)
+        assert t.shape[0] == N
+        assert torch.isfinite(t).all()
+    again = task.sample_tasks(N, generator(5))
+    assert all(torch.equal(a, b) for a, b in zip(batch, again, strict=True))
+    other = task.sample_tasks(N, generator(6))
+    assert any(not torch.equal(a, b) for a, b in zip(batch, other, strict=True))
+
+
+def test_init_theta_is_stacked_and_deterministic(task):
+    """init_theta(n, gen) has the optimizee's parameter names, each stacked on a leading axis of n, and is a
+    function of the generator's state."""
+    theta = task.init_theta(N, generator(7))
+    params = dict(task.optimizee.named_parameters())
+    assert theta.keys() == params.keys()
+    for k, v in theta.items():
+        assert v.shape == (N, *params[k].shape), k
+        assert torch.isfinite(v).all()
+    again = task.init_theta(N, generator(7))
+    assert all(torch.equal(theta[k], again[k]) for k in theta)
+
+
+def test_loss_inputs_match_the_spec(task):
+    """loss_inputs(θ, task) returns exactly the names of loss_inputs_spec, each reshapeable to
+    [samples, size] with the same number of samples, and the meta-loss accepts them by name."""
+    batch, theta = task.sample_tasks(N, generator(0)), task.init_theta(N, generator(1))
+    inputs = task.loss_inputs(theta_one(theta, 0), one(batch, 0))
+    assert list(inputs) == list(task.input_names())
+    flat = flatten_inputs(task.loss_inputs_spec, (), inputs)
+    assert flat.ndim == 2 and flat.shape[1] == sum(i.size for i in task.loss_inputs_spec)
+    assert torch.isfinite(flat).all()
+    value = MetaLoss(task.loss_inputs_spec, hidden=(8, 8))(**inputs)
+    assert value.ndim == 0 and torch.isfinite(value)
+
+
+def test_task_loss_and_builtin_losses_are_finite_scalars(task):
+    """task_loss is a finite non-negative scalar; each builtin loss over the loss inputs is a finite scalar;
+    both work under vmap over the task axis and agree with a loop."""
+    batch, theta = task.sample_tasks(N, generator(0)), task.init_theta(N, generator(1))
+    looped = []
+    for i in range(N):
+        loss = task.task_loss(theta_one(theta, i), one(batch, i))
+        assert loss.ndim == 0 and torch.isfinite(loss) and loss >= 0
+        looped.append(loss)
+        inputs = task.loss_inputs(theta_one(theta, i), one(batch, i))
+        for name, fn in task.builtin_losses.items():
+            value = fn(**inputs)
+            assert value.ndim == 0 and torch.isfinite(value), name
+    batched = vmap(task.task_loss)(theta, batch)
+    torch.testing.assert_close(batched, torch.stack(looped))
+
+
+def test_extra_terms_are_finite_scalars(task):
+    """Every declared extra (shaping) term is a finite scalar; an undeclared one is a KeyError."""
+    batch, theta = task.sample_tasks(N, generator(0)), task.init_theta(N, generator(1))
+    for name in task.extra_term_names:
+        value = task.extra_term(name, theta_one(theta, 0), one(batch, 0))
+        assert value.ndim == 0 and torch.isfinite(value), name
+    with pytest.raises(KeyError):
+        task.extra_term("no_such_term", theta_one(theta, 0), one(batch, 0))
+
+
+def test_meta_gradient_is_non_zero(task):
+    """Through this task, the meta-gradient of the task loss after one inner step is finite and non-zero."""
+    metaloss = MetaLoss(task.loss_inputs_spec, hidden=(8, 8))
+    phi = {k: p.detach() for k, p in metaloss.named_parameters()}
+    batch, theta = task.sample_tasks(N, generator(0)), task.init_theta(N, generator(1))
+    gradient, seen = meta_gradient(
+        metaloss, phi, task, theta, batch, InnerConfig(lr=1e-2, steps=1), task_objective(task, TaskLossConfig())
+    )
+    assert all(torch.isfinite(g).all() for g in gradient.values())
+    assert sum(float(g.abs().sum()) for g in gradient.values()) > 0
+    assert seen.task_loss.shape == (N,)
+
+
+def test_unknown_task_option_is_refused():
+    """Task options are validated: an unknown key is an ML3Error naming `task_options.<key>`."""
+    for name in TASKS:
+        with pytest.raises(ML3Error, match=r"task_options\.foo"):
+            make_task(name, {"foo": 1})

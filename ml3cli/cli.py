@@ -25,9 +25,7 @@ Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N 
 Threads = Annotated[int | None, typer.Option("--threads", help="torch intra-op threads (default 1)")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="also write the table's numbers as JSON here")]
-OutDir = Annotated[
-    Path | None, typer.Option("--out-dir", help="folder for curves.csv, curves.png, results.json")
-]
+OutDir = Annotated[Path | None, typer.Option("--out-dir", help="folder for curves.csv, curves.png, results.json")]
 Tasks = Annotated[int | None, typer.Option("--tasks", min=1, help="test tasks per seed (default 10)")]
 Seeds = Annotated[int | None, typer.Option("--seeds", min=1, help="seeds (default 5)")]
 Steps = Annotated[int | None, typer.Option("--steps", min=1, help="SGD steps per optimizee (default 100)")]
@@ -76,9 +74,7 @@ def meta_train_command(
 def meta_test_command(
     loss: Annotated[Path, typer.Option("--loss", help="a learned-loss artifact")],
     task: Annotated[str, typer.Option("--task", help="the task family to test on (see `ml3 tasks`)")],
-    baseline: Annotated[
-        str | None, typer.Option("--baseline", help="hand-written loss to compare with")
-    ] = None,
+    baseline: Annotated[str | None, typer.Option("--baseline", help="hand-written loss to compare with")] = None,
     tasks: Tasks = None,
     seeds: Seeds = None,
     steps: Steps = None,
@@ -135,6 +131,47 @@ def compare_command(
         task, losses, settings, _console(), command="compare", json_path=json_path, out_dir=out_dir,
         tune_baseline_lr=tune_baseline_lr, quiet=quiet,
     )  # fmt: skip
+
+
+@app.command("landscape")
+def landscape_command(
+    losses: Annotated[list[str], typer.Option("--loss", help="artifact path or built-in name (mse …); repeatable")],
+    task: Annotated[str | None, typer.Option("--task", help="task family (default: the artifact's)")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="1d (one parameter), 2d (random plane) or function")] = "1d",
+    param: Annotated[str | None, typer.Option("--param", help="1d: parameter NAME or NAME:INDEX")] = None,
+    value_range: Annotated[
+        tuple[float, float] | None,
+        typer.Option("--range", help="1d: parameter values (default -7 7); function: input values (-1.5 1.5)"),
+    ] = None,
+    points: Annotated[int | None, typer.Option("--points", help="grid points per axis")] = None,
+    tasks: Annotated[int, typer.Option("--tasks", help="1d: tasks (targets) to draw, one panel each")] = 4,
+    span: Annotated[float, typer.Option("--span", help="2d: α, β ∈ [−span, span]")] = 1.0,
+    center_steps: Annotated[
+        int, typer.Option("--center-steps", min=0, help="2d: centre on θ after N SGD steps with the baseline")
+    ] = 0,
+    lr: Lr = None,
+    axes: Annotated[str | None, typer.Option("--axes", help="function: two inputs, e.g. y_pred,y_true")] = None,
+    fix: Annotated[
+        list[str] | None, typer.Option("--fix", help="function: NAME=VALUE for another input (repeatable)")
+    ] = None,
+    task_options: Annotated[
+        list[str] | None, typer.Option("--task-option", help="KEY=VALUE task option override (repeatable)")
+    ] = None,
+    seed: Seed = None,
+    json_path: JsonOut = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="folder for landscape.png, .csv, .json")] = None,
+    device: Device = None,
+    threads: Threads = None,
+) -> None:
+    """Plot loss landscapes (1-D sweep, 2-D filter-normalised plane, or the loss as a function of its inputs)."""
+    from ml3cli.landscape import LandscapeSettings, run_landscape
+
+    low, high = value_range if value_range is not None else (None, None)
+    settings = LandscapeSettings(
+        mode, task, tuple(task_options or ()), param, low, high, points, tasks, seed or 0, lr, span,
+        center_steps, axes, tuple(fix or ()), device or "cpu", 1 if threads is None else threads,
+    )  # fmt: skip
+    run_landscape(losses, settings, _console(), out_dir=out_dir, json_path=json_path)
 
 
 @app.command("inspect")

@@ -53,3 +53,84 @@ def meta_train_plot(curves: Sequence[dict[str, float]], title: str) -> bytes:
     ax.grid(True, alpha=0.3)
     ax.legend()
     return _png(fig)
+
+
+# -- loss landscapes (ml3 landscape) --------------------------------------------------------------------------
+def _normalised(values: np.ndarray) -> np.ndarray:
+    low, high = float(np.min(values)), float(np.max(values))
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def landscape_1d_plot(
+    values: np.ndarray,
+    losses: dict[str, np.ndarray],
+    targets: Sequence[float],
+    param: str,
+    fractions: dict[str, Sequence[float]],
+    title: str,
+) -> bytes:
+    """One panel per task: each loss against one parameter, min–max normalised, the target as a red line."""
+    n = len(targets)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False, layout="constrained")
+    for k, target in enumerate(targets):
+        ax = axes[k // cols][k % cols]
+        for label, grid in losses.items():
+            ax.plot(values, _normalised(grid[k]), label=f"{label} (slope→target {fractions[label][k]:.2f})")
+        ax.axvline(target, color="red", linewidth=1.0)
+        ax.set_title(f"target {target:.3g}", fontsize=9)
+        ax.set_xlabel(param)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    for k in range(n, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].set_ylabel("loss (min–max normalised)")
+    fig.suptitle(title)
+    return _png(fig)
+
+
+def landscape_2d_plot(
+    alphas: np.ndarray,
+    betas: np.ndarray,
+    grids: dict[str, np.ndarray],
+    target: tuple[float, float],
+    fractions: dict[str, float],
+    title: str,
+) -> bytes:
+    """One filled contour per loss over the plane (α along x, β along y), the target marked with a red x."""
+    n = len(grids)
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8), squeeze=False, layout="constrained")
+    for ax, (label, grid) in zip(axes[0], grids.items(), strict=True):
+        contour = ax.contourf(alphas, betas, np.asarray(grid).T, levels=30, cmap="viridis")
+        fig.colorbar(contour, ax=ax, shrink=0.85)
+        ax.plot([target[0]], [target[1]], "rx", markersize=8)
+        ax.set_title(f"{label} (slope→target {fractions[label]:.2f})", fontsize=9)
+        ax.set_xlabel("α (direction 1)")
+        ax.set_ylabel("β (direction 2)")
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def function_view_plot(
+    a_values: np.ndarray,
+    b_values: np.ndarray,
+    grids: dict[str, np.ndarray],
+    axes_names: tuple[str, str],
+    fixed: dict[str, float],
+    title: str,
+) -> bytes:
+    """Each loss's per-sample value over two of its inputs as a heatmap, side by side."""
+    n = len(grids)
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8), squeeze=False, layout="constrained")
+    extent = (float(a_values[0]), float(a_values[-1]), float(b_values[0]), float(b_values[-1]))
+    for ax, (label, grid) in zip(axes[0], grids.items(), strict=True):
+        image = ax.imshow(np.asarray(grid).T, origin="lower", extent=extent, aspect="auto", cmap="viridis")
+        fig.colorbar(image, ax=ax, shrink=0.85)
+        ax.plot(extent[:2], extent[2:], color="white", linewidth=0.6, alpha=0.6)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel(axes_names[0])
+        ax.set_ylabel(axes_names[1])
+    fixed_text = ", ".join(f"{k} = {v:g}" for k, v in fixed.items())
+    fig.suptitle(title + (f" ({fixed_text})" if fixed_text else ""), fontsize=10)
+    return _png(fig)

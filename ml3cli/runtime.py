@@ -15,9 +15,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ML3Error(
-            f"device {name!r} was asked for but CUDA is not available here; use --device cpu or auto"
-        )
+        raise ML3Error(f"device {name!r} was asked for but CUDA is not available here; use --device cpu or auto")
     try:
         return torch.device(name)
     except RuntimeError as err:

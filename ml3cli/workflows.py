@@ -26,9 +26,11 @@ from rich.table import Table
 
 from ml3cli import artifacts, plots
 from ml3cli.engine import meta_train
-from ml3cli.errors import ML3Error
+from ml3cli.errors import DivergenceError, ML3Error
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, paired_difference, tune_lr
-from ml3cli.recipes import Recipe, recipe_to_dict
+from ml3cli.metaloss import MetaLoss
+from ml3cli.recipes import Recipe, checkpoint_path_for, recipe_to_dict
+from ml3cli.report_metrics import print_task_report, task_report
 from ml3cli.runtime import configure, resolve_device
 from ml3cli.tasks import TASKS, make_task, task_class
 from ml3cli.tasks.base import Task
@@ -55,18 +57,26 @@ def run_meta_train(recipe: Recipe, out: str | Path | None, console: Console, qui
         raise ML3Error(f"--out {out_path}: an artifact path must end in .safetensors")
     artifacts.check_writable(out_path)
     task = make_task(recipe.task, recipe.task_options, device)
+    checkpoint = checkpoint_path_for(out_path)
+    base_info = {"task": recipe.task, "test_task": recipe.meta_test.task, "seed": recipe.seed}
+    base_info["recipe"] = recipe_to_dict(recipe)
 
     with _progress(console, quiet) as progress:
         bar = progress.add_task(f"meta-train {recipe.name}", total=recipe.outer.steps)
 
-        def on_step(step: int, record: dict[str, float] | None) -> None:
+        def on_step(step: int, record: dict[str, float] | None, metaloss: MetaLoss) -> None:
             if record is not None:
-                progress.update(
-                    bar, description=f"meta-train {recipe.name}  task loss {record['meta/task_loss']:.4g}"
-                )
+                progress.update(bar, description=f"meta-train {recipe.name}  task loss {record['meta/task_loss']:.4g}")
             progress.update(bar, completed=step)
+            if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < recipe.outer.steps:
+                artifacts.save_loss(checkpoint, metaloss, base_info | {"checkpoint": {"outer_step": step}})
 
-        result = meta_train(recipe, task, on_step=on_step)
+        try:
+            result = meta_train(recipe, task, on_step=on_step)
+        except DivergenceError as err:
+            if checkpoint.is_file():
+                raise DivergenceError(err.outer_step, err.what, kept=str(checkpoint)) from None
+            raise
 
     test = recipe.meta_test
     test_task = make_task(test.task, test.task_options, device, where="meta_test.task_options")
@@ -75,8 +85,7 @@ def run_meta_train(recipe: Recipe, out: str | Path | None, console: Console, qui
     baseline = _builtin_loss(test_task, baseline_name, recipe.meta_test_lr)
     curves = evaluate(test_task, [learned, baseline], test.tasks, test.seeds, test.steps, recipe.seed)
     metrics = {
-        "meta_train": {k: v for k, v in result.final.items() if k != "step"}
-        | {"outer_steps": recipe.outer.steps},
+        "meta_train": {k: v for k, v in result.final.items() if k != "step"} | {"outer_steps": recipe.outer.steps},
         "meta_train_seconds": round(result.seconds, 3),
         "meta_test": {
             "task": test.task,
@@ -89,14 +98,8 @@ def run_meta_train(recipe: Recipe, out: str | Path | None, console: Console, qui
             "baseline": baseline_name,
         },
     }
-    info = {
-        "task": recipe.task,
-        "test_task": test.task,
-        "seed": recipe.seed,
-        "recipe": recipe_to_dict(recipe),
-        "metrics": metrics,
-    }
-    artifacts.save_loss(out_path, result.metaloss, info)
+    artifacts.save_loss(out_path, result.metaloss, base_info | {"metrics": metrics})
+    checkpoint.unlink(missing_ok=True)  # the artifact supersedes it
     curves_path = out_path.with_suffix(".curves.csv")
     artifacts.write_text_atomic(curves_path, _rows_to_csv(result.curves))
     artifacts.write_bytes_atomic(
@@ -155,9 +158,7 @@ class LossSpec:
 
     text: str
 
-    def resolve(
-        self, task: Task, default_lr: float | None, device: torch.device
-    ) -> tuple[NamedLoss, dict | None]:
+    def resolve(self, task: Task, default_lr: float | None, device: torch.device) -> tuple[NamedLoss, dict | None]:
         body, _, lr_text = self.text.partition("@")
         lr = None
         if lr_text:
@@ -181,7 +182,7 @@ class LossSpec:
             )
         module = artifacts.load_loss(path, expect_inputs=task.loss_inputs_spec).to(device)
         info = module.info
-        chosen = lr or default_lr or info["recipe"]["inner"]["lr"]
+        chosen = lr or default_lr or (info["recipe"].get("inner") or {}).get("lr") or 1e-3
         label = path.stem if not lr_text else f"{path.stem}@{lr_text}"
         return NamedLoss(label, _module_loss(module), chosen, str(path)), info
 
@@ -224,10 +225,8 @@ def run_comparison(
         path = Path(spec.partition("@")[0])
         if spec.partition("@")[0] not in task_class(task_name).builtin_losses and path.is_file():
             artifact_infos.append(artifacts.read_info(path))
-    recorded = next(
-        (i["recipe"]["meta_test"] for i in artifact_infos if i["recipe"]["meta_test"]["task"] == task_name),
-        {},
-    )
+    recorded_tests = [info["recipe"].get("meta_test") or {} for info in artifact_infos]
+    recorded = next((test for test in recorded_tests if test.get("task") == task_name), {})
     task_options = recorded.get("task_options", {})
     tasks = settings.tasks or recorded.get("tasks", 10)
     seeds = settings.seeds or recorded.get("seeds", 5)
@@ -246,27 +245,33 @@ def run_comparison(
     tuning = None
     if tune_baseline_lr:
         if not artifact_infos:
-            raise ML3Error(
-                "--tune-baseline-lr chooses the rate on an artifact's meta-train task: give an artifact"
-            )
+            raise ML3Error("--tune-baseline-lr chooses the rate on an artifact's meta-train task: give an artifact")
         info = artifact_infos[0]
-        train_task = make_task(info["task"], info["recipe"]["task_options"], device)
+        if info["task"] not in TASKS:
+            raise ML3Error(f"--tune-baseline-lr: the artifact records no known meta-train task ({info['task']!r})")
+        train_task = make_task(info["task"], info["recipe"].get("task_options"), device)
         baseline_name = next(iter(task.builtin_losses))
         base = _builtin_loss(train_task, baseline_name, 1.0)
         best, scores = tune_lr(
             train_task, base, BASELINE_LR_SWEEP, tasks, seeds, steps, settings.seed + TUNING_SEED_OFFSET
         )
-        losses.append(_builtin_loss(task, baseline_name, best, f"{baseline_name} (tuned lr {best:g})"))
+        losses.append(_builtin_loss(task, baseline_name, best, f"{baseline_name} (tuned lr)"))
         tuning = {"loss": baseline_name, "on_task": info["task"], "best_lr": best, "final_by_lr": scores}
 
     with _progress(console, quiet) as progress:
-        progress.add_task(f"{command} {task_name}: {len(losses)} losses × {seeds} seeds", total=None)
-        curves = evaluate(task, losses, tasks, seeds, steps, settings.seed)
+        bar = progress.add_task(f"{command} {task_name}: {len(losses)} losses, seed", total=seeds)
+        curves = evaluate(
+            task, losses, tasks, seeds, steps, settings.seed, on_seed=lambda done: progress.update(bar, completed=done)
+        )
 
     initial = float(curves[0].at(0).mean())
     threshold = settings.threshold if settings.threshold is not None else 0.5 * initial
     document = _results_document(task, task_options, curves, tasks, seeds, steps, settings, threshold, tuning)
     _print_results(console, task, curves, steps, seeds, tasks, threshold, document)
+    report = task_report(task, losses, tasks, seeds, _table_steps(steps), settings.seed)
+    if report:  # tasks with Task.report_metrics (e.g. |θ − ν| for sine_frequency)
+        document["report_metrics"] = report
+        print_task_report(console, task, report, tasks * seeds)
 
     out = Path(out_dir) if out_dir else Path("runs") / f"{command}_{task_name}"
     artifacts.write_json_atomic(out / "results.json", document)
@@ -336,11 +341,7 @@ def _print_results(console, task, curves: list[LossCurves], steps, seeds, tasks,
     for c in curves:
         cells = [f"{_fmt(float(c.at(s).mean()))} ± {_fmt(float(c.at(s).std()))}" for s in shown]
         reached = [n for n in c.steps_to(threshold) if n is not None]
-        when = (
-            f"{sorted(reached)[len(reached) // 2]} ({len(reached)}/{seeds})"
-            if reached
-            else f"never (0/{seeds})"
-        )
+        when = f"{sorted(reached)[len(reached) // 2]} ({len(reached)}/{seeds})" if reached else f"never (0/{seeds})"
         table.add_row(c.label, f"{c.lr:g}", *cells, when)
     console.print(table)
     for pair in document["paired"]:
@@ -386,9 +387,7 @@ def inspect_artifact(path: str | Path, console: Console, as_json: bool = False) 
     arch = info["architecture"]
     inputs = ", ".join(f"{i['name']}[{i['size']}]" for i in arch["inputs"])
     n_params = sum(p.numel() for p in module.parameters())
-    console.print(
-        f"[bold]{path}[/]  (ml3 {info['ml3_version']}, torch {info['torch_version']}, {info['created']})"
-    )
+    console.print(f"[bold]{path}[/]  (ml3 {info['ml3_version']}, torch {info['torch_version']}, {info['created']})")
     console.print(f"task: {info['task']}   meta-test task: {info['test_task']}   seed: {info['seed']}")
     console.print(f"inputs: ({inputs}) → mean over samples")
     console.print(
@@ -403,24 +402,18 @@ def inspect_artifact(path: str | Path, console: Console, as_json: bool = False) 
     if "meta_train" in metrics:
         finals = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics["meta_train"].items())
         console.print(f"meta-train: {finals}")
-    console.print("recipe:")
-    console.print(yaml.safe_dump(info["recipe"], sort_keys=False).rstrip(), markup=False, highlight=False)
+    if info["recipe"]:
+        console.print("recipe:")
+        console.print(yaml.safe_dump(info["recipe"], sort_keys=False).rstrip(), markup=False, highlight=False)
     return info
 
 
 def list_tasks(console: Console) -> None:
     """``ml3 tasks``: the registered task families and what their losses see."""
-    table = Table(title="ml3 tasks")
-    for column in ("task", "loss inputs", "metric", "built-in losses", "extra terms", "summary"):
-        table.add_column(column)
     for name, cls in sorted(TASKS.items()):
         inputs = ", ".join(f"{i.name}[{i.size}]" for i in cls.loss_inputs_spec)
-        table.add_row(
-            name,
-            inputs,
-            cls.metric,
-            ", ".join(cls.builtin_losses),
-            ", ".join(cls.extra_term_names) or "—",
-            cls.summary,
+        console.print(f"[bold]{name}[/]  {cls.summary}")
+        console.print(
+            f"    loss inputs: {inputs}   metric: {cls.metric}   built-in losses: {', '.join(cls.builtin_losses)}"
+            f"   extra terms: {', '.join(cls.extra_term_names) or '—'}"
         )
-    console.print(table)

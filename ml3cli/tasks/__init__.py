@@ -10,9 +10,10 @@ from pydantic import ValidationError
 
 from ml3cli.errors import ML3Error
 from ml3cli.tasks.base import Task, TaskOptions
+from ml3cli.tasks.shaped_sine import SineFrequency
 from ml3cli.tasks.sine import ShiftedSineRegression, SineRegression
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (SineRegression, ShiftedSineRegression)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (SineRegression, ShiftedSineRegression, SineFrequency)}
 
 
 def task_class(name: str) -> type[Task]:

@@ -92,6 +92,14 @@ class Task(ABC):
         """The shaping term ``name`` (one of ``extra_term_names``) for ONE task; meta-train time only."""
         raise KeyError(f"task {self.name!r} has no extra term {name!r}")
 
+    def target_theta(self, task: Any) -> Theta | None:
+        """The ground-truth parameters θ* of ONE task when the family knows them (landscapes mark them), else None."""
+        return None
+
+    def report_metrics(self, theta: Theta, task: Any) -> dict[str, Tensor]:
+        """Extra per-task scalars that meta-test/compare report beside the task loss (e.g. |θ − θ*|); none by default."""
+        return {}
+
     # -- helpers -------------------------------------------------------------------------------------------
     def predict(self, theta: Theta, x: Tensor) -> Tensor:
         """f_θ(x) for one task."""

@@ -46,9 +46,7 @@ class SineOptions(TaskOptions):
     query_points: PositiveInt = Field(100, description="held-out points per task (used by the task loss)")
     x_range: tuple[float, float] = Field((-2.0, 2.0), description="x ~ U[low, high]")
     amplitude_range: tuple[float, float] = Field((1.0, 1.0), description="A ~ U[low, high]")
-    phase_range: tuple[float, float] = Field(
-        (math.pi, math.pi), description="ω ~ U[low, high] in y = A sin(x − ω)"
-    )
+    phase_range: tuple[float, float] = Field((math.pi, math.pi), description="ω ~ U[low, high] in y = A sin(x − ω)")
     hidden: list[PositiveInt] = Field([40, 40], description="hidden widths of the optimizee MLP")
     activation: str = Field("relu", description=f"optimizee activation, one of {sorted(ACTIVATIONS)}")
 

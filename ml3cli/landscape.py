@@ -1,0 +1,596 @@
+"""Loss landscapes: what a loss looks like to the optimizer, and what a learned loss has learned.
+
+Three views (``ml3 landscape --mode …``):
+
+* ``1d``: the loss against ONE parameter of the optimizee over a grid (for ``sine_frequency``: θ ∈ [−7, 7]), the
+  other parameters held at θ₀, for several tasks; the task's target θ* is marked where the task knows it.
+* ``2d``: the loss on the plane θ + α·d₁ + β·d₂ spanned by two random, filter-normalised directions around θ
+  (Li et al., "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018): each filter (row of a weight
+  matrix) of d is scaled to the norm of the same filter of θ; vectors (biases) get no direction.
+* ``function``: the per-sample loss over a grid of two of its inputs (e.g. ŷ against y), the others fixed.
+
+Figure of merit (1-D and 2-D): the *slope-toward-target fraction*, the share of grid points at which the
+descent direction −∇L points toward the target (1.0 for a single basin around the target). The target is the
+task's θ* where it has one (projected onto the plane in 2-D), else the grid point with the lowest task loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+
+from ml3cli import artifacts
+from ml3cli.engine import LossFn, sgd_step
+from ml3cli.errors import ML3Error
+from ml3cli.evaluate import NamedLoss
+from ml3cli.metaloss import MetaLoss
+from ml3cli.runtime import generator
+from ml3cli.tasks.base import Task, Theta
+
+MODES = ("1d", "2d", "function")
+
+
+# -- helpers on θ ---------------------------------------------------------------------------------------------
+def task_slice(batch: Any, i: int) -> Any:
+    """Task ``i`` of a batch (a NamedTuple of tensors with a leading task axis), without the axis."""
+    return type(batch)(*(t[i] for t in batch))
+
+
+def theta_slice(theta: Theta, i: int) -> Theta:
+    return {name: value[i] for name, value in theta.items()}
+
+
+def parse_param(text: str | None, theta: Theta) -> tuple[str, int]:
+    """``NAME`` or ``NAME:INDEX`` (flat index) → (name, index); without text, the only scalar parameter."""
+    sizes = {name: value.numel() for name, value in theta.items()}
+    described = ", ".join(f"{n}[{s}]" for n, s in sizes.items())
+    if text is None:
+        if len(sizes) == 1 and next(iter(sizes.values())) == 1:
+            return next(iter(sizes)), 0
+        raise ML3Error(f"--param is needed for this optimizee: give NAME or NAME:INDEX of one of {described}")
+    name, sep, index_text = text.partition(":")
+    if name not in sizes:
+        raise ML3Error(f"--param {text!r}: no parameter {name!r}; the optimizee has {described}")
+    if not sep:
+        if sizes[name] != 1:
+            raise ML3Error(f"--param {text!r}: {name} has {sizes[name]} entries; give NAME:INDEX")
+        return name, 0
+    try:
+        index = int(index_text)
+    except ValueError:
+        raise ML3Error(f"--param {text!r}: the part after ':' must be an integer index") from None
+    if not 0 <= index < sizes[name]:
+        raise ML3Error(f"--param {text!r}: index out of range 0 … {sizes[name] - 1}")
+    return name, index
+
+
+def _with_entry(theta: Theta, name: str, index: int, value: Tensor) -> Theta:
+    """θ with the flat entry ``index`` of ``theta[name]`` replaced by the scalar ``value`` (differentiable)."""
+    base = theta[name]
+    mask = torch.zeros(base.numel(), dtype=base.dtype, device=base.device)
+    mask[index] = 1.0
+    flat = base.reshape(-1) * (1 - mask) + value * mask
+    return {**theta, name: flat.reshape(base.shape)}
+
+
+# -- the figure of merit --------------------------------------------------------------------------------------
+def slope_toward_target(values: np.ndarray, slopes: np.ndarray, target: float, tol: float | None = None) -> float:
+    """1-D: the share of grid points ``values`` at which −slope points toward ``target``.
+
+    Points closer to the target than ``tol`` (default: half the grid spacing) are left out; a zero slope
+    elsewhere does not point anywhere and counts as not toward the target.
+    """
+    values, slopes = np.asarray(values, float), np.asarray(slopes, float)
+    if tol is None:
+        tol = 0.5 * float(np.min(np.diff(np.sort(values)))) if values.size > 1 else 0.0
+    keep = np.abs(values - target) > tol
+    if not keep.any():
+        return math.nan
+    toward = np.sign(-slopes[keep]) == np.sign(target - values[keep])
+    return float(toward.mean())
+
+
+def slope_toward_target_2d(
+    alphas: np.ndarray, betas: np.ndarray, grid: np.ndarray, target: tuple[float, float]
+) -> float:
+    """2-D: the share of grid points at which −∇L (finite differences) has a positive component toward ``target``.
+
+    ``grid[i, j]`` is the loss at (alphas[i], betas[j]); the grid cell holding the target is left out.
+    """
+    g_alpha, g_beta = np.gradient(np.asarray(grid, float), alphas, betas)
+    a, b = np.meshgrid(alphas, betas, indexing="ij")
+    to_a, to_b = target[0] - a, target[1] - b
+    spacing = max(float(np.min(np.diff(alphas))), float(np.min(np.diff(betas))))
+    keep = np.hypot(to_a, to_b) > 0.5 * spacing
+    if not keep.any():
+        return math.nan
+    inner = -(g_alpha * to_a + g_beta * to_b)
+    return float((inner[keep] > 0).mean())
+
+
+# -- 1-D ------------------------------------------------------------------------------------------------------
+def sweep_1d(
+    task: Task, loss_fn: LossFn, theta: Theta, batch: Any, name: str, index: int, values: Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """The loss and its slope d loss / d θ[name][index] at each of ``values`` (one task, no task axis)."""
+
+    def at(value: Tensor) -> Tensor:
+        return loss_fn(task.loss_inputs(_with_entry(theta, name, index, value), batch))
+
+    slopes, losses = vmap(grad_and_value(at))(values)
+    return losses.detach().cpu().double().numpy(), slopes.detach().cpu().double().numpy()
+
+
+def task_loss_1d(task: Task, theta: Theta, batch: Any, name: str, index: int, values: Tensor) -> np.ndarray:
+    with torch.no_grad():
+        out = vmap(lambda v: task.task_loss(_with_entry(theta, name, index, v), batch))(values)
+    return out.cpu().double().numpy()
+
+
+@dataclass
+class Landscape1D:
+    param: str
+    values: np.ndarray  # [G]
+    targets: list[float]  # per task
+    target_source: str  # "θ*" or "task-loss argmin"
+    losses: dict[str, np.ndarray] = field(default_factory=dict)  # label → [tasks, G]
+    slopes: dict[str, np.ndarray] = field(default_factory=dict)  # label → [tasks, G]
+    task_losses: np.ndarray | None = None  # [tasks, G]
+
+    def slope_fractions(self) -> dict[str, list[float]]:
+        return {
+            label: [slope_toward_target(self.values, s, t) for s, t in zip(slopes, self.targets, strict=True)]
+            for label, slopes in self.slopes.items()
+        }
+
+    def to_csv(self) -> str:
+        rows = []
+        for k, target in enumerate(self.targets):
+            for g, value in enumerate(self.values):
+                row: dict[str, Any] = {"task": k, "target": target, self.param: float(value)}
+                for label in self.losses:
+                    row[f"{label}"] = float(self.losses[label][k, g])
+                    row[f"{label}/slope"] = float(self.slopes[label][k, g])
+                if self.task_losses is not None:
+                    row["task_loss"] = float(self.task_losses[k, g])
+                rows.append(row)
+        return rows_to_csv(rows)
+
+
+def landscape_1d(
+    task: Task,
+    losses: Sequence[NamedLoss],
+    n_tasks: int,
+    seed: int,
+    param: str | None,
+    low: float,
+    high: float,
+    points: int,
+) -> Landscape1D:
+    """The 1-D landscape of each loss over ``points`` values of one parameter in [low, high], for ``n_tasks`` tasks."""
+    gen = generator(seed)
+    batch = task.sample_tasks(n_tasks, gen)
+    theta = task.init_theta(n_tasks, gen)
+    name, index = parse_param(param, theta_slice(theta, 0))
+    label = name if theta[name][0].numel() == 1 else f"{name}:{index}"
+    values = torch.linspace(low, high, points, dtype=theta[name].dtype, device=theta[name].device)
+    grid = values.cpu().double().numpy()
+    result = Landscape1D(label, grid, [], "θ*")
+    task_losses = []
+    for k in range(n_tasks):
+        one, th = task_slice(batch, k), theta_slice(theta, k)
+        task_losses.append(task_loss_1d(task, th, one, name, index, values))
+        star = task.target_theta(one)
+        if star is not None and name in star:
+            result.targets.append(float(star[name].reshape(-1)[index]))
+        else:
+            result.target_source = "task-loss argmin"
+            result.targets.append(float(grid[int(np.argmin(task_losses[-1]))]))
+        for loss in losses:
+            value, slope = sweep_1d(task, loss.fn, th, one, name, index, values)
+            result.losses.setdefault(loss.label, []).append(value)  # type: ignore[arg-type]
+            result.slopes.setdefault(loss.label, []).append(slope)  # type: ignore[arg-type]
+    result.losses = {k: np.stack(v) for k, v in result.losses.items()}
+    result.slopes = {k: np.stack(v) for k, v in result.slopes.items()}
+    result.task_losses = np.stack(task_losses)
+    return result
+
+
+# -- 2-D ------------------------------------------------------------------------------------------------------
+def filter_normalized_direction(theta: Theta, gen: torch.Generator) -> Theta:
+    """A random direction with each filter scaled to the norm of θ's filter (Li et al., 2018).
+
+    A filter is a slice along the first axis of a tensor with two or more dimensions (a row of a linear layer's
+    weight, an output channel of a convolution). Vectors and scalars (biases) get a zero direction, as in the
+    paper's plots.
+    """
+    direction = {}
+    for name, w in theta.items():
+        if w.dim() <= 1:
+            direction[name] = torch.zeros_like(w)
+            continue
+        d = torch.randn(w.shape, generator=gen, dtype=w.dtype).to(w.device)
+        d_norm = d.reshape(d.shape[0], -1).norm(dim=1)
+        w_norm = w.reshape(w.shape[0], -1).norm(dim=1)
+        scale = (w_norm / (d_norm + 1e-10)).reshape(-1, *([1] * (w.dim() - 1)))
+        direction[name] = d * scale
+    if all(float(d.abs().sum()) == 0 for d in direction.values()):
+        shapes = ", ".join(f"{n}{tuple(v.shape)}" for n, v in theta.items())
+        raise ML3Error(
+            f"this optimizee has no weight matrices ({shapes}): a filter-normalised plane needs them; use --mode 1d"
+        )
+    return direction
+
+
+def _flat(theta: Theta) -> Tensor:
+    return torch.cat([v.reshape(-1) for v in theta.values()])
+
+
+def plane_coordinates(theta: Theta, d1: Theta, d2: Theta, point: Theta) -> tuple[float, float]:
+    """Least-squares coordinates (α, β) of ``point − θ`` in the plane spanned by d₁, d₂."""
+    basis = torch.stack([_flat(d1), _flat(d2)], dim=1).double()
+    offset = (_flat(point) - _flat(theta)).double()
+    solution = torch.linalg.lstsq(basis, offset[:, None]).solution[:, 0]
+    return float(solution[0]), float(solution[1])
+
+
+@dataclass
+class Landscape2D:
+    alphas: np.ndarray
+    betas: np.ndarray
+    target: tuple[float, float]
+    target_source: str
+    center: str
+    grids: dict[str, np.ndarray] = field(default_factory=dict)  # label → [A, B]
+    task_loss: np.ndarray | None = None
+
+    def slope_fractions(self) -> dict[str, float]:
+        return {
+            label: slope_toward_target_2d(self.alphas, self.betas, g, self.target) for label, g in self.grids.items()
+        }
+
+    def to_csv(self) -> str:
+        rows = []
+        for i, a in enumerate(self.alphas):
+            for j, b in enumerate(self.betas):
+                row: dict[str, Any] = {"alpha": float(a), "beta": float(b)}
+                for label, g in self.grids.items():
+                    row[label] = float(g[i, j])
+                if self.task_loss is not None:
+                    row["task_loss"] = float(self.task_loss[i, j])
+                rows.append(row)
+        return rows_to_csv(rows)
+
+
+def plane_values(task: Task, fn, theta: Theta, d1: Theta, d2: Theta, alphas: Tensor, betas: Tensor) -> np.ndarray:
+    """``fn(θ + α d₁ + β d₂)`` over the grid, one row of α at a time (vmap over β)."""
+    rows = []
+    with torch.no_grad():
+        for a in alphas:
+            point = vmap(lambda b, a=a: fn({k: theta[k] + a * d1[k] + b * d2[k] for k in theta}))
+            rows.append(point(betas).cpu().double().numpy())
+    return np.stack(rows)
+
+
+def landscape_2d(
+    task: Task,
+    losses: Sequence[NamedLoss],
+    seed: int,
+    span: float,
+    points: int,
+    center_steps: int = 0,
+    center_loss: NamedLoss | None = None,
+) -> Landscape2D:
+    """The loss surface of one task on a random filter-normalised plane around θ₀ (or θ after ``center_steps``)."""
+    gen = generator(seed)
+    batch = task_slice(task.sample_tasks(1, gen), 0)
+    theta = theta_slice(task.init_theta(1, gen), 0)
+    center = "θ₀"
+    if center_steps > 0:
+        if center_loss is None:
+            raise ML3Error("--center-steps needs a loss to train the centre with")
+        with torch.no_grad():
+            for _ in range(center_steps):
+                theta = sgd_step(task, center_loss.fn, theta, batch, center_loss.lr)
+        center = f"θ after {center_steps} SGD steps with {center_loss.label} (lr {center_loss.lr:g})"
+    d1 = filter_normalized_direction(theta, gen)
+    d2 = filter_normalized_direction(theta, gen)
+    alphas = torch.linspace(-span, span, points, dtype=torch.float32)
+    betas = alphas.clone()
+    grid_a, grid_b = alphas.double().numpy(), betas.double().numpy()
+    task_loss = plane_values(task, lambda th: task.task_loss(th, batch), theta, d1, d2, alphas, betas)
+    star = task.target_theta(batch)
+    if star is not None and set(star) == set(theta):
+        target, source = plane_coordinates(theta, d1, d2, star), "θ* projected onto the plane"
+    else:
+        i, j = np.unravel_index(int(np.argmin(task_loss)), task_loss.shape)
+        target, source = (float(grid_a[i]), float(grid_b[j])), "task-loss argmin on the plane"
+    result = Landscape2D(grid_a, grid_b, target, source, center, task_loss=task_loss)
+    for loss in losses:
+        result.grids[loss.label] = plane_values(
+            task, lambda th, fn=loss.fn: fn(task.loss_inputs(th, batch)), theta, d1, d2, alphas, betas
+        )
+    return result
+
+
+# -- the function view ----------------------------------------------------------------------------------------
+@dataclass
+class FunctionView:
+    axes: tuple[str, str]
+    a_values: np.ndarray
+    b_values: np.ndarray
+    fixed: dict[str, float]
+    grids: dict[str, np.ndarray] = field(default_factory=dict)  # label → [A, B]
+
+    def to_csv(self) -> str:
+        rows = []
+        for i, a in enumerate(self.a_values):
+            for j, b in enumerate(self.b_values):
+                row: dict[str, Any] = {self.axes[0]: float(a), self.axes[1]: float(b)}
+                row.update({k: v for k, v in self.fixed.items()})
+                row.update({label: float(g[i, j]) for label, g in self.grids.items()})
+                rows.append(row)
+        return rows_to_csv(rows)
+
+
+def pointwise_fn(loss: NamedLoss, module: MetaLoss | None, builtin) -> Any:
+    """Per-sample loss values over inputs with a leading sample axis."""
+    if module is not None:
+        return lambda inputs: module.pointwise(**inputs)
+    return vmap(lambda inputs: builtin(**{k: v[None] for k, v in inputs.items()}))
+
+
+def function_view(
+    task: Task,
+    pointwise: dict[str, Any],
+    axes: tuple[str, str],
+    low: float,
+    high: float,
+    points: int,
+    fixed: dict[str, float],
+) -> FunctionView:
+    """Each loss's per-sample value over a grid of two of its inputs; every other input fixed."""
+    spec = {item.name: item for item in task.loss_inputs_spec}
+    for name in axes:
+        if name not in spec:
+            raise ML3Error(f"--axes: {name!r} is not a loss input of {task.name!r} (inputs: {', '.join(spec)})")
+        if spec[name].size != 1:
+            raise ML3Error(f"--axes: {name!r} has {spec[name].size} features; only single-feature inputs can be axes")
+    if axes[0] == axes[1]:
+        raise ML3Error("--axes: give two different inputs")
+    unknown = sorted(set(fixed) - set(spec))
+    if unknown:
+        raise ML3Error(f"--fix: {unknown} not loss inputs of {task.name!r} (inputs: {', '.join(spec)})")
+    both = sorted(set(fixed) & set(axes))
+    if both:
+        raise ML3Error(f"--fix: {both} are axes of the plot; fix only the other inputs")
+    values = torch.linspace(low, high, points, dtype=torch.float32, device=task.device)
+    a, b = torch.meshgrid(values, values, indexing="ij")
+    inputs: dict[str, Tensor] = {}
+    used_fixed = {}
+    for name, item in spec.items():
+        if name == axes[0]:
+            inputs[name] = a.reshape(-1, 1)
+        elif name == axes[1]:
+            inputs[name] = b.reshape(-1, 1)
+        else:
+            used_fixed[name] = float(fixed.get(name, 0.0))
+            inputs[name] = torch.full((a.numel(), item.size), used_fixed[name], device=task.device)
+    grid = values.cpu().double().numpy()
+    view = FunctionView(axes, grid, grid, used_fixed)
+    with torch.no_grad():
+        for label, fn in pointwise.items():
+            view.grids[label] = fn(inputs).reshape(points, points).cpu().double().numpy()
+    return view
+
+
+# -- files ----------------------------------------------------------------------------------------------------
+def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_outputs(out_dir: Path, csv_text: str, png: bytes, summary: dict[str, Any]) -> list[Path]:
+    paths = [out_dir / "landscape.csv", out_dir / "landscape.png", out_dir / "landscape.json"]
+    artifacts.write_text_atomic(paths[0], csv_text)
+    artifacts.write_bytes_atomic(paths[1], png)
+    artifacts.write_text_atomic(paths[2], json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    return paths
+
+
+# -- the command ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LandscapeSettings:
+    mode: str = "1d"
+    task: str | None = None
+    task_options: tuple[str, ...] = ()  # KEY=VALUE overrides of the task's options
+    param: str | None = None
+    low: float | None = None
+    high: float | None = None
+    points: int | None = None
+    tasks: int = 4
+    seed: int = 0
+    lr: float | None = None
+    span: float = 1.0
+    center_steps: int = 0
+    axes: str | None = None
+    fix: tuple[str, ...] = ()  # NAME=VALUE for the function view
+    device: str = "cpu"
+    threads: int = 1
+
+
+def _parse_fix(items: Sequence[str]) -> dict[str, float]:
+    fixed = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            fixed[name.strip()] = float(raw)
+        except ValueError:
+            raise ML3Error(f"--fix {item!r}: expected NAME=NUMBER, e.g. --fix x=0.5") from None
+    return fixed
+
+
+def _resolve_task(specs: Sequence[str], settings: LandscapeSettings, device: torch.device) -> Task:
+    from ml3cli.recipes import apply_overrides
+    from ml3cli.tasks import make_task, task_class
+
+    infos = []
+    for spec in specs:
+        body = spec.partition("@")[0]
+        if Path(body).is_file():
+            infos.append(artifacts.read_info(body))
+    name = settings.task
+    if name is None:
+        if not infos:
+            raise ML3Error("give --task (no artifact among the --loss values to take it from)")
+        name = infos[0]["test_task"]
+    task_class(name)
+    recorded: dict[str, Any] = {}
+    for info in infos:
+        recipe = info["recipe"]
+        if recipe["meta_test"]["task"] == name:
+            recorded = recipe["meta_test"].get("task_options", {})
+            break
+        if recipe["task"] == name:
+            recorded = recipe.get("task_options", {})
+            break
+    options = apply_overrides(dict(recorded), [f"{item}" for item in settings.task_options])
+    for item in settings.task_options:
+        if "=" not in item:
+            raise ML3Error(f"--task-option {item!r}: expected KEY=VALUE, e.g. --task-option frequency_range=[2,2]")
+    return make_task(name, options, device, where="--task-option")
+
+
+def run_landscape(specs: Sequence[str], settings: LandscapeSettings, console, out_dir: str | Path | None = None,
+                  json_path: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """``ml3 landscape``: compute one of the three views for each loss, print the figure of merit, write PNG+CSV."""
+    from ml3cli import plots
+    from ml3cli.runtime import configure, resolve_device
+    from ml3cli.workflows import LossSpec, _builtin_loss
+
+    if settings.mode not in MODES:
+        raise ML3Error(f"--mode {settings.mode!r}: expected one of {', '.join(MODES)}")
+    if not specs:
+        raise ML3Error("give at least one --loss (an artifact path or a built-in name such as mse)")
+    if settings.points is not None and settings.points < 3:
+        raise ML3Error("--points must be at least 3")
+    if settings.tasks < 1:
+        raise ML3Error("--tasks must be at least 1")
+    if settings.span <= 0:
+        raise ML3Error("--span must be positive")
+    configure(settings.threads, settings.seed)
+    device = resolve_device(settings.device)
+    task = _resolve_task(specs, settings, device)
+
+    losses: list[NamedLoss] = []
+    pointwise: dict[str, Any] = {}
+    for spec in specs:
+        named, info = LossSpec(spec).resolve(task, settings.lr, device)
+        losses.append(named)
+        body = spec.partition("@")[0]
+        if info is None:
+            pointwise[named.label] = pointwise_fn(named, None, task.builtin_losses[body])
+        else:
+            module = artifacts.load_loss(body, expect_inputs=task.loss_inputs_spec).to(device)
+            pointwise[named.label] = pointwise_fn(named, module, None)
+    labels = [loss.label for loss in losses]
+    if len(set(labels)) != len(labels):
+        raise ML3Error(f"two --loss values share the label {labels}; give each loss once")
+    baseline_name = next(iter(task.builtin_losses))
+    if not any(spec.partition("@")[0] in task.builtin_losses for spec in specs):
+        losses.append(_builtin_loss(task, baseline_name, settings.lr or 1e-3))
+        pointwise[baseline_name] = pointwise_fn(losses[-1], None, task.builtin_losses[baseline_name])
+
+    low = settings.low if settings.low is not None else (-1.5 if settings.mode == "function" else -7.0)
+    high = settings.high if settings.high is not None else (1.5 if settings.mode == "function" else 7.0)
+    if not low < high:
+        raise ML3Error(f"--range {low:g} {high:g}: expected LOW < HIGH")
+    out = Path(out_dir) if out_dir else Path("runs") / f"landscape_{task.name}_{settings.mode}"
+    summary: dict[str, Any] = {"task": task.name, "task_options": task.options.model_dump(mode="json"),
+                               "mode": settings.mode, "seed": settings.seed, "losses": {}}  # fmt: skip
+    for loss in losses:
+        summary["losses"][loss.label] = {"source": loss.source}
+
+    if settings.mode == "1d":
+        points = settings.points or 281
+        view = landscape_1d(task, losses, settings.tasks, settings.seed, settings.param, low, high, points)
+        fractions = view.slope_fractions()
+        summary.update(param=view.param, range=[low, high], points=points, targets=view.targets,
+                       target_source=view.target_source)  # fmt: skip
+        for label, per_task in fractions.items():
+            summary["losses"][label].update(slope_toward_target=per_task, mean=float(np.mean(per_task)))
+        png = plots.landscape_1d_plot(view.values, view.losses, view.targets, view.param, fractions,
+                                      f"{task.name}: loss against {view.param}")  # fmt: skip
+        csv_text = view.to_csv()
+        _print_1d(console, task, view, fractions)
+    elif settings.mode == "2d":
+        points = settings.points or 41
+        center_loss = next((loss for loss in losses if loss.label == baseline_name), losses[-1])
+        view2 = landscape_2d(task, losses, settings.seed, settings.span, points, settings.center_steps, center_loss)
+        fractions2 = view2.slope_fractions()
+        summary.update(span=settings.span, points=points, center=view2.center, target=list(view2.target),
+                       target_source=view2.target_source)  # fmt: skip
+        for label, value in fractions2.items():
+            summary["losses"][label].update(slope_toward_target=value)
+        png = plots.landscape_2d_plot(view2.alphas, view2.betas, view2.grids, view2.target, fractions2,
+                                      f"{task.name}: filter-normalised plane around {view2.center}")  # fmt: skip
+        csv_text = view2.to_csv()
+        console.print(f"[bold]{task.name}[/]: plane around {view2.center}; target: {view2.target_source} "
+                      f"at (α, β) = ({view2.target[0]:.3g}, {view2.target[1]:.3g})")  # fmt: skip
+        for label, value in fractions2.items():
+            console.print(f"  {label}: slope toward target on {value:.3f} of the grid")
+    else:
+        points = settings.points or 101
+        names = [item.name for item in task.loss_inputs_spec]
+        if settings.axes is None:
+            axes = ("y_pred", "y_true") if {"y_pred", "y_true"} <= set(names) else tuple(names[:2])
+            if len(axes) < 2:
+                raise ML3Error(f"{task.name!r} has a single loss input; there is no 2-D function view")
+        else:
+            axes = tuple(part.strip() for part in settings.axes.split(","))
+            if len(axes) != 2:
+                raise ML3Error(f"--axes {settings.axes!r}: expected two loss inputs, e.g. y_pred,y_true")
+        view3 = function_view(task, pointwise, axes, low, high, points, _parse_fix(settings.fix))  # type: ignore[arg-type]
+        summary.update(axes=list(axes), range=[low, high], points=points, fixed=view3.fixed)
+        png = plots.function_view_plot(view3.a_values, view3.b_values, view3.grids, view3.axes, view3.fixed,
+                                       f"{task.name}: per-sample loss")  # fmt: skip
+        csv_text = view3.to_csv()
+        fixed_text = ", ".join(f"{k} = {v:g}" for k, v in view3.fixed.items()) or "nothing else"
+        console.print(f"[bold]{task.name}[/]: per-sample loss over {axes[0]} × {axes[1]} in [{low:g}, {high:g}] "
+                      f"with {fixed_text}")  # fmt: skip
+    paths = write_outputs(out, csv_text, png, summary)
+    if json_path:
+        artifacts.write_text_atomic(json_path, json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    return summary
+
+
+def _print_1d(console, task: Task, view: Landscape1D, fractions: dict[str, list[float]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{task.name}: share of the grid where the slope points toward the target "
+                        f"({view.param} ∈ [{view.values[0]:g}, {view.values[-1]:g}], target: {view.target_source})")  # fmt: skip
+    table.add_column("loss")
+    for target in view.targets:
+        table.add_column(f"target {target:.3g}", justify="right")
+    table.add_column("mean", justify="right")
+    for label, per_task in fractions.items():
+        table.add_row(label, *(f"{v:.3f}" for v in per_task), f"{float(np.mean(per_task)):.3f}")
+    console.print(table)

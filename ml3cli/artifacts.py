@@ -92,7 +92,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return digest.hexdigest()
 
 
@@ -169,6 +169,13 @@ def read_info(path: str | Path) -> dict[str, Any]:
 
 def _info_from_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        meta = {}
+    if meta.get("format") == "ml3-checkpoint":
+        raise ML3Error(
+            f"{path}: a meta-training checkpoint, not a loss artifact; continue it with "
+            f"`ml3 meta-train RECIPE --resume {path}`"
+        )
     if meta.get("format") != FORMAT:
         raise ML3Error(f"{path}: not an ml3 loss artifact (metadata format is {meta.get('format')!r})")
     version = meta.get("format_version")

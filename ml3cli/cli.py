@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ml3cli.errors import ML3Error
+from ml3cli.errors import ML3Error, RunInterrupted
 
 app = typer.Typer(
     name="ml3",
@@ -56,8 +57,23 @@ def meta_train_command(
     device: Device = None,
     threads: Threads = None,
     quiet: Quiet = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            metavar="[CHECKPOINT]",
+            help="continue an interrupted run from its checkpoint (default: ARTIFACT.checkpoint.safetensors next "
+            "to the artifact) with the same recipe, --set and --seed; the final artifact is bit-identical to an "
+            "uninterrupted run. Give RECIPE first: `ml3 meta-train RECIPE --resume [CHECKPOINT]`",
+        ),
+    ] = None,
 ) -> None:
-    """Learn a loss from RECIPE and save it as a safetensors artifact."""
+    """Learn a loss from RECIPE and save it as a safetensors artifact.
+
+    A checkpoint of the full training state is written every `checkpoint_every` outer steps (recipe field) and at
+    the end. Ctrl-C (SIGINT) or SIGTERM finishes the current outer step, writes a checkpoint, prints the command
+    that resumes and exits with 130 / 143.
+    """
     from ml3cli.recipes import load_recipe
     from ml3cli.workflows import run_meta_train
 
@@ -67,7 +83,20 @@ def meta_train_command(
     if threads is not None:
         extra.append(f"threads={threads}")
     loaded = load_recipe(recipe, extra, seed=seed)
-    run_meta_train(loaded, out, _console(), quiet=quiet)
+    try:
+        run_meta_train(loaded, out, _console(), quiet=quiet, resume=resume)
+    except RunInterrupted as err:
+        if err.checkpoint:
+            words = ["ml3", "meta-train", str(recipe)]
+            words += ["--out", str(out)] if out is not None else []
+            words += ["--seed", str(seed)] if seed is not None else []
+            for item in overrides or []:
+                words += ["--set", item]
+            words += ["--device", device] if device is not None else []
+            words += ["--threads", str(threads)] if threads is not None else []
+            words += ["--quiet"] if quiet else []
+            err.resume_command = shlex.join([*words, "--resume", err.checkpoint])
+        raise
 
 
 @app.command("meta-test")
@@ -193,10 +222,24 @@ def tasks_command() -> None:
     list_tasks(_console())
 
 
+def _bare_resume(args: list[str]) -> list[str]:
+    """``--resume`` without a value (last, or before another option) means the default checkpoint: ``--resume=``."""
+    return [
+        "--resume=" if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")) else arg
+        for i, arg in enumerate(args)
+    ]
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:
-        app()
+        app(args=_bare_resume(sys.argv[1:]))
+    except RunInterrupted as err:
+        console = Console(stderr=True, highlight=False)
+        console.print(f"[bold yellow]{escape(str(err))}[/]", soft_wrap=True)
+        if err.resume_command:
+            console.print(f"resume with: {escape(err.resume_command)}", soft_wrap=True)
+        sys.exit(err.exit_code)
     except ML3Error as err:
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         sys.exit(2)

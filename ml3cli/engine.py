@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
+from ml3cli.checkpoints import MetaTrainState
 from ml3cli.errors import DivergenceError
 from ml3cli.metaloss import MetaLoss
 from ml3cli.recipes import InnerConfig, Recipe, TaskLossConfig
@@ -153,11 +154,16 @@ def meta_train(
     recipe: Recipe,
     task: Task,
     on_step: Callable[[int, dict[str, float] | None, MetaLoss], None] | None = None,
+    *,
+    resume: MetaTrainState | None = None,
+    on_state: Callable[[int, Callable[[], MetaTrainState]], None] | None = None,
 ) -> MetaTrainResult:
     """Algorithm 1: learn φ on ``task`` with the recipe's settings; deterministic for a given ``recipe.seed``.
 
     ``on_step(step, record, metaloss)`` is called after every outer step (``record`` is the row written to the
-    curves at logging steps, else None): the CLI hangs its progress bar and checkpoints here.
+    curves at logging steps, else None): the CLI hangs its progress bar here. ``on_state(step, snapshot)`` is
+    called next; ``snapshot()`` returns the full :class:`MetaTrainState` after that step (the CLI writes
+    checkpoints from it). ``resume`` continues from such a state, bit for bit as if never interrupted.
     """
     gen = generator(recipe.seed)
     metaloss = build_metaloss(recipe, task, gen)
@@ -166,11 +172,16 @@ def meta_train(
     inner, outer = recipe.inner, recipe.outer
 
     result = MetaTrainResult(metaloss)
-    started = time.perf_counter()
     theta: Theta | None = None
     batch: Any = None
     age = 0  # inner steps θ has taken since its last initialisation
-    for step in range(1, outer.steps + 1):
+    first = 1
+    if resume is not None:
+        resume.restore(metaloss, optimizer, gen)
+        theta, batch, age, first = resume.theta, resume.batch, resume.age, resume.step + 1
+        result.curves = [dict(row) for row in resume.curves]
+    started = time.perf_counter() - (resume.seconds if resume is not None else 0.0)
+    for step in range(first, outer.steps + 1):
         if theta is None or age >= inner.reset_period:
             batch = task.sample_tasks(outer.tasks, gen)
             theta = task.init_theta(outer.tasks, gen)
@@ -210,5 +221,12 @@ def meta_train(
             result.curves.append(record)
         if on_step is not None:
             on_step(step, record, metaloss)
+        if on_state is not None:
+            on_state(
+                step,
+                lambda step=step, theta=theta, batch=batch, age=age: MetaTrainState.capture(
+                    step, metaloss, optimizer, gen, theta, batch, age, result.curves, time.perf_counter() - started
+                ),
+            )
     result.seconds = time.perf_counter() - started
     return result

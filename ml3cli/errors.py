@@ -20,3 +20,30 @@ class DivergenceError(ML3Error):
         super().__init__(f"meta-training diverged at outer step {outer_step}: {what} is not finite ({hint}){kept_note}")
         self.outer_step = outer_step
         self.what = what
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM stopped a run; the CLI prints how to resume and exits with 128 + the signal number.
+
+    ``checkpoint`` is where the run's state was kept (None when nothing was); ``outer_step`` the last outer step
+    it holds; ``resume_command`` the exact command line to continue (filled in by the CLI).
+    """
+
+    def __init__(self, signum: int, outer_step: int | None, checkpoint: str | None, note: str = ""):
+        import signal
+
+        self.signum = signum
+        self.outer_step = outer_step
+        self.checkpoint = checkpoint
+        self.resume_command: str | None = None
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
+        if checkpoint:
+            at = f" at outer step {outer_step}" if outer_step is not None else ""
+            kept = f"checkpoint{at} kept at {checkpoint}"
+        else:
+            kept = "no checkpoint was written yet"
+        super().__init__(f"interrupted by {name}{note}; {kept}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

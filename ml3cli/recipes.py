@@ -116,7 +116,10 @@ class Recipe(Section):
     artifact: str | None = Field(None, description="where to write the learned loss")
     log_every: PositiveInt = Field(10, description="record the curves every this many outer steps")
     checkpoint_every: NonNegativeInt = Field(
-        100, description="write φ to ARTIFACT.checkpoint.safetensors every this many outer steps (0: never)"
+        100,
+        description="write the full training state (φ, Adam, RNG, θ, task batch, curves) to "
+        "ARTIFACT.checkpoint.safetensors every this many outer steps and at the end (0: only on SIGINT/SIGTERM); "
+        "`ml3 meta-train RECIPE --resume` continues from it. May differ on resume, as may `artifact`",
     )
 
     @property

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +27,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ml3cli import artifacts, plots
+from ml3cli import artifacts, checkpoints, plots
 from ml3cli.engine import meta_train
-from ml3cli.errors import DivergenceError, ML3Error
+from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, paired_difference, tune_lr
 from ml3cli.metaloss import MetaLoss
 from ml3cli.recipes import Recipe, checkpoint_path_for, recipe_to_dict
@@ -48,8 +51,24 @@ def _fmt(value: float) -> str:
 
 
 # -- meta-train -----------------------------------------------------------------------------------------------
-def run_meta_train(recipe: Recipe, out: str | Path | None, console: Console, quiet: bool = False) -> Path:
-    """``ml3 meta-train``: learn φ, meta-test it, write the artifact with its curves beside it."""
+def run_meta_train(
+    recipe: Recipe,
+    out: str | Path | None,
+    console: Console,
+    quiet: bool = False,
+    resume: str | Path | bool | None = None,
+) -> Path:
+    """``ml3 meta-train``: learn φ, meta-test it, write the artifact with its curves beside it.
+
+    ``resume``: True or "" continues from the checkpoint next to the artifact, a path from that checkpoint.
+    SIGINT/SIGTERM finish the current outer step, write a checkpoint and raise :class:`RunInterrupted`.
+    """
+    stop = _StopRequest()
+    with stop.installed():
+        return _run_meta_train(recipe, out, console, quiet, resume, stop)
+
+
+def _run_meta_train(recipe: Recipe, out, console: Console, quiet: bool, resume, stop: _StopRequest) -> Path:
     configure(recipe.threads, recipe.seed)
     device = resolve_device(recipe.device)
     out_path = Path(out) if out else recipe.artifact_path
@@ -60,6 +79,20 @@ def run_meta_train(recipe: Recipe, out: str | Path | None, console: Console, qui
     checkpoint = checkpoint_path_for(out_path)
     base_info = {"task": recipe.task, "test_task": recipe.meta_test.task, "seed": recipe.seed}
     base_info["recipe"] = recipe_to_dict(recipe)
+    start = None
+    if resume is not None and resume is not False:
+        resume_path = checkpoint if resume is True or str(resume) == "" else Path(resume)
+        if not resume_path.is_file():
+            raise ML3Error(f"--resume: no checkpoint at {resume_path} (nothing to resume; run without --resume)")
+        loaded = checkpoints.load_checkpoint(resume_path, checkpoints.batch_type_of(task), device)
+        checkpoints.check_resumable(loaded, base_info["recipe"], recipe.outer.steps)
+        checkpoints.validate_state(loaded, recipe, task)
+        start = loaded.state
+        if not quiet:
+            console.print(f"resuming from {resume_path} at outer step {start.step} of {recipe.outer.steps}")
+    elif checkpoint.is_file() and not quiet:
+        console.print(f"note: starting afresh; {checkpoint} of an earlier run will be overwritten (--resume continues)")
+    stop.checkpoint = str(checkpoint)
 
     with _progress(console, quiet) as progress:
         bar = progress.add_task(f"meta-train {recipe.name}", total=recipe.outer.steps)
@@ -68,11 +101,21 @@ def run_meta_train(recipe: Recipe, out: str | Path | None, console: Console, qui
             if record is not None:
                 progress.update(bar, description=f"meta-train {recipe.name}  task loss {record['meta/task_loss']:.4g}")
             progress.update(bar, completed=step)
-            if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < recipe.outer.steps:
-                artifacts.save_loss(checkpoint, metaloss, base_info | {"checkpoint": {"outer_step": step}})
 
+        def on_state(step: int, snapshot) -> None:
+            every = recipe.checkpoint_every
+            if stop.signum is not None or (every and (step % every == 0 or step == recipe.outer.steps)):
+                checkpoints.save_checkpoint(checkpoint, snapshot(), base_info["recipe"], out_path)
+                stop.kept_step = step
+            if stop.signum is not None:
+                raise RunInterrupted(stop.signum, step, str(checkpoint))
+
+        if start is not None:
+            progress.update(bar, completed=start.step)
         try:
-            result = meta_train(recipe, task, on_step=on_step)
+            stop.training = True
+            result = meta_train(recipe, task, on_step=on_step, resume=start, on_state=on_state)
+            stop.training = False
         except DivergenceError as err:
             if checkpoint.is_file():
                 raise DivergenceError(err.outer_step, err.what, kept=str(checkpoint)) from None
@@ -118,6 +161,37 @@ def run_meta_train(recipe: Recipe, out: str | Path | None, console: Console, qui
     )
     console.print(f"wrote {out_path}  (curves: {curves_path})")
     return out_path
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM during meta-training: the first one lets the current outer step finish and asks for a
+    checkpoint (see ``on_state``); a second one, or one outside the outer loop, stops at once."""
+
+    def __init__(self) -> None:
+        self.checkpoint: str | None = None
+        self.signum: int | None = None
+        self.training = False
+        self.kept_step: int | None = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.training and self.signum is None:
+            self.signum = signum
+            return
+        kept = self.checkpoint if self.checkpoint and Path(self.checkpoint).is_file() else None
+        note = " (the current outer step was dropped)" if self.training else ""
+        raise RunInterrupted(signum, self.kept_step, kept, note)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:

@@ -1,0 +1,383 @@
+"""Meta-training checkpoints: the full state of the outer loop, so that an interrupted run resumes bit for bit.
+
+:class:`MetaTrainState` is a plain in-memory record (no file I/O): the engine captures it after an outer step
+and restores it before the next one. :func:`save_checkpoint` / :func:`load_checkpoint` turn it into a file.
+
+Layout of a checkpoint (``ARTIFACT.checkpoint.safetensors``; never pickle):
+
+* tensors: ``phi/<name>`` (M_φ's state_dict), ``optim/<index>/<key>`` (Adam's per-parameter state),
+  ``generator`` (the torch.Generator's state, uint8), ``theta/<name>`` (θ of the current tasks) and
+  ``batch/<field>`` (the current task batch);
+* metadata ``format`` = ``ml3-checkpoint``, ``format_version``, ``sha256`` of the tensors, and ``ml3`` = a JSON
+  document: versions, outer step, ``age``, elapsed seconds, curves so far, Adam's param_groups and non-tensor
+  state, the batch's field names, the effective recipe and the artifact the run will write.
+
+Written atomically (temp file, fsync, rename) by :func:`ml3cli.artifacts.write_bytes_atomic`, read with the same
+bounded-memory checks as loss artifacts.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from ml3cli import artifacts
+from ml3cli.errors import ML3Error
+
+FORMAT = "ml3-checkpoint"
+FORMAT_VERSION = 1
+#: recipe fields that may differ between a checkpoint and the run that resumes it (they change no numbers).
+RESUMABLE_DIFFERENCES = frozenset({"artifact", "checkpoint_every"})
+
+
+@dataclass(frozen=True)
+class MetaTrainState:
+    """Everything the outer loop of :func:`ml3cli.engine.meta_train` carries from one step to the next.
+
+    ``step`` outer steps are done; the next one is ``step + 1``. ``theta`` and ``batch`` are None before the
+    first step. Tensors are detached copies, owned by the record.
+    """
+
+    step: int
+    phi: dict[str, Tensor]
+    optimizer: dict[str, Any]  # torch.optim.Optimizer.state_dict()
+    generator: Tensor  # torch.Generator.get_state()
+    theta: dict[str, Tensor] | None
+    batch: Any  # the task's NamedTuple of tensors, or None
+    age: int
+    curves: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @classmethod
+    def capture(
+        cls,
+        step: int,
+        metaloss: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        gen: torch.Generator,
+        theta: dict[str, Tensor] | None,
+        batch: Any,
+        age: int,
+        curves: list[dict[str, float]],
+        seconds: float,
+    ) -> MetaTrainState:
+        """A snapshot that later steps cannot alter (tensors cloned, the curves copied)."""
+        return cls(
+            step=step,
+            phi={k: v.detach().clone() for k, v in metaloss.state_dict().items()},
+            optimizer=_clone_tree(optimizer.state_dict()),
+            generator=gen.get_state().clone(),
+            theta=None if theta is None else {k: v.detach().clone() for k, v in theta.items()},
+            batch=None if batch is None else type(batch)(*(t.detach().clone() for t in batch)),
+            age=age,
+            curves=[dict(row) for row in curves],
+            seconds=seconds,
+        )
+
+    def restore(self, metaloss: torch.nn.Module, optimizer: torch.optim.Optimizer, gen: torch.Generator) -> None:
+        """Put φ, Adam's state and the generator back (θ, batch, age and curves are read from the record)."""
+        metaloss.load_state_dict(self.phi)
+        optimizer.load_state_dict(self.optimizer)
+        gen.set_state(self.generator)
+
+    # -- tensors + JSON ------------------------------------------------------------------------------------
+    def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The record as flat safetensors-ready tensors and a JSON-ready document."""
+        tensors: dict[str, Tensor] = {f"phi/{k}": v for k, v in self.phi.items()}
+        tensors["generator"] = self.generator
+        optim_state: dict[str, dict[str, Any]] = {}
+        for index, entry in self.optimizer["state"].items():
+            scalars = {}
+            for key, value in entry.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim/{index}/{key}"] = value
+                else:
+                    scalars[key] = value
+            optim_state[str(index)] = scalars
+        if self.theta is not None:
+            tensors.update({f"theta/{k}": v for k, v in self.theta.items()})
+        if self.batch is not None:
+            tensors.update({f"batch/{k}": v for k, v in zip(self.batch._fields, self.batch, strict=True)})
+        document = {
+            "step": self.step,
+            "age": self.age,
+            "seconds": self.seconds,
+            "curves": self.curves,
+            "optimizer": {"param_groups": self.optimizer["param_groups"], "state": optim_state},
+            "optimizer_tensors": {
+                str(i): sorted(k for k, v in e.items() if isinstance(v, Tensor))
+                for i, e in self.optimizer["state"].items()
+            },
+            "theta": None if self.theta is None else list(self.theta),
+            "batch": None
+            if self.batch is None
+            else {"type": type(self.batch).__name__, "fields": list(self.batch._fields)},
+        }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        return tensors, document
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: dict[str, Tensor],
+        document: dict[str, Any],
+        batch_type: type | None,
+        device: torch.device | str = "cpu",
+    ) -> MetaTrainState:
+        """Rebuild the record; ``batch_type`` is the task's batch NamedTuple. Raises KeyError/TypeError/ValueError
+        on a malformed document (the loader turns them into one ML3Error)."""
+        device = torch.device(device)
+
+        def take(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        step, age, seconds = document["step"], document["age"], document["seconds"]
+        if not (_is_int(step) and step >= 0 and _is_int(age) and age >= 0):
+            raise ValueError("step and age must be non-negative integers")
+        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds)):
+            raise ValueError("seconds must be a finite number")
+        curves = document["curves"]
+        if not (isinstance(curves, list) and all(isinstance(row, dict) for row in curves)):
+            raise ValueError("curves must be a list of rows")
+        generator = tensors["generator"]
+        if generator.dtype != torch.uint8 or generator.ndim != 1:
+            raise ValueError("the generator state must be a 1-D uint8 tensor")
+        optim_doc = document["optimizer"]
+        groups = optim_doc["param_groups"]
+        if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
+            raise ValueError("optimizer.param_groups must be a list of mappings")
+        state: dict[int, dict[str, Any]] = {}
+        for index, scalars in optim_doc["state"].items():
+            if not isinstance(scalars, dict):
+                raise ValueError("optimizer.state entries must be mappings")
+            entry = dict(scalars)
+            for key in document["optimizer_tensors"][index]:
+                entry[key] = tensors[f"optim/{index}/{key}"]
+            state[int(index)] = entry
+        theta = None
+        if document["theta"] is not None:
+            theta = {name: tensors[f"theta/{name}"].to(device) for name in document["theta"]}
+        batch = None
+        if document["batch"] is not None:
+            fields = list(document["batch"]["fields"])
+            if batch_type is None:  # reading without a task (e.g. to see the step): a generic NamedTuple
+                batch_type = collections.namedtuple("Batch", fields)  # ValueError on odd names
+            if list(getattr(batch_type, "_fields", ())) != fields:
+                have = list(getattr(batch_type, "_fields", ()))
+                raise ValueError(f"the task batch has fields {fields} but this task's batches have {have}")
+            batch = batch_type(*(tensors[f"batch/{name}"].to(device) for name in fields))
+        return cls(
+            step=step,
+            phi=take("phi/"),
+            optimizer={"state": state, "param_groups": groups},
+            generator=generator,
+            theta=theta,
+            batch=batch,
+            age=age,
+            curves=curves,
+            seconds=float(seconds),
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _clone_tree(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone_tree(v) for v in value]
+    return value
+
+
+def batch_type_of(task: Any) -> type:
+    """The NamedTuple type of ``task``'s batches (one throwaway draw from a private generator)."""
+    return type(task.sample_tasks(1, torch.Generator().manual_seed(0)))
+
+
+# -- files ----------------------------------------------------------------------------------------------------
+def save_checkpoint(path: str | Path, state: MetaTrainState, recipe: dict[str, Any], artifact: str | Path) -> Path:
+    """Write ``state`` with the effective ``recipe`` at ``path``, atomically."""
+    import ml3cli
+
+    tensors, document = state.to_tensors()
+    document = {
+        "ml3_version": ml3cli.__version__,
+        "torch_version": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe,
+        "artifact": str(artifact),
+        **document,
+    }
+    try:
+        text = json.dumps(document, allow_nan=True)
+    except (TypeError, ValueError) as err:
+        raise ML3Error(f"cannot write checkpoint {path}: state is not serialisable ({err})") from None
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "sha256": artifacts.tensors_sha256(tensors),
+        "ml3": text,
+    }
+    return artifacts.write_bytes_atomic(path, st_save(tensors, metadata=metadata))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: the state, the recipe it was written with (as a dict) and its metadata."""
+
+    path: Path
+    state: MetaTrainState
+    recipe: dict[str, Any]
+    info: dict[str, Any]
+
+
+def read_checkpoint_info(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The checkpoint's tensors and JSON document after the format, version and checksum checks."""
+    path = Path(path)
+    if not path.is_file():
+        raise ML3Error(f"checkpoint not found: {path}")
+    data, header = artifacts._read_checked(path)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ML3Error(f"{path}: not an ml3 meta-training checkpoint (metadata format is {got!r})")
+    version = meta.get("format_version")
+    if not (isinstance(version, str) and version.isdigit() and len(version) < 10):
+        raise ML3Error(f"{path}: checkpoint has no valid format_version")
+    if int(version) > FORMAT_VERSION:
+        raise ML3Error(
+            f"{path}: checkpoint format version {version} is newer than this ml3 understands ({FORMAT_VERSION}); "
+            "upgrade ml3"
+        )
+    try:
+        document = json.loads(meta["ml3"])
+        if not isinstance(document, dict):
+            raise ValueError("the ml3 document is not a mapping")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ML3Error(f"{path}: checkpoint metadata is missing or malformed ({err})") from None
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as err:
+        raise ML3Error(f"{path}: corrupt tensor data ({err})") from None
+    if meta.get("sha256") != artifacts.tensors_sha256(tensors):
+        raise ML3Error(f"{path}: checksum mismatch: the checkpoint's tensors were modified or corrupted")
+    return tensors, document
+
+
+def load_checkpoint(path: str | Path, batch_type: type | None, device: torch.device | str = "cpu") -> Checkpoint:
+    """Read and check a checkpoint; any damage is one ML3Error naming the file."""
+    path = Path(path)
+    tensors, document = read_checkpoint_info(path)
+    try:
+        recipe = document["recipe"]
+        if not isinstance(recipe, dict):
+            raise ValueError("the recipe is not a mapping")
+        state = MetaTrainState.from_tensors(tensors, document, batch_type, device)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise ML3Error(f"{path}: checkpoint metadata is missing or malformed ({err!s:.200})") from None
+    return Checkpoint(path, state, recipe, document)
+
+
+def recipe_difference(saved: Any, current: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first field (dotted path) where two recipe dicts differ, ignoring :data:`RESUMABLE_DIFFERENCES`."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in list(saved) + [k for k in current if k not in saved]:
+            dotted = f"{prefix}{key}"
+            if not prefix and key in RESUMABLE_DIFFERENCES:
+                continue
+            if key not in saved or key not in current:
+                return dotted, saved.get(key, "<absent>"), current.get(key, "<absent>")
+            found = recipe_difference(saved[key], current[key], dotted + ".")
+            if found:
+                return found
+        return None
+    if saved != current or type(saved) is not type(current):
+        if isinstance(saved, (int, float)) and isinstance(current, (int, float)) and saved == current:
+            return None
+        return prefix.rstrip("."), saved, current
+    return None
+
+
+def check_resumable(checkpoint: Checkpoint, recipe: dict[str, Any], outer_steps: int) -> None:
+    """Refuse a checkpoint written with another recipe (other than output paths) or past the run's end."""
+    found = recipe_difference(checkpoint.recipe, recipe)
+    if found:
+        where, saved, current = found
+        raise ML3Error(
+            f"{checkpoint.path}: cannot resume: field `{where}` is {saved!r} in the checkpoint but {current!r} in "
+            "this recipe; resume with the same recipe and --set/--seed options, or start afresh without --resume"
+        )
+    if checkpoint.state.step > outer_steps:
+        raise ML3Error(f"{checkpoint.path}: checkpoint is at outer step {checkpoint.state.step}, past outer.steps")
+
+
+def validate_state(checkpoint: Checkpoint, recipe: Any, task: Any) -> None:
+    """Refuse a state that does not fit the recipe's model and task (names, shapes, dtypes), before any step.
+
+    The reference shapes come from a fresh M_φ, Adam, θ₀ and task batch drawn from a private generator.
+    """
+    from ml3cli.engine import build_metaloss
+    from ml3cli.runtime import generator
+
+    state, path = checkpoint.state, checkpoint.path
+
+    def fail(what: str) -> None:
+        raise ML3Error(f"{path}: checkpoint does not fit this recipe's model or task ({what})")
+
+    def same_layout(got: dict[str, Tensor] | None, want: dict[str, Tensor], what: str) -> None:
+        if got is None or set(got) != set(want):
+            fail(f"{what}: names {sorted(got or {})[:4]} instead of {sorted(want)[:4]}")
+        for name, ref in want.items():
+            if got[name].shape != ref.shape or got[name].dtype != ref.dtype:
+                fail(
+                    f"{what} {name!r}: {got[name].dtype}{list(got[name].shape)} instead of {ref.dtype}{list(ref.shape)}"
+                )
+
+    scratch = generator(0)
+    metaloss = build_metaloss(recipe, task, scratch)
+    same_layout(state.phi, metaloss.state_dict(), "φ")
+    optimizer = torch.optim.Adam(metaloss.parameters(), lr=recipe.outer.lr)
+    params = list(metaloss.parameters())
+    for index, entry in state.optimizer["state"].items():
+        if not 0 <= index < len(params):
+            fail(f"Adam state for parameter {index}")
+        for key, value in entry.items():
+            if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and (
+                not isinstance(value, Tensor)
+                or value.shape != params[index].shape
+                or value.dtype != params[index].dtype
+            ):
+                fail(f"Adam {key} of parameter {index}")
+            if key == "step" and not (
+                isinstance(value, Tensor) and value.ndim == 0 and value.dtype in (torch.float32, torch.float64)
+            ):
+                fail(f"Adam step of parameter {index}")
+    try:
+        optimizer.load_state_dict(state.optimizer)
+        scratch.set_state(state.generator)
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        fail(f"{err!s:.200}")
+    if state.step == 0:
+        return
+    if state.theta is None or state.batch is None:
+        fail("θ or the task batch is missing after the first step")
+    same_layout(state.theta, task.init_theta(recipe.outer.tasks, scratch), "θ")
+    reference = task.sample_tasks(recipe.outer.tasks, scratch)
+    same_layout(dict(zip(state.batch._fields, state.batch, strict=True)), reference._asdict(), "task batch")
+    if not 0 < state.age <= recipe.inner.reset_period:
+        fail(f"age {state.age} outside 1 … {recipe.inner.reset_period}")

@@ -180,6 +180,12 @@ def meta_train(
         resume.restore(metaloss, optimizer, gen)
         theta, batch, age, first = resume.theta, resume.batch, resume.age, resume.step + 1
         result.curves = [dict(row) for row in resume.curves]
+    schedule = None
+    if outer.lr_schedule == "cosine":  # a pure function of the step, so a resumed run continues it exactly
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", outer.lr)
+        cosine = lambda done: 0.5 * (1 + math.cos(math.pi * done / outer.steps))  # noqa: E731
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine, last_epoch=first - 2)
     started = time.perf_counter() - (resume.seconds if resume is not None else 0.0)
     for step in range(first, outer.steps + 1):
         if theta is None or age >= inner.reset_period:
@@ -204,6 +210,8 @@ def meta_train(
         for name, p in metaloss.named_parameters():
             p.grad = gradient[name]
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
         if not _all_finite(p.detach() for p in metaloss.parameters()):
             raise DivergenceError(step, "φ after the Adam step")
         theta, age = seen.theta, age + inner.steps

@@ -78,6 +78,9 @@ class OuterConfig(Section):
     steps: PositiveInt = Field(500, description="outer iterations (meta-updates)")
     tasks: PositiveInt = Field(1, description="tasks per meta-batch (vectorised with vmap)")
     grad_clip: PositiveFloat | None = Field(None, description="clip the meta-gradient's global norm to this")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="η over the outer steps: constant, or cosine decay from lr to 0"
+    )
 
 
 class TaskLossConfig(Section):

@@ -89,8 +89,9 @@ def stopped_at(recipe, task, k: int, tmp_path: Path) -> Path:
         (tiny(12), [1, 5, 11, 12]),
         (tiny(12, inner={"steps": 2, "reset_every": 6}, outer={"grad_clip": 0.5}), [1, 2, 3, 7]),
         (frequency_recipe(8), [3]),
+        (tiny(12, outer={"lr_schedule": "cosine"}), [1, 6]),
     ],
-    ids=["sine", "sine-reset-clip", "sine_frequency"],
+    ids=["sine", "sine-reset-clip", "sine_frequency", "sine-cosine-lr"],
 )
 def test_resume_from_any_step_is_bit_identical(tmp_path, data, stops):
     """Stop at outer step k, save and load the checkpoint file, resume: φ, Adam's moments and the curves

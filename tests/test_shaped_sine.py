@@ -68,6 +68,44 @@ def test_sampling_init_and_terms():
         task.extra_term("nope", th, one)
 
 
+def test_theta0_range_draws_theta0_from_the_generator():
+    """Meta-train may draw θ₀ ~ U[low, high] (the loss is shaped away from θ₀ = 0.1 too); meta-test keeps 0.1."""
+    task = make_task("sine_frequency", {**TINY_OPTIONS, "theta0_range": [-4, 4]})
+    theta = task.init_theta(500, generator(0))["omega"]
+    assert theta.shape == (500, 1) and theta.min() >= -4 and theta.max() <= 4 and theta.std() > 1.5
+    assert torch.equal(theta, task.init_theta(500, generator(0))["omega"])
+    mixed = make_task(
+        "sine_frequency", {"theta0_range": [-1, 1], "theta0_wide_range": [5, 7], "theta0_wide_share": 0.5}
+    )
+    wide = mixed.init_theta(400, generator(1))["omega"] >= 5
+    assert 0.35 < float(wide.double().mean()) < 0.65
+    with pytest.raises(ML3Error, match="theta0_range"):
+        make_task("sine_frequency", {"theta0_range": [3, -3]})
+    shaped = load_recipe(REPO / "recipes" / "shaped_sine.yaml")
+    assert make_task(shaped.meta_test.task, shaped.meta_test.task_options).options.theta0_range is None
+
+
+def test_cosine_outer_schedule_changes_only_later_steps():
+    """outer.lr_schedule=cosine: step 1 at the full lr (same φ as constant), later steps smaller."""
+    from ml3cli.engine import meta_train
+
+    snapshots = {}
+    for schedule in ("constant", "cosine"):
+        data = tiny_shaped_recipe()
+        data["outer"].update(steps=3, lr_schedule=schedule, tasks=4)
+        data["task_options"] = {**data["task_options"], **TINY_OPTIONS}
+        recipe = recipe_from_dict(data)
+        seen: list[torch.Tensor] = []
+
+        def keep(step, record, metaloss, seen=seen):
+            seen.append(torch.cat([p.detach().reshape(-1).clone() for p in metaloss.parameters()]))
+
+        meta_train(recipe, make_task(recipe.task, recipe.task_options), on_step=keep)
+        snapshots[schedule] = seen
+    torch.testing.assert_close(snapshots["constant"][0], snapshots["cosine"][0])
+    assert not torch.allclose(snapshots["constant"][1], snapshots["cosine"][1])
+
+
 def test_bad_options_are_one_line_errors():
     with pytest.raises(ML3Error, match="frequency_range"):
         make_task("sine_frequency", {"frequency_range": [5, -5]})
@@ -143,7 +181,7 @@ def test_recipes_load_with_the_shaping_weights():
     assert shaped.task_loss.weight == 0.0 and shaped.task_loss.extra == {"param_distance": 1.0}
     assert control.task_loss.weight == 1.0 and control.task_loss.extra == {}
     for recipe in (shaped, control):
-        assert recipe.inner.lr == 1.0 and recipe.inner.steps == 1 and recipe.inner.reset_every == 10
+        assert recipe.inner.lr == 1.0 and recipe.inner.steps == 1 and recipe.inner.reset_every == 5
         assert recipe.meta_loss.activation == "elu" and recipe.meta_loss.output == "linear"
         assert recipe.meta_test.task == "sine_frequency" and recipe.meta_test_lr == 1.0
     # everything else is identical between the two recipes
@@ -218,3 +256,19 @@ def test_shaped_loss_reaches_the_issue_targets(monkeypatch, capsys, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())["report_metrics"]
     assert report["shaped"]["|θ−ν|"]["10"] <= 0.05
     assert report["shaped"]["|θ−ν|<0.1"]["50"] >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="issue 3 target not reached yet: measured mean slope fraction 0.90 (seed 0, 6 targets)")
+def test_shaped_landscape_reaches_the_slope_target(monkeypatch, capsys, tmp_path):
+    """Issue 3: slope-toward-target fraction ≥ 0.95 over θ ∈ [−7, 7] for several ν (landscape seed 0, 6 targets)."""
+    artifact = tmp_path / "shaped.safetensors"
+    recipe = REPO / "recipes" / "shaped_sine.yaml"
+    assert run_main(monkeypatch, capsys, "meta-train", recipe, "--out", artifact, "--quiet", cwd=tmp_path).code == 0
+    result = run_main(
+        monkeypatch, capsys, "landscape", "--loss", artifact, "--loss", "mse", "--tasks", "6",
+        "--out-dir", tmp_path / "land", "--json", tmp_path / "l.json", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.code == 0, result.output
+    summary = json.loads((tmp_path / "l.json").read_text())
+    assert summary["losses"]["shaped"]["mean"] >= 0.95

@@ -45,9 +45,23 @@ class SineFrequencyOptions(TaskOptions):
     x_range: tuple[float, float] = Field((-5.0, 5.0), description="x ~ U[low, high]")
     frequency_range: tuple[float, float] = Field((-5.0, 5.0), description="ν ~ U[low, high] in y = sin(ν x)")
     theta0: float = Field(0.1, description="θ₀, the initial frequency of every optimizee")
+    theta0_range: tuple[float, float] | None = Field(
+        None,
+        description="if set, θ₀ ~ U[low, high] per optimizee instead of the fixed theta0 (meta-train: shape the "
+        "loss over the whole landscape, not only along the path from θ₀)",
+    )
+    theta0_wide_range: tuple[float, float] | None = Field(
+        None, description="if set (with theta0_range), a share theta0_wide_share of the θ₀ ~ U[low, high] instead"
+    )
+    theta0_wide_share: float = Field(0.0, ge=0.0, le=1.0, description="the share of θ₀ drawn from theta0_wide_range")
     tolerance: PositiveFloat = Field(0.1, description="a task counts as solved when |θ − ν| < tolerance")
 
     _ranges = field_validator("x_range", "frequency_range")(_check_range)
+
+    @field_validator("theta0_range", "theta0_wide_range")
+    @classmethod
+    def _theta0_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        return None if value is None else _check_range(value)
 
 
 class SineFrequencyModel(nn.Module):
@@ -94,8 +108,16 @@ class SineFrequency(Task):
         return SineFrequencyModel(self.options.theta0)
 
     def init_theta(self, n: int, generator: torch.Generator) -> Theta:
-        """Every optimizee starts at θ₀ (the generator is not used: θ₀ is a setting, not a draw)."""
-        return {"omega": torch.full((n, 1), float(self.options.theta0), device=self.device)}
+        """θ₀ = ``theta0`` for every optimizee (no draw), or θ₀ ~ U[``theta0_range``] when that is set."""
+        if self.options.theta0_range is None:
+            return {"omega": torch.full((n, 1), float(self.options.theta0), device=self.device)}
+        low, high = self.options.theta0_range
+        theta0 = low + (high - low) * torch.rand(n, 1, generator=generator)
+        if self.options.theta0_wide_range is not None and self.options.theta0_wide_share > 0:
+            low, high = self.options.theta0_wide_range
+            wide = low + (high - low) * torch.rand(n, 1, generator=generator)
+            theta0 = torch.where(torch.rand(n, 1, generator=generator) < self.options.theta0_wide_share, wide, theta0)
+        return {"omega": theta0.to(self.device)}
 
     def sample_tasks(self, n: int, generator: torch.Generator) -> FrequencyBatch:
         opts = self.options

@@ -13,11 +13,14 @@ checks sizes before it allocates, the format version, the checksum and the archi
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,16 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows of equal keys as CSV text (header from the first row); empty text for no rows."""
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

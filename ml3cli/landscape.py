@@ -16,8 +16,6 @@ task's θ* where it has one (projected onto the plane in 2-D), else the grid poi
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -165,7 +163,7 @@ class Landscape1D:
                 if self.task_losses is not None:
                     row["task_loss"] = float(self.task_losses[k, g])
                 rows.append(row)
-        return rows_to_csv(rows)
+        return artifacts.csv_text(rows)
 
 
 def landscape_1d(
@@ -270,7 +268,7 @@ class Landscape2D:
                 if self.task_loss is not None:
                     row["task_loss"] = float(self.task_loss[i, j])
                 rows.append(row)
-        return rows_to_csv(rows)
+        return artifacts.csv_text(rows)
 
 
 def plane_values(task: Task, fn, theta: Theta, d1: Theta, d2: Theta, alphas: Tensor, betas: Tensor) -> np.ndarray:
@@ -341,7 +339,7 @@ class FunctionView:
                 row.update({k: v for k, v in self.fixed.items()})
                 row.update({label: float(g[i, j]) for label, g in self.grids.items()})
                 rows.append(row)
-        return rows_to_csv(rows)
+        return artifacts.csv_text(rows)
 
 
 def pointwise_fn(loss: NamedLoss, module: MetaLoss | None, builtin) -> Any:
@@ -396,15 +394,6 @@ def function_view(
 
 
 # -- files ----------------------------------------------------------------------------------------------------
-def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def write_outputs(out_dir: Path, csv_text: str, png: bytes, summary: dict[str, Any]) -> list[Path]:
     paths = [out_dir / "landscape.csv", out_dir / "landscape.png", out_dir / "landscape.json"]
     artifacts.write_text_atomic(paths[0], csv_text)

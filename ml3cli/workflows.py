@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
 import signal
@@ -144,7 +142,7 @@ def _run_meta_train(recipe: Recipe, out, console: Console, quiet: bool, resume, 
     artifacts.save_loss(out_path, result.metaloss, base_info | {"metrics": metrics})
     checkpoint.unlink(missing_ok=True)  # the artifact supersedes it
     curves_path = out_path.with_suffix(".curves.csv")
-    artifacts.write_text_atomic(curves_path, _rows_to_csv(result.curves))
+    artifacts.write_text_atomic(curves_path, artifacts.csv_text(result.curves))
     artifacts.write_bytes_atomic(
         out_path.with_suffix(".curves.png"), plots.meta_train_plot(result.curves, f"meta-train {recipe.name}")
     )
@@ -192,15 +190,6 @@ class _StopRequest:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-
-
-def _rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _progress(console: Console, quiet: bool) -> Progress:
@@ -447,7 +436,7 @@ def _curves_csv(curves: list[LossCurves]) -> str:
                         "metric": float(value),
                     }
                 )
-    return _rows_to_csv(rows)
+    return artifacts.csv_text(rows)
 
 
 # -- inspect and tasks ----------------------------------------------------------------------------------------

@@ -5,6 +5,15 @@ by the mean over the batch (paper, equation 3):
 
     L_learned = mean_i M_φ(inputs_i)
 
+Grouped inputs (e.g. class-wise classification inputs, EvoMAL-style): each named input may have the shape
+``[batch, *groups, size]``; M_φ is applied to every row (one per batch element and group, e.g. per class c the
+pair (p_c, y_c)), the row values are SUMMED over the group axes and AVERAGED over the batch axis:
+
+    L_learned = mean_i Σ_c M_φ(inputs_{i,c})
+
+so one loss serves any number of classes. With no group axes (``[batch, size]``, the regression inputs) this is
+exactly the mean above. An input of size 1 may leave out its trailing axis (``[batch]`` or ``[batch, C]``).
+
 The same module trains θ during meta-training (through ``torch.func.functional_call`` with φ as a parameter
 dict) and in any ordinary PyTorch training loop after :func:`ml3cli.load_loss`.
 """
@@ -39,8 +48,8 @@ class LossInput:
     description: str = ""
 
 
-def flatten_inputs(spec: Sequence[LossInput], args: Sequence[Tensor], kwargs: dict[str, Tensor]) -> Tensor:
-    """Bring the inputs of ``spec`` (positional in spec order, or by name) to one ``[batch, features]`` tensor."""
+def _named(spec: Sequence[LossInput], args: Sequence[Tensor], kwargs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inputs of ``spec`` by name (given positionally in spec order, or by name), each checked for presence."""
     if args and kwargs:
         raise TypeError("pass the loss inputs either positionally or by name, not both")
     names = [item.name for item in spec]
@@ -52,16 +61,42 @@ def flatten_inputs(spec: Sequence[LossInput], args: Sequence[Tensor], kwargs: di
     extra = [n for n in kwargs if n not in names]
     if missing or extra:
         raise TypeError(f"this loss takes inputs ({', '.join(names)}); missing {missing}, unexpected {extra}")
-    columns = [kwargs[item.name].reshape(-1, item.size) for item in spec]
-    rows = {c.shape[0] for c in columns}
-    if len(rows) != 1:
+    return kwargs
+
+
+def _as_rows(item: LossInput, value: Tensor) -> Tensor:
+    """``value`` as ``[batch, *groups, size]`` (a size-1 input may leave out its trailing axis)."""
+    if item.size == 1 and (value.ndim == 0 or value.shape[-1] != 1 or value.ndim == 1):
+        value = value.unsqueeze(-1)
+    if value.ndim == 1:  # one sample of a size-k input
+        value = value.unsqueeze(0)
+    if value.shape[-1] != item.size:
+        raise ValueError(
+            f"loss input {item.name!r} has shape {tuple(value.shape)}: expected [batch, *groups, {item.size}]"
+        )
+    return value
+
+
+def grouped_inputs(spec: Sequence[LossInput], args: Sequence[Tensor], kwargs: dict[str, Tensor]) -> Tensor:
+    """Bring the inputs of ``spec`` to one ``[batch, *groups, features]`` tensor (all must share batch and groups)."""
+    kwargs = _named(spec, args, kwargs)
+    columns = [_as_rows(item, kwargs[item.name]) for item in spec]
+    leads = {tuple(c.shape[:-1]) for c in columns}
+    if len(leads) != 1:
         shapes = {item.name: tuple(kwargs[item.name].shape) for item in spec}
-        raise ValueError(f"loss inputs disagree on the number of samples: {shapes}")
+        raise ValueError(f"loss inputs disagree on the number of samples (or groups): {shapes}")
     return torch.cat(columns, dim=-1)
 
 
+def flatten_inputs(spec: Sequence[LossInput], args: Sequence[Tensor], kwargs: dict[str, Tensor]) -> Tensor:
+    """Bring the inputs of ``spec`` (positional in spec order, or by name) to one ``[rows, features]`` tensor,
+    one row per sample and group."""
+    grouped = grouped_inputs(spec, args, kwargs)
+    return grouped.reshape(-1, grouped.shape[-1])
+
+
 class MetaLoss(nn.Module):
-    """M_φ: an MLP over the concatenated loss inputs, mean-reduced over samples.
+    """M_φ: an MLP over the concatenated loss inputs, summed over group axes (if any), averaged over samples.
 
     Args:
         inputs: the task's loss inputs, in order (their sizes add up to the first layer's width).
@@ -97,8 +132,10 @@ class MetaLoss(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def pointwise(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
-        """The per-sample loss values, shape ``[batch]`` (what the mean in :meth:`forward` reduces)."""
-        return self.net(flatten_inputs(self.inputs, args, kwargs)).squeeze(-1)
+        """The per-sample loss values, shape ``[batch]`` (what the mean in :meth:`forward` reduces): M_φ of each
+        row, summed over the group axes of ``[batch, *groups, size]`` inputs (none for ``[batch, size]``)."""
+        rows = self.net(grouped_inputs(self.inputs, args, kwargs)).squeeze(-1)
+        return rows.sum(dim=tuple(range(1, rows.ndim))) if rows.ndim > 1 else rows
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
         return self.pointwise(*args, **kwargs).mean()

@@ -153,14 +153,14 @@ def _all_finite(tensors: Any) -> bool:
 def meta_train(
     recipe: Recipe,
     task: Task,
-    on_step: Callable[[int, dict[str, float] | None, MetaLoss], None] | None = None,
+    on_step: Callable[[int, dict[str, float] | None], None] | None = None,
     *,
     resume: MetaTrainState | None = None,
     on_state: Callable[[int, Callable[[], MetaTrainState]], None] | None = None,
 ) -> MetaTrainResult:
     """Algorithm 1: learn φ on ``task`` with the recipe's settings; deterministic for a given ``recipe.seed``.
 
-    ``on_step(step, record, metaloss)`` is called after every outer step (``record`` is the row written to the
+    ``on_step(step, record)`` is called after every outer step (``record`` is the row written to the
     curves at logging steps, else None): the CLI hangs its progress bar here. ``on_state(step, snapshot)`` is
     called next; ``snapshot()`` returns the full :class:`MetaTrainState` after that step (the CLI writes
     checkpoints from it). ``resume`` continues from such a state, bit for bit as if never interrupted.
@@ -228,7 +228,7 @@ def meta_train(
             }
             result.curves.append(record)
         if on_step is not None:
-            on_step(step, record, metaloss)
+            on_step(step, record)
         if on_state is not None:
             on_state(
                 step,

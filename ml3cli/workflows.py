@@ -29,7 +29,6 @@ from ml3cli import artifacts, checkpoints, plots
 from ml3cli.engine import meta_train
 from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, paired_difference, tune_lr
-from ml3cli.metaloss import MetaLoss
 from ml3cli.recipes import Recipe, checkpoint_path_for, recipe_to_dict
 from ml3cli.report_metrics import print_task_report, task_report
 from ml3cli.runtime import configure, resolve_device
@@ -95,7 +94,7 @@ def _run_meta_train(recipe: Recipe, out, console: Console, quiet: bool, resume, 
     with _progress(console, quiet) as progress:
         bar = progress.add_task(f"meta-train {recipe.name}", total=recipe.outer.steps)
 
-        def on_step(step: int, record: dict[str, float] | None, metaloss: MetaLoss) -> None:
+        def on_step(step: int, record: dict[str, float] | None) -> None:
             if record is not None:
                 progress.update(bar, description=f"meta-train {recipe.name}  task loss {record['meta/task_loss']:.4g}")
             progress.update(bar, completed=step)

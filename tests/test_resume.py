@@ -156,10 +156,10 @@ def interrupt_at(monkeypatch, k: int, signum: int) -> None:
     real = workflows.meta_train
 
     def patched(recipe, task, on_step=None, **kwargs):
-        def on_step_and_signal(step, record, metaloss):
+        def on_step_and_signal(step, record):
             if step == k:
                 os.kill(os.getpid(), signum)
-            on_step(step, record, metaloss)
+            on_step(step, record)
 
         return real(recipe, task, on_step=on_step_and_signal, **kwargs)
 

@@ -97,10 +97,10 @@ def test_cosine_outer_schedule_changes_only_later_steps():
         recipe = recipe_from_dict(data)
         seen: list[torch.Tensor] = []
 
-        def keep(step, record, metaloss, seen=seen):
-            seen.append(torch.cat([p.detach().reshape(-1).clone() for p in metaloss.parameters()]))
+        def keep(step, snapshot, seen=seen):
+            seen.append(torch.cat([value.reshape(-1) for value in snapshot().phi.values()]))
 
-        meta_train(recipe, make_task(recipe.task, recipe.task_options), on_step=keep)
+        meta_train(recipe, make_task(recipe.task, recipe.task_options), on_state=keep)
         snapshots[schedule] = seen
     torch.testing.assert_close(snapshots["constant"][0], snapshots["cosine"][0])
     assert not torch.allclose(snapshots["constant"][1], snapshots["cosine"][1])

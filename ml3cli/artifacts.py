@@ -43,11 +43,16 @@ MAX_HEADER_BYTES = 16 * 2**20
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that the final name only ever holds a complete file."""
     path = Path(path)
+
+    def failure(err: OSError) -> ML3Error:
+        kept = "the previous file there is unchanged" if path.is_file() else "nothing was written there"
+        return ML3Error(f"cannot write {path}: {err.strerror or err}; {kept}")
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise ML3Error(f"cannot write {path}: {err.strerror or err}") from None
+        raise failure(err) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -60,7 +65,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     except OSError as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise ML3Error(f"cannot write {path}: {err.strerror or err}") from None
+        raise failure(err) from None
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -139,7 +139,8 @@ def _run_meta_train(recipe: Recipe, out, console: Console, quiet: bool, resume, 
         },
     }
     artifacts.save_loss(out_path, result.metaloss, base_info | {"metrics": metrics})
-    checkpoint.unlink(missing_ok=True)  # the artifact supersedes it
+    if not recipe.checkpoint_every:  # no end-of-run checkpoint: one left by an interrupt is spent now
+        checkpoint.unlink(missing_ok=True)
     curves_path = out_path.with_suffix(".curves.csv")
     artifacts.write_text_atomic(curves_path, artifacts.csv_text(result.curves))
     artifacts.write_bytes_atomic(

@@ -193,7 +193,7 @@ def test_signal_writes_checkpoint_and_resume_matches(tmp_path, monkeypatch, caps
     assert result.code == 0, result.output
     assert "resuming from" not in result.stdout  # --quiet
     assert_same_phi(load_file(reference), load_file(out))
-    assert not checkpoint.exists()  # the artifact supersedes it
+    assert not checkpoint.exists()  # checkpoint_every: 0 keeps no end-of-run checkpoint; the interrupt's is spent
     CYCLES.append(f"cli {signal.Signals(signum).name}")
 
 

@@ -208,14 +208,16 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
         where = "field `meta_test.task`: "
         test_cls = task_class(recipe.meta_test.task)
         where = ""  # make_options names the field itself
-        make_options(recipe.task, recipe.task_options, "task_options")
-        make_options(recipe.meta_test.task, recipe.meta_test.task_options, "meta_test.task_options")
+        train_inputs = train_cls.inputs_for(make_options(recipe.task, recipe.task_options, "task_options"))
+        test_options = make_options(recipe.meta_test.task, recipe.meta_test.task_options, "meta_test.task_options")
+        test_inputs = test_cls.inputs_for(test_options)
     except ML3Error as err:
         raise ML3Error(f"{source}: {where}{err}") from None
-    if train_cls.loss_inputs_spec != test_cls.loss_inputs_spec:
+    if train_inputs != test_inputs:
+        describe = lambda inputs: ", ".join(f"{i.name}[{i.size}]" for i in inputs)  # noqa: E731
         raise ML3Error(
             f"{source}: field `meta_test.task`: {recipe.meta_test.task!r} takes loss inputs "
-            f"{test_cls.input_names()} but {recipe.task!r} gives {train_cls.input_names()}"
+            f"({describe(test_inputs)}) but the meta-train task gives ({describe(train_inputs)})"
         )
     unknown = sorted(set(recipe.task_loss.extra) - set(train_cls.extra_term_names))
     if unknown:

@@ -223,3 +223,18 @@ def test_joint_inputs_meta_gradient_and_fixed_class_count():
     assert sum(float(g.abs().sum()) for g in gradient.values()) > 0
     with pytest.raises(ValueError, match=r"'log_prob' has shape \(4, 10\): expected \[batch, \*groups, 2\]"):
         metaloss(torch.zeros(4, 10), torch.zeros(4, 10))
+
+
+def test_recipe_refuses_a_joint_binary_loss_meta_tested_on_ten_classes():
+    """With `joint` inputs the input sizes depend on the number of classes: the recipe is refused at load time,
+    naming meta_test.task, instead of failing after meta-training."""
+    data = load_recipe(REPO / "recipes" / "mnist_binary.yaml").model_dump(mode="json")
+    data["task_options"]["inputs"] = "joint"
+    data["meta_test"] = {"task": "mnist", "task_options": {"inputs": "joint"}}
+    from ml3cli.recipes import recipe_from_dict
+
+    with pytest.raises(ML3Error, match=r"meta_test\.task.*log_prob\[10\].*log_prob\[2\]"):
+        recipe_from_dict(data)
+    data["meta_test"]["task_options"]["inputs"] = "classwise"
+    data["task_options"]["inputs"] = "classwise"
+    recipe_from_dict(data)  # class-wise inputs: one loss for any number of classes

@@ -53,7 +53,14 @@ class Task(ABC):
     def __init__(self, options: TaskOptions | None = None, device: torch.device | str = "cpu"):
         self.options = options if options is not None else self.Options()
         self.device = torch.device(device)
+        self.loss_inputs_spec = self.inputs_for(self.options)
         self.optimizee = self.build_optimizee().to(self.device)
+
+    @classmethod
+    def inputs_for(cls, options: TaskOptions) -> tuple[LossInput, ...]:
+        """The loss inputs under ``options``: ``loss_inputs_spec`` unless an option changes them (e.g. the
+        number of classes of a joint classification input). Recipe validation compares these."""
+        return cls.loss_inputs_spec
 
     # -- the optimizee -------------------------------------------------------------------------------------
     @abstractmethod
@@ -105,6 +112,5 @@ class Task(ABC):
         """f_θ(x) for one task."""
         return torch.func.functional_call(self.optimizee, theta, (x,))
 
-    @classmethod
-    def input_names(cls) -> tuple[str, ...]:
-        return tuple(item.name for item in cls.loss_inputs_spec)
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(item.name for item in self.loss_inputs_spec)

@@ -250,10 +250,12 @@ class MnistBinary(Task):
     def __init__(self, options: TaskOptions | None = None, device: torch.device | str = "cpu"):
         super().__init__(options, device)
         load_digits()  # refuse a corrupt data file before any work
-        if self.options.inputs == "joint":  # the instance's inputs shadow the class's (class-wise) ones
-            self.loss_inputs_spec = joint_inputs(self.num_classes)
+        if self.options.inputs == "joint":  # the hand-written losses over the joint inputs
             self.builtin_losses = {"cross_entropy": cross_entropy_joint, "brier": brier_joint}
-            self.input_names = lambda: tuple(item.name for item in self.loss_inputs_spec)
+
+    @classmethod
+    def inputs_for(cls, options: TaskOptions) -> tuple[LossInput, ...]:
+        return joint_inputs(cls.Options.classes) if options.inputs == "joint" else CLASSWISE_INPUTS
 
     @property
     def num_classes(self) -> int:

@@ -75,11 +75,13 @@ def assert_same_gradient(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=f"gradient of {k} differs")
 
 
+@pytest.mark.parametrize("n_tasks", [1, 2], ids=["one-task-path", "vmap-path"])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_meta_gradient_matches_finite_differences(float64, steps):
+def test_meta_gradient_matches_finite_differences(float64, steps, n_tasks):
     """∇_φ L_T from the engine equals central finite differences of L_T(φ) along random directions and
-    along single coordinates of φ (float64, relative error < 1e-5), for K = 1 and K = 3 inner steps."""
-    task, metaloss, phi, theta, batch = smooth_setup()
+    along single coordinates of φ (float64, relative error < 1e-5), for K = 1 and K = 3 inner steps, on both
+    the single-task (plain autograd) path and the vmap path."""
+    task, metaloss, phi, theta, batch = smooth_setup(n_tasks)
     gradient, seen = engine_gradient(metaloss, phi, task, theta, batch, steps)
 
     def loss_at(p: dict[str, torch.Tensor]) -> float:
@@ -113,6 +115,22 @@ def test_meta_gradient_matches_plain_autograd(float64, steps):
     gradient, _ = engine_gradient(metaloss, phi, task, theta, batch, steps)
     reference = reference_gradient(metaloss, phi, task, theta, batch, INNER_LR, steps, truncate=False)
     assert_same_gradient(gradient, reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_single_task_path_equals_the_vmap_path(float64, steps, truncate):
+    """One task skips vmap (plain autograd inner gradients): meta-gradient, task loss and θ_K are those of the
+    vmap path to rounding."""
+    task, metaloss, phi, theta, batch = smooth_setup(n_tasks=1)
+    inner = InnerConfig(lr=INNER_LR, steps=steps, truncate=truncate)
+    objective = task_objective(task, TaskLossConfig())
+    fast = meta_gradient(metaloss, phi, task, theta, batch, inner, objective)
+    vmapped = meta_gradient(metaloss, phi, task, theta, batch, inner, objective, single_task_path=False)
+    assert_same_gradient(fast[0], vmapped[0], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(fast[1].task_loss, vmapped[1].task_loss, rtol=1e-12, atol=0)
+    assert_same_gradient(fast[1].theta, vmapped[1].theta, rtol=1e-12, atol=1e-15)
+    assert fast[1].task_loss.shape == (1,) and not fast[1].theta["0.weight"].requires_grad
 
 
 def test_truncated_gradient_is_the_detached_inner_gradient_and_differs_from_full(float64):

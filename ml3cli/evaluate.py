@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.func import vmap
+from torch.utils._pytree import tree_map
 
 from ml3cli.engine import LossFn, sgd_step
 from ml3cli.runtime import generator
@@ -36,12 +37,14 @@ class NamedLoss:
 
 @dataclass(frozen=True)
 class LossCurves:
-    """The metric of one loss: ``values[seed, task, step]`` for steps 0 … S (step 0 is θ₀)."""
+    """The metric of one loss: ``values[seed, task, step]`` for steps 0 … S (step 0 is θ₀), and the task's
+    report metrics (``Task.report_metrics``, e.g. |θ − ν| or accuracy) in ``extras[name]``, same shape."""
 
     label: str
     lr: float
     source: str
     values: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def per_seed(self) -> np.ndarray:
@@ -60,17 +63,36 @@ class LossCurves:
         return out
 
 
-def train_curve(task: Task, loss_fn: LossFn, theta, batch, lr: float, steps: int) -> torch.Tensor:
-    """Train a batch of optimizees with ``loss_fn`` for ``steps`` SGD steps; the metric ``[steps + 1, n]``."""
+def train_curve(
+    task: Task, loss_fn: LossFn, theta, batch, lr: float, steps: int, report: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Train a batch of optimizees with ``loss_fn`` for ``steps`` SGD steps.
+
+    Returns the task loss ``[steps + 1, n]`` and, with ``report``, each of the task's report metrics likewise.
+    """
     step_fn = vmap(lambda theta, batch: sgd_step(task, loss_fn, theta, batch, lr))
     metric_fn = vmap(task.task_loss)
-    history = []
+    report_fn = vmap(task.report_metrics) if report else None
+    history: list[torch.Tensor] = []
+    extras: dict[str, list[torch.Tensor]] = {}
+
+    def record(theta) -> None:
+        history.append(metric_fn(theta, batch))
+        if report_fn is not None:
+            for name, values in report_fn(theta, batch).items():
+                extras.setdefault(name, []).append(values)
+
     with torch.no_grad():
         for _ in range(steps):
-            history.append(metric_fn(theta, batch))
+            record(theta)
             theta = step_fn(theta, batch)
-        history.append(metric_fn(theta, batch))
-    return torch.stack(history)
+        record(theta)
+    return torch.stack(history), {name: torch.stack(values) for name, values in extras.items()}
+
+
+def has_report_metrics(task: Task, theta, batch) -> bool:
+    """Whether ``task`` reports metrics beside its task loss (asked of the first task of a batch)."""
+    return bool(task.report_metrics(*tree_map(lambda t: t[0], (theta, batch))))
 
 
 def evaluate(
@@ -86,17 +108,32 @@ def evaluate(
 
     ``on_seed(done)`` is called after each seed (for progress bars).
     """
-    values = {loss.label: [] for loss in losses}
+    values: dict[str, list[np.ndarray]] = {loss.label: [] for loss in losses}
+    extras: dict[str, dict[str, list[np.ndarray]]] = {loss.label: {} for loss in losses}
+    report = None
     for s in range(seeds):
         gen = generator(seed + s)
         batch = task.sample_tasks(tasks, gen)
         theta = task.init_theta(tasks, gen)
+        if report is None:
+            report = has_report_metrics(task, theta, batch)
         for loss in losses:
-            curve = train_curve(task, loss.fn, theta, batch, loss.lr, steps)
+            curve, reported = train_curve(task, loss.fn, theta, batch, loss.lr, steps, report)
             values[loss.label].append(curve.T.cpu().double().numpy())
+            for name, series in reported.items():
+                extras[loss.label].setdefault(name, []).append(series.T.cpu().double().numpy())
         if on_seed is not None:
             on_seed(s + 1)
-    return [LossCurves(loss.label, loss.lr, loss.source, np.stack(values[loss.label])) for loss in losses]
+    return [
+        LossCurves(
+            loss.label,
+            loss.lr,
+            loss.source,
+            np.stack(values[loss.label]),
+            {name: np.stack(series) for name, series in extras[loss.label].items()},
+        )
+        for loss in losses
+    ]
 
 
 def tune_lr(

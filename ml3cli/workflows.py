@@ -30,7 +30,7 @@ from ml3cli.engine import meta_train
 from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, paired_difference, tune_lr
 from ml3cli.recipes import Recipe, checkpoint_path_for, recipe_to_dict
-from ml3cli.report_metrics import print_task_report, task_report
+from ml3cli.report_metrics import print_task_report, report_from_curves
 from ml3cli.runtime import configure, resolve_device
 from ml3cli.tasks import TASKS, make_task, task_class
 from ml3cli.tasks.base import Task
@@ -331,7 +331,7 @@ def run_comparison(
     threshold = settings.threshold if settings.threshold is not None else 0.5 * initial
     document = _results_document(task, task_options, curves, tasks, seeds, steps, settings, threshold, tuning)
     _print_results(console, task, curves, steps, seeds, tasks, threshold, document)
-    report = task_report(task, losses, tasks, seeds, _table_steps(steps), settings.seed)
+    report = report_from_curves(curves, _table_steps(steps))
     if report:  # tasks with Task.report_metrics (e.g. |θ − ν| for sine_frequency)
         document["report_metrics"] = report
         print_task_report(console, task, report, tasks * seeds)

@@ -185,6 +185,20 @@ def read_info(path: str | Path) -> dict[str, Any]:
     return _info_from_header(path, header)
 
 
+def check_format(path: Path, meta: Any, name: str, version: int, what: str) -> None:
+    """Refuse a file whose safetensors metadata is not format ``name`` at a version up to ``version``."""
+    got = meta.get("format") if isinstance(meta, dict) else None
+    if got != name:
+        raise ML3Error(f"{path}: not an {what} (metadata format is {got!r})")
+    declared = meta.get("format_version")
+    if not (isinstance(declared, str) and declared.isdigit() and len(declared) < 10):
+        raise ML3Error(f"{path}: {what} has no valid format_version")
+    if int(declared) > version:
+        raise ML3Error(
+            f"{path}: {what} format version {declared} is newer than this ml3 understands ({version}); upgrade ml3"
+        )
+
+
 def _info_from_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
@@ -194,16 +208,7 @@ def _info_from_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
             f"{path}: a meta-training checkpoint, not a loss artifact; continue it with "
             f"`ml3 meta-train RECIPE --resume {path}`"
         )
-    if meta.get("format") != FORMAT:
-        raise ML3Error(f"{path}: not an ml3 loss artifact (metadata format is {meta.get('format')!r})")
-    version = meta.get("format_version")
-    if not (isinstance(version, str) and version.isdigit()):
-        raise ML3Error(f"{path}: artifact has no valid format_version")
-    if int(version) > FORMAT_VERSION:
-        raise ML3Error(
-            f"{path}: artifact format version {version} is newer than this ml3 understands ({FORMAT_VERSION}); "
-            "upgrade ml3"
-        )
+    check_format(path, meta, FORMAT, FORMAT_VERSION, "ml3 loss artifact")
     try:
         info = json.loads(meta["ml3"])
         # Artifacts written by save_loss() from user code may carry less than `ml3 meta-train` records.

@@ -253,17 +253,7 @@ def read_checkpoint_info(path: str | Path) -> tuple[dict[str, Tensor], dict[str,
         raise ML3Error(f"checkpoint not found: {path}")
     data, header = artifacts._read_checked(path)
     meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else None
-        raise ML3Error(f"{path}: not an ml3 meta-training checkpoint (metadata format is {got!r})")
-    version = meta.get("format_version")
-    if not (isinstance(version, str) and version.isdigit() and len(version) < 10):
-        raise ML3Error(f"{path}: checkpoint has no valid format_version")
-    if int(version) > FORMAT_VERSION:
-        raise ML3Error(
-            f"{path}: checkpoint format version {version} is newer than this ml3 understands ({FORMAT_VERSION}); "
-            "upgrade ml3"
-        )
+    artifacts.check_format(path, meta, FORMAT, FORMAT_VERSION, "ml3 meta-training checkpoint")
     try:
         document = json.loads(meta["ml3"])
         if not isinstance(document, dict):

@@ -58,6 +58,8 @@ class MetaTrainState:
     age: int
     curves: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    #: what a stateful task carries between outer steps (e.g. a learned dynamics model): Task.state_tensors()
+    task_state: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     def capture(
@@ -71,6 +73,7 @@ class MetaTrainState:
         age: int,
         curves: list[dict[str, float]],
         seconds: float,
+        task_state: dict[str, Tensor] | None = None,
     ) -> MetaTrainState:
         """A snapshot that later steps cannot alter (tensors cloned, the curves copied)."""
         return cls(
@@ -83,6 +86,7 @@ class MetaTrainState:
             age=age,
             curves=[dict(row) for row in curves],
             seconds=seconds,
+            task_state={k: v.detach().clone() for k, v in (task_state or {}).items()},
         )
 
     def restore(self, metaloss: torch.nn.Module, optimizer: torch.optim.Optimizer, gen: torch.Generator) -> None:
@@ -109,6 +113,7 @@ class MetaTrainState:
             tensors.update({f"theta/{k}": v for k, v in self.theta.items()})
         if self.batch is not None:
             tensors.update({f"batch/{k}": v for k, v in zip(self.batch._fields, self.batch, strict=True)})
+        tensors.update({f"task/{k}": v for k, v in self.task_state.items()})
         document = {
             "step": self.step,
             "age": self.age,
@@ -187,6 +192,7 @@ class MetaTrainState:
             age=age,
             curves=curves,
             seconds=float(seconds),
+            task_state={k: v.to(device) for k, v in take("task/").items()},
         )
 
 
@@ -362,6 +368,10 @@ def validate_state(checkpoint: Checkpoint, recipe: Any, task: Any) -> None:
         scratch.set_state(state.generator)
     except (ValueError, RuntimeError, KeyError, TypeError) as err:
         fail(f"{err!s:.200}")
+    try:
+        task.load_state_tensors(state.task_state)
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        fail(f"task state: {err!s:.200}")
     if state.step == 0:
         return
     if state.theta is None or state.batch is None:

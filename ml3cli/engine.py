@@ -206,6 +206,7 @@ def meta_train(
         resume.restore(metaloss, optimizer, gen)
         theta, batch, age, first = resume.theta, resume.batch, resume.age, resume.step + 1
         result.curves = [dict(row) for row in resume.curves]
+        task.load_state_tensors(resume.task_state)
     schedule = None
     if outer.lr_schedule == "cosine":  # a pure function of the step, so a resumed run continues it exactly
         for group in optimizer.param_groups:
@@ -214,6 +215,7 @@ def meta_train(
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine, last_epoch=first - 2)
     started = time.perf_counter() - (resume.seconds if resume is not None else 0.0)
     for step in range(first, outer.steps + 1):
+        task.begin_outer_step(step, theta, gen)
         if theta is None or age >= inner.reset_period:
             batch = task.sample_tasks(outer.tasks, gen)
             theta = task.init_theta(outer.tasks, gen)
@@ -259,7 +261,16 @@ def meta_train(
             on_state(
                 step,
                 lambda step=step, theta=theta, batch=batch, age=age: MetaTrainState.capture(
-                    step, metaloss, optimizer, gen, theta, batch, age, result.curves, time.perf_counter() - started
+                    step,
+                    metaloss,
+                    optimizer,
+                    gen,
+                    theta,
+                    batch,
+                    age,
+                    result.curves,
+                    time.perf_counter() - started,
+                    task.state_tensors(),
                 ),
             )
     result.seconds = time.perf_counter() - started

@@ -107,6 +107,22 @@ class Task(ABC):
         """Extra per-task scalars that meta-test/compare report beside the task loss (e.g. |θ − θ*|); none by default."""
         return {}
 
+    # -- tasks with state (e.g. a learned dynamics model refitted during meta-training) ---------------------
+    def begin_outer_step(self, step: int, theta: Theta | None, generator: torch.Generator) -> None:
+        """Called by the outer loop before outer step ``step`` (1-based) with the current θ batch (None before the
+        first step). A task that keeps state, such as a dynamics model refitted on rollouts of the latest policy
+        (paper, algorithm 3), updates it here, drawing randomness only from ``generator``. Default: nothing."""
+        return None
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The task's state as named tensors, saved in checkpoints so that a resumed run continues exactly."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Put back a state from :meth:`state_tensors`; raise ValueError if it does not fit this task."""
+        if tensors:
+            raise ValueError(f"task {self.name!r} keeps no state but the checkpoint has {sorted(tensors)[:3]}")
+
     # -- helpers -------------------------------------------------------------------------------------------
     def predict(self, theta: Theta, x: Tensor) -> Tensor:
         """f_θ(x) for one task."""

@@ -116,6 +116,7 @@ def meta_gradient(
     objective: Callable[[Theta, Any], Tensor],
     diagnostics: bool = True,
     single_task_path: bool = True,
+    gen: torch.Generator | None = None,
 ) -> tuple[Phi, MetaStep]:
     """∇_φ of the mean task loss over a batch of tasks after K inner steps, and what the step saw.
 
@@ -123,20 +124,42 @@ def meta_gradient(
     ``torch.autograd`` through them (measured faster than nesting a second ``torch.func.grad`` level, and equal
     to it). A batch of ONE task skips ``vmap`` and takes its inner gradients with plain autograd: the same graph,
     without torch.func's per-call overhead, which is larger than the work there (``single_task_path``).
+    A task that ``collects_data`` gets its data from ``task.collect`` (drawing from ``gen``) before every inner
+    step and before L_T, so each inner step is its own ``vmap`` with the simulator outside it.
+    With ``inner.task_loss_at == "every"`` L_T is the mean over the θ after each inner step.
     ``diagnostics`` adds the task loss and learned loss at θ₀ (two forward passes, no gradient).
     """
     phi = {name: value.detach().requires_grad_() for name, value in phi.items()}
     loss_fn = learned_loss_fn(metaloss, phi)
+    every = inner.task_loss_at == "every"
 
     def per_task(theta: Theta, batch: Any) -> tuple[Tensor, Theta]:
-        theta_k = unroll(task, loss_fn, theta, batch, inner.lr, inner.steps, inner.truncate)
-        return objective(theta_k, batch), theta_k
+        total = 0.0
+        for _ in range(inner.steps):
+            theta = sgd_step(task, loss_fn, theta, batch, inner.lr, inner.truncate)
+            if every:
+                total = total + objective(theta, batch)
+        return (total / inner.steps if every else objective(theta, batch)), theta
 
-    if single_task_path and len(next(iter(theta.values()))) == 1:
+    if task.collects_data:
+        if gen is None:
+            raise ValueError(f"task {task.name!r} collects data and needs a generator")
+        step_all = vmap(lambda theta, data: sgd_step(task, loss_fn, theta, data, inner.lr, inner.truncate))
+        theta_k, total = theta, 0.0
+        for k in range(inner.steps):
+            theta_k = step_all(theta_k, task.collect(detached(theta_k), batch, gen, "inner"))
+            if every or k == inner.steps - 1:
+                total = total + vmap(objective)(theta_k, task.collect(detached(theta_k), batch, gen, "task_loss"))
+        after = total / inner.steps if every else total
+    elif single_task_path and len(next(iter(theta.values()))) == 1:
         one_theta, one_batch = tree_map(lambda t: t[0], (theta, batch))
+        total = 0.0
         for _ in range(inner.steps):
             one_theta = sgd_step_autograd(task, loss_fn, one_theta, one_batch, inner.lr, inner.truncate)
-        after, theta_k = tree_map(lambda t: t.unsqueeze(0), (objective(one_theta, one_batch), one_theta))
+            if every:
+                total = total + objective(one_theta, one_batch)
+        one_after = total / inner.steps if every else objective(one_theta, one_batch)
+        after, theta_k = tree_map(lambda t: t.unsqueeze(0), (one_after, one_theta))
     else:
         after, theta_k = vmap(per_task)(theta, batch)
     if after.requires_grad:
@@ -147,8 +170,10 @@ def meta_gradient(
     before = learned = None
     if diagnostics:
         with torch.no_grad():
-            before = vmap(objective)(theta, batch)
-            learned = vmap(lambda theta, batch: loss_fn(task.loss_inputs(theta, batch)))(theta, batch)
+            measured = task.collect(theta, batch, gen, "task_loss") if task.collects_data else batch
+            inputs = task.collect(theta, batch, gen, "inner") if task.collects_data else batch
+            before = vmap(objective)(theta, measured)
+            learned = vmap(lambda theta, batch: loss_fn(task.loss_inputs(theta, batch)))(theta, inputs)
     return gradient, MetaStep(after.detach(), detached(theta_k), before, learned)
 
 
@@ -222,7 +247,9 @@ def meta_train(
             age = 0
         phi = {name: p.detach() for name, p in metaloss.named_parameters()}
         logging = step % recipe.log_every == 0 or step == outer.steps or step == 1
-        gradient, seen = meta_gradient(metaloss, phi, task, theta, batch, inner, objective, diagnostics=logging)
+        gradient, seen = meta_gradient(
+            metaloss, phi, task, theta, batch, inner, objective, diagnostics=logging, gen=gen
+        )
         if not _all_finite([seen.task_loss]):
             raise DivergenceError(step, "the task loss")
         if not _all_finite(gradient.values()):

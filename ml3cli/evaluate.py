@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.func import vmap
-from torch.utils._pytree import tree_map
 
 from ml3cli.engine import LossFn, sgd_step
 from ml3cli.runtime import generator
@@ -64,12 +63,24 @@ class LossCurves:
 
 
 def train_curve(
-    task: Task, loss_fn: LossFn, theta, batch, lr: float, steps: int, report: bool = False
+    task: Task,
+    loss_fn: LossFn,
+    theta,
+    batch,
+    lr: float,
+    steps: int,
+    report: bool = False,
+    gen: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Train a batch of optimizees with ``loss_fn`` for ``steps`` SGD steps.
 
     Returns the task loss ``[steps + 1, n]`` and, with ``report``, each of the task's report metrics likewise.
+    A task that ``collects_data`` gathers fresh data with the current θ (from ``gen``) before every step and
+    every measurement.
     """
+    if task.collects_data and gen is None:
+        raise ValueError(f"task {task.name!r} collects data and needs a generator")
+    gather = (lambda theta, purpose: task.collect(theta, batch, gen, purpose)) if task.collects_data else None
     step_fn = vmap(lambda theta, batch: sgd_step(task, loss_fn, theta, batch, lr))
     metric_fn = vmap(task.task_loss)
     report_fn = vmap(task.report_metrics) if report else None
@@ -77,22 +88,23 @@ def train_curve(
     extras: dict[str, list[torch.Tensor]] = {}
 
     def record(theta) -> None:
-        history.append(metric_fn(theta, batch))
+        measured = gather(theta, "task_loss") if gather is not None else batch
+        history.append(metric_fn(theta, measured))
         if report_fn is not None:
-            for name, values in report_fn(theta, batch).items():
+            for name, values in report_fn(theta, measured).items():
                 extras.setdefault(name, []).append(values)
 
     with torch.no_grad():
         for _ in range(steps):
             record(theta)
-            theta = step_fn(theta, batch)
+            theta = step_fn(theta, gather(theta, "inner") if gather is not None else batch)
         record(theta)
     return torch.stack(history), {name: torch.stack(values) for name, values in extras.items()}
 
 
-def has_report_metrics(task: Task, theta, batch) -> bool:
-    """Whether ``task`` reports metrics beside its task loss (asked of the first task of a batch)."""
-    return bool(task.report_metrics(*tree_map(lambda t: t[0], (theta, batch))))
+def has_report_metrics(task: Task) -> bool:
+    """Whether ``task`` reports metrics beside its task loss (its family overrides ``Task.report_metrics``)."""
+    return type(task).report_metrics is not Task.report_metrics
 
 
 def evaluate(
@@ -110,15 +122,15 @@ def evaluate(
     """
     values: dict[str, list[np.ndarray]] = {loss.label: [] for loss in losses}
     extras: dict[str, dict[str, list[np.ndarray]]] = {loss.label: {} for loss in losses}
-    report = None
+    report = has_report_metrics(task)
     for s in range(seeds):
         gen = generator(seed + s)
         batch = task.sample_tasks(tasks, gen)
         theta = task.init_theta(tasks, gen)
-        if report is None:
-            report = has_report_metrics(task, theta, batch)
+        after_draws = gen.get_state()
         for loss in losses:
-            curve, reported = train_curve(task, loss.fn, theta, batch, loss.lr, steps, report)
+            gen.set_state(after_draws)  # every loss sees the same rollout randomness (paired comparisons)
+            curve, reported = train_curve(task, loss.fn, theta, batch, loss.lr, steps, report, gen)
             values[loss.label].append(curve.T.cpu().double().numpy())
             for name, series in reported.items():
                 extras[loss.label].setdefault(name, []).append(series.T.cpu().double().numpy())

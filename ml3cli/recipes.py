@@ -59,6 +59,11 @@ class InnerConfig(Section):
     truncate: bool = Field(
         False, description="drop the θ–θ Hessian chain between inner steps, keep the mixed ∂²M/∂θ∂φ term"
     )
+    task_loss_at: Literal["last", "every"] = Field(
+        "last",
+        description="where L_T is taken: after the last inner step, or averaged over the θ after every inner step "
+        "(the paper's model-free algorithm 4)",
+    )
 
     @model_validator(mode="after")
     def _reset_is_multiple(self) -> InnerConfig:

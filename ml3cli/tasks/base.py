@@ -49,6 +49,9 @@ class Task(ABC):
     builtin_losses: ClassVar[dict[str, Callable[..., Tensor]]]
     #: names of the shaping terms that ``extra_term`` computes (paper, equation 9).
     extra_term_names: ClassVar[tuple[str, ...]] = ()
+    #: True for tasks that gather new data with the current θ between inner steps (rollouts of a policy on a
+    #: simulator): the engine then calls :meth:`collect` outside ``torch.func`` before every use of a batch.
+    collects_data: ClassVar[bool] = False
 
     def __init__(self, options: TaskOptions | None = None, device: torch.device | str = "cpu"):
         self.options = options if options is not None else self.Options()
@@ -106,6 +109,17 @@ class Task(ABC):
     def report_metrics(self, theta: Theta, task: Any) -> dict[str, Tensor]:
         """Extra per-task scalars that meta-test/compare report beside the task loss (e.g. |θ − θ*|); none by default."""
         return {}
+
+    def collect(self, theta: Theta, batch: Any, generator: torch.Generator, purpose: str) -> Any:
+        """Data gathered with the current θ, for tasks with ``collects_data`` (e.g. rollouts of the real system).
+
+        ``theta`` is a detached batch of θ (leading task axis), ``batch`` the tasks from :meth:`sample_tasks`;
+        ``purpose`` is ``"inner"`` (the data of the next inner step) or ``"task_loss"`` (the data L_T and the
+        meta-test metric are measured on). Returns a batch of the same type that is used for that one purpose;
+        the tasks themselves stay ``batch``. Runs outside autograd and vmap, so it may step simulators; it draws
+        randomness only from ``generator``.
+        """
+        return batch
 
     # -- tasks with state (e.g. a learned dynamics model refitted during meta-training) ---------------------
     def begin_outer_step(self, step: int, theta: Theta | None, generator: torch.Generator) -> None:

@@ -67,6 +67,24 @@ def meta_train_command(
             "uninterrupted run. Give RECIPE first: `ml3 meta-train RECIPE --resume [CHECKPOINT]`",
         ),
     ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="meta-train in N local processes (torchrun; each takes an equal share of outer.tasks). "
+            "For several machines run torchrun yourself: `torchrun ... -m ml3cli meta-train RECIPE`",
+        ),
+    ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="meta-train one artifact per seed, e.g. 0-4 or 0,3,7 (ARTIFACT-seedS.safetensors), then print a "
+            "table across seeds",
+        ),
+    ] = None,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="with --seeds: seeds run in parallel processes")] = 1,
 ) -> None:
     """Learn a loss from RECIPE and save it as a safetensors artifact.
 
@@ -74,8 +92,9 @@ def meta_train_command(
     the end. Ctrl-C (SIGINT) or SIGTERM finishes the current outer step, writes a checkpoint, prints the command
     that resumes and exits with 130 / 143.
     """
+    from ml3cli import distributed
     from ml3cli.recipes import load_recipe
-    from ml3cli.workflows import run_meta_train
+    from ml3cli.workflows import run_meta_train, run_seed_sweep
 
     extra = list(overrides or [])
     if device is not None:
@@ -83,20 +102,53 @@ def meta_train_command(
     if threads is not None:
         extra.append(f"threads={threads}")
     loaded = load_recipe(recipe, extra, seed=seed)
+
+    def words(seed: int | None = seed, out: Path | None = out, quiet: bool = quiet) -> list[str]:
+        """This command's own flags (without --nproc/--seeds/--jobs), to start it again elsewhere."""
+        args = ["meta-train", str(recipe)]
+        args += ["--out", str(out)] if out is not None else []
+        args += ["--seed", str(seed)] if seed is not None else []
+        for item in overrides or []:
+            args += ["--set", item]
+        args += ["--device", device] if device is not None else []
+        args += ["--threads", str(threads)] if threads is not None else []
+        args += ["--quiet"] if quiet else []
+        return args
+
+    if seeds is not None:
+        if seed is not None or resume is not None or nproc is not None:
+            raise ML3Error("--seeds runs whole meta-trainings: it cannot be combined with --seed, --resume or --nproc")
+        run_seed_sweep(loaded, parse_seeds(seeds), jobs, out, lambda s, path: words(s, path, True), _console())
+        return
+    if nproc is not None and nproc > 1 and distributed.world_from_environment()[1] == 1:
+        args = words() + (["--resume", resume] if resume is not None else [])
+        code = distributed.launch(nproc, args)
+        if code:
+            raise typer.Exit(code)
+        return
     try:
         run_meta_train(loaded, out, _console(), quiet=quiet, resume=resume)
     except RunInterrupted as err:
         if err.checkpoint:
-            words = ["ml3", "meta-train", str(recipe)]
-            words += ["--out", str(out)] if out is not None else []
-            words += ["--seed", str(seed)] if seed is not None else []
-            for item in overrides or []:
-                words += ["--set", item]
-            words += ["--device", device] if device is not None else []
-            words += ["--threads", str(threads)] if threads is not None else []
-            words += ["--quiet"] if quiet else []
-            err.resume_command = shlex.join([*words, "--resume", err.checkpoint])
+            err.resume_command = shlex.join(["ml3", *words(), "--resume", err.checkpoint])
         raise
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """``0-4`` → [0, 1, 2, 3, 4]; ``0,3,7`` → [0, 3, 7]; ranges and lists combine: ``0-2,9``."""
+    found: list[int] = []
+    try:
+        for item in spec.split(","):
+            low, sep, high = item.strip().partition("-")
+            first, last = int(low), int(high) if sep else int(low)
+            if last < first or first < 0:
+                raise ValueError
+            found += [s for s in range(first, last + 1) if s not in found]
+    except ValueError:
+        raise ML3Error(f"--seeds {spec!r}: expected non-negative seeds like 0-4 or 0,3,7") from None
+    if len(found) > 1000:
+        raise ML3Error(f"--seeds {spec!r}: {len(found)} seeds is more than the 1,000 allowed at once")
+    return found
 
 
 @app.command("meta-test")

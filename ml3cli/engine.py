@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -34,6 +34,9 @@ from ml3cli.metaloss import MetaLoss
 from ml3cli.recipes import InnerConfig, Recipe, TaskLossConfig
 from ml3cli.runtime import generator
 from ml3cli.tasks.base import Task, Theta
+
+if TYPE_CHECKING:
+    from ml3cli.distributed import Shard
 
 #: A loss over a task's named loss inputs, e.g. ``lambda inputs: mse(**inputs)``.
 LossFn = Callable[[dict[str, Tensor]], Tensor]
@@ -208,6 +211,7 @@ def meta_train(
     *,
     resume: MetaTrainState | None = None,
     on_state: Callable[[int, Callable[[], MetaTrainState]], None] | None = None,
+    shard: Shard | None = None,
 ) -> MetaTrainResult:
     """Algorithm 1: learn φ on ``task`` with the recipe's settings; deterministic for a given ``recipe.seed``.
 
@@ -247,9 +251,17 @@ def meta_train(
             age = 0
         phi = {name: p.detach() for name, p in metaloss.named_parameters()}
         logging = step % recipe.log_every == 0 or step == outer.steps or step == 1
-        gradient, seen = meta_gradient(
-            metaloss, phi, task, theta, batch, inner, objective, diagnostics=logging, gen=gen
-        )
+        if shard is None:
+            gradient, seen = meta_gradient(
+                metaloss, phi, task, theta, batch, inner, objective, diagnostics=logging, gen=gen
+            )
+        else:
+            part_theta, part_batch = shard.part((theta, batch), outer.tasks)
+            gradient, seen = meta_gradient(
+                metaloss, phi, task, part_theta, part_batch, inner, objective, diagnostics=logging, gen=gen
+            )
+            gradient = shard.mean(gradient)
+            seen = MetaStep(*shard.gather((seen.task_loss, seen.theta, seen.task_loss_before, seen.learned_loss)))
         if not _all_finite([seen.task_loss]):
             raise DivergenceError(step, "the task loss")
         if not _all_finite(gradient.values()):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from rich.console import Console
@@ -25,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ml3cli import artifacts, checkpoints, plots
+from ml3cli import artifacts, checkpoints, distributed, plots
 from ml3cli.engine import meta_train
 from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, paired_difference, tune_lr
@@ -59,20 +60,42 @@ def run_meta_train(
 
     ``resume``: True or "" continues from the checkpoint next to the artifact, a path from that checkpoint.
     SIGINT/SIGTERM finish the current outer step, write a checkpoint and raise :class:`RunInterrupted`.
+    Under torchrun (several processes, see :mod:`ml3cli.distributed`) every process meta-trains its share of the
+    task batch; rank 0 alone writes checkpoints, the artifact and the meta-test, the others log to
+    ``ARTIFACT.rankN.log``.
     """
     stop = _StopRequest()
-    with stop.installed():
-        return _run_meta_train(recipe, out, console, quiet, resume, stop)
-
-
-def _run_meta_train(recipe: Recipe, out, console: Console, quiet: bool, resume, stop: _StopRequest) -> Path:
     configure(recipe.threads, recipe.seed)
     device = resolve_device(recipe.device)
+    shard = distributed.join(device)
+    try:
+        with stop.installed(), contextlib.ExitStack() as logs:
+            if shard is not None and not shard.is_main:
+                out_path = Path(out) if out else recipe.artifact_path
+                log = logs.enter_context(open(out_path.with_suffix(f".rank{shard.rank}.log"), "w", encoding="utf-8"))
+                console, quiet = Console(file=log, highlight=False), True
+            return _run_meta_train(recipe, out, console, quiet, resume, stop, device, shard)
+    finally:
+        distributed.leave()
+
+
+def _run_meta_train(
+    recipe: Recipe, out, console: Console, quiet: bool, resume, stop: _StopRequest, device, shard
+) -> Path:
+    main = shard is None or shard.is_main
     out_path = Path(out) if out else recipe.artifact_path
     if out_path.suffix != ".safetensors":
         raise ML3Error(f"--out {out_path}: an artifact path must end in .safetensors")
-    artifacts.check_writable(out_path)
+    if main:
+        artifacts.check_writable(out_path)
     task = make_task(recipe.task, recipe.task_options, device)
+    if shard is not None:
+        shard.bounds(recipe.outer.tasks)  # refuse an uneven split before any work
+        if task.collects_data:
+            raise ML3Error(
+                f"task {recipe.task!r} collects data with θ: meta-training it across processes is not supported yet"
+            )
+        console.print(f"process {shard.rank} of {shard.world}: tasks {shard.bounds(recipe.outer.tasks)} of the batch")
     checkpoint = checkpoint_path_for(out_path)
     base_info = {"task": recipe.task, "test_task": recipe.meta_test.task, "seed": recipe.seed}
     base_info["recipe"] = recipe_to_dict(recipe)
@@ -101,22 +124,29 @@ def _run_meta_train(recipe: Recipe, out, console: Console, quiet: bool, resume, 
 
         def on_state(step: int, snapshot) -> None:
             every = recipe.checkpoint_every
-            if stop.signum is not None or (every and (step % every == 0 or step == recipe.outer.steps)):
+            stopping = stop.signum is not None
+            if shard is not None:  # every process stops after the same step
+                stopping = shard.any(stopping)
+            if main and (stopping or (every and (step % every == 0 or step == recipe.outer.steps))):
                 checkpoints.save_checkpoint(checkpoint, snapshot(), base_info["recipe"], out_path)
                 stop.kept_step = step
-            if stop.signum is not None:
-                raise RunInterrupted(stop.signum, step, str(checkpoint))
+            if stopping:
+                raise RunInterrupted(stop.signum or signal.SIGTERM, step, str(checkpoint))
 
         if start is not None:
             progress.update(bar, completed=start.step)
         try:
             stop.training = True
-            result = meta_train(recipe, task, on_step=on_step, resume=start, on_state=on_state)
+            result = meta_train(recipe, task, on_step=on_step, resume=start, on_state=on_state, shard=shard)
             stop.training = False
         except DivergenceError as err:
             if checkpoint.is_file():
                 raise DivergenceError(err.outer_step, err.what, kept=str(checkpoint)) from None
             raise
+
+    if not main:
+        console.print(f"process {shard.rank}: meta-training done in {result.seconds:.1f} s; rank 0 writes {out_path}")
+        return out_path
 
     test = recipe.meta_test
     test_task = make_task(test.task, test.task_options, device, where="meta_test.task_options")
@@ -480,3 +510,97 @@ def list_tasks(console: Console) -> None:
             f"    loss inputs: {inputs}   metric: {cls.metric}   built-in losses: {', '.join(cls.builtin_losses)}"
             f"   extra terms: {', '.join(cls.extra_term_names) or '—'}"
         )
+
+
+# -- several seeds ---------------------------------------------------------------------------------------------
+def seed_artifact_path(base: Path, seed: int) -> Path:
+    """``artifacts/sine.safetensors`` → ``artifacts/sine-seed3.safetensors``."""
+    return base.with_name(f"{base.stem}-seed{seed}{base.suffix}")
+
+
+def run_seed_sweep(
+    recipe: Recipe,
+    seeds: Sequence[int],
+    jobs: int,
+    out: str | Path | None,
+    command_for: Any,
+    console: Console,
+) -> list[Path]:
+    """``ml3 meta-train RECIPE --seeds ... --jobs J``: one meta-training process per seed, J at a time, then a
+    table across seeds. ``command_for(seed, artifact)`` gives the ``ml3`` arguments of one seed's run; each run's
+    output goes to ``ARTIFACT.log``. Raises ML3Error naming the seeds that failed (after all have run)."""
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = Path(out) if out else recipe.artifact_path
+    if base.suffix != ".safetensors":
+        raise ML3Error(f"--out {base}: an artifact path must end in .safetensors")
+    paths = {seed: seed_artifact_path(base, seed) for seed in seeds}
+    for path in paths.values():
+        artifacts.check_writable(path)
+    console.print(f"meta-training {recipe.name} for seeds {list(seeds)}, {jobs} at a time (logs: ARTIFACT.log)")
+
+    def one(seed: int) -> tuple[int, int, float]:
+        started = time.perf_counter()
+        log_path = paths[seed].with_suffix(".log")
+        with open(log_path, "w", encoding="utf-8") as log:
+            code = subprocess.call(
+                [sys.executable, "-m", "ml3cli", *command_for(seed, paths[seed])], stdout=log, stderr=subprocess.STDOUT
+            )
+        seconds = time.perf_counter() - started
+        console.print(
+            f"seed {seed}: {'done' if code == 0 else f'FAILED (exit {code})'} in {seconds:.1f} s → {log_path}"
+        )
+        return seed, code, seconds
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(one, seeds))
+    wall = time.perf_counter() - started
+
+    rows: list[dict[str, Any]] = []
+    for seed, code, seconds in results:
+        row: dict[str, Any] = {
+            "seed": seed,
+            "exit": code,
+            "wall_seconds": round(seconds, 2),
+            "artifact": str(paths[seed]),
+        }
+        if code == 0:
+            metrics = artifacts.read_info(paths[seed])["metrics"]
+            test = metrics["meta_test"]
+            row |= {
+                "meta_train_seconds": metrics["meta_train_seconds"],
+                "meta_task_loss": metrics["meta_train"].get("meta/task_loss", math.nan),
+                "learned": test["final"]["learned"],
+                test["baseline"]: test["final"][test["baseline"]],
+            }
+        rows.append(row)
+    done = [row for row in rows if row["exit"] == 0]
+    columns = [k for k in (done[0] if done else {}) if k not in ("seed", "exit", "wall_seconds", "artifact")]
+    table = Table(title=f"{recipe.name}: {len(done)} of {len(rows)} seeds, {wall:.1f} s wall with {jobs} job(s)")
+    table.add_column("seed", justify="right")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in done:
+        table.add_row(str(row["seed"]), *(_fmt(float(row[c])) for c in columns))
+    if len(done) > 1:
+        values = {c: np.array([float(row[c]) for row in done]) for c in columns}
+        table.add_row("mean ± sd", *(f"{_fmt(v.mean())} ± {_fmt(v.std(ddof=1))}" for v in values.values()))
+    console.print(table)
+    summary = base.with_name(f"{base.stem}-seeds.json")
+    artifacts.write_text_atomic(
+        summary, json.dumps({"recipe": recipe.name, "wall_seconds": wall, "runs": rows}, indent=2)
+    )
+    console.print(f"wrote {summary}")
+    failed = [row for row in rows if row["exit"] != 0]
+    if failed:
+        raise ML3Error(
+            "meta-training failed for seed(s) "
+            + ", ".join(
+                f"{row['seed']} (exit {row['exit']}, see {Path(row['artifact']).with_suffix('.log')})" for row in failed
+            )
+        )
+    return [paths[seed] for seed in seeds]

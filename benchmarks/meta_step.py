@@ -185,8 +185,44 @@ def autograd_meta_gradient(problem: Problem) -> Phi:
     return total
 
 
+def higher_meta_gradient(problem: Problem) -> Phi:
+    """∇_φ with ``higher`` (the public reference's library): per task, a monkey-patched copy of the optimizee
+    module and a differentiable SGD optimizer, ``diffopt.step(M_φ)`` K times, one backward per task into φ."""
+    import higher
+
+    phi = {k: v.detach().requires_grad_() for k, v in problem.phi.items()}
+    phi_layers = _layers(phi)
+    batch = problem.batch
+    n = batch.x_support.shape[0]
+    total = {k: torch.zeros_like(v) for k, v in problem.phi.items()}
+    module = problem.task.build_optimizee().to(batch.x_support.dtype)
+    for i in range(n):
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(problem.theta[name][i])
+        sgd = torch.optim.SGD(module.parameters(), lr=INNER_LR)
+        with higher.innerloop_ctx(module, sgd, copy_initial_weights=True) as (fmodel, diffopt):
+            for _ in range(problem.steps):
+                y_pred = fmodel(batch.x_support[i])
+                features = torch.cat([y_pred.reshape(-1, 1), batch.y_support[i].reshape(-1, 1)], dim=-1)
+                diffopt.step(F.softplus(_relu_mlp(phi_layers, features)).mean())
+            task_loss = ((fmodel(batch.x_query[i]) - batch.y_query[i]) ** 2).mean()
+            for k, g in zip(phi, torch.autograd.grad(task_loss / n, list(phi.values())), strict=True):
+                total[k] += g
+    return total
+
+
+def higher_available() -> bool:
+    try:
+        import higher  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 IMPLEMENTATIONS: dict[str, Callable[[Problem], Phi]] = {
     "engine": engine_meta_gradient,
+    "higher": higher_meta_gradient,
     "autograd": autograd_meta_gradient,
 }
 
@@ -200,22 +236,29 @@ def max_abs(a: Phi) -> float:
     return max(v.abs().max().item() for v in a.values())
 
 
-def check_agreement(problem: Problem) -> tuple[float, float, float]:
-    """Both meta-gradients in float64 and float32; raises if they disagree. Returns (|∇|, Δ64, Δ32)."""
+def check_agreement(problem: Problem, names: list[str]) -> tuple[float, float, float]:
+    """Every implementation's meta-gradient against the autograd loop's, in float64 and float32; raises if they
+    disagree. Returns (|∇|, the largest Δ in float64, in float32)."""
     diffs, scale = [], 0.0
     for dtype, rtol in ((torch.float64, 1e-7), (torch.float32, 1e-3)):
         p = problem.to(dtype)
-        engine, reference = engine_meta_gradient(p), autograd_meta_gradient(p)
+        reference = autograd_meta_gradient(p)
         scale = max_abs(reference)
-        for k in reference:
-            torch.testing.assert_close(
-                engine[k],
-                reference[k],
-                rtol=rtol,
-                atol=rtol * scale,
-                msg=lambda m, k=k, d=dtype: f"meta-gradients disagree on {k} in {d}: {m}",  # noqa: B023
-            )
-        diffs.append(max_abs_diff(engine, reference))
+        worst = 0.0
+        for name in names:
+            if name == "autograd":
+                continue
+            other = IMPLEMENTATIONS[name](p)
+            for k in reference:
+                torch.testing.assert_close(
+                    other[k],
+                    reference[k],
+                    rtol=rtol,
+                    atol=rtol * scale,
+                    msg=lambda m, k=k, d=dtype, i=name: f"{i} and autograd meta-gradients disagree on {k} in {d}: {m}",  # noqa: B023
+                )
+            worst = max(worst, max_abs_diff(other, reference))
+        diffs.append(worst)
     return scale, diffs[0], diffs[1]  # scale: of the float32 gradient, the one that is timed
 
 
@@ -266,25 +309,17 @@ class Result:
     tasks: int
     steps: int
     grad_scale: float  # max |∇φ|
-    diff64: float  # max |engine − autograd| in float64
+    diff64: float  # max |implementation − autograd| in float64
     diff32: float  # … in float32
-    engine_s: list[float]  # seconds per meta-step, one sample per round
-    autograd_s: list[float]
-    engine_mib: float | None = None
-    autograd_mib: float | None = None
+    seconds: dict[str, list[float]]  # per implementation: seconds per meta-step, one sample per round
+    mib: dict[str, float | None]  # per implementation: peak RSS growth of one meta-step
 
-    @property
-    def engine_median(self) -> float:
-        return statistics.median(self.engine_s)
+    def median(self, name: str) -> float:
+        return statistics.median(self.seconds[name])
 
-    @property
-    def autograd_median(self) -> float:
-        return statistics.median(self.autograd_s)
-
-    @property
-    def speedups(self) -> list[float]:
-        """Per-round paired ratios: autograd time ÷ engine time (= engine steps/s ÷ autograd steps/s)."""
-        return [a / e for e, a in zip(self.engine_s, self.autograd_s, strict=True)]
+    def speedups(self, other: str) -> list[float]:
+        """Per-round paired ratios: ``other``'s time ÷ the engine's (= engine steps/s ÷ other steps/s)."""
+        return [o / e for e, o in zip(self.seconds["engine"], self.seconds[other], strict=True)]
 
 
 def time_calls(fn: Callable[[], object], number: int) -> float:
@@ -302,8 +337,8 @@ def time_calls(fn: Callable[[], object], number: int) -> float:
 
 def benchmark(tasks: int, steps: int, args: argparse.Namespace, peak_rss: PeakRss | None) -> Result:
     problem = make_problem(tasks, steps, args.seed)
-    grad_scale, diff64, diff32 = check_agreement(problem)
-    calls = {name: (lambda fn=fn: fn(problem)) for name, fn in IMPLEMENTATIONS.items()}
+    grad_scale, diff64, diff32 = check_agreement(problem, args.implementations)
+    calls = {name: (lambda fn=IMPLEMENTATIONS[name]: fn(problem)) for name in args.implementations}
 
     # Warm-up, and a first estimate of each call's duration to size the samples.
     number = {}
@@ -323,9 +358,7 @@ def benchmark(tasks: int, steps: int, args: argparse.Namespace, peak_rss: PeakRs
     for round_ in range(args.repeats):
         for name in order if round_ % 2 == 0 else reversed(order):
             samples[name].append(time_calls(calls[name], number[name]))
-    return Result(
-        tasks, steps, grad_scale, diff64, diff32, samples["engine"], samples["autograd"], mib["engine"], mib["autograd"]
-    )
+    return Result(tasks, steps, grad_scale, diff64, diff32, samples, mib)
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -336,38 +369,68 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def render(results: list[Result], memory: bool, title: str) -> Table:
+def ratio_cell(result: Result, other: str) -> str:
+    ratios = result.speedups(other)
+    low, high = quartiles(ratios)
+    style = "green" if low > 1 else "red" if high < 1 else "yellow"
+    return f"[{style}]{statistics.median(ratios):.2f}×[/] ({low:.2f}–{high:.2f})"
+
+
+def render(results: list[Result], names: list[str], memory: bool, title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for header in (
-        "tasks",
-        "K",
-        "max|Δ∇φ| f64 / f32",
-        "engine ms",
-        "autograd ms",
-        "engine steps/s",
-        "autograd steps/s",
-        "speed-up (IQR)",
-    ):
-        table.add_column(header, justify="right")
+    others = [name for name in names if name != "engine"]
+    headers = ["tasks", "K", "max|Δ∇φ| f64 / f32"]
+    headers += [f"{name} ms" for name in names]
+    headers += ["engine task-steps/s"]
+    headers += [f"ml3/{name} (IQR)" for name in others]
     if memory:
-        table.add_column("peak MiB engine / autograd", justify="right")
+        headers.append("peak MiB " + " / ".join(names))
+    for header in headers:
+        table.add_column(header, justify="right")
     for r in results:
-        speedup = statistics.median(r.speedups)
-        low, high = quartiles(r.speedups)
-        style = "green" if low > 1 else "red" if high < 1 else "yellow"
-        row = [
-            str(r.tasks),
-            str(r.steps),
-            f"{r.diff64:.1e} / {r.diff32:.1e}",
-            f"{r.engine_median * 1e3:.2f}",
-            f"{r.autograd_median * 1e3:.2f}",
-            f"{1 / r.engine_median:.1f}",
-            f"{1 / r.autograd_median:.1f}",
-            f"[{style}]{speedup:.2f}×[/] ({low:.2f}–{high:.2f})",
-        ]
+        row = [str(r.tasks), str(r.steps), f"{r.diff64:.1e} / {r.diff32:.1e}"]
+        row += [f"{r.median(name) * 1e3:.2f}" for name in names]
+        row.append(f"{r.tasks * r.steps / r.median('engine'):,.0f}")
+        row += [ratio_cell(r, name) for name in others]
         if memory:
-            row.append(f"{r.engine_mib:.1f} / {r.autograd_mib:.1f}")
+            row.append(" / ".join(f"{r.mib[name]:.1f}" for name in names))
         table.add_row(*row)
+    return table
+
+
+def truncation_memory(args: argparse.Namespace, peak_rss: PeakRss) -> Table:
+    """Peak memory and time of one engine meta-step against K, full second order vs ``truncate``."""
+    table = Table(title=f"engine memory against K ({args.memory_tasks} tasks)", title_justify="left")
+    for header in ("K", "full MiB", "truncated MiB", "full ms", "truncated ms"):
+        table.add_column(header, justify="right")
+    for steps in args.memory_steps:
+        problem = make_problem(args.memory_tasks, steps, args.seed)
+        cells = {}
+        for truncate in (False, True):
+            inner = InnerConfig(lr=INNER_LR, steps=steps, truncate=truncate)
+            objective = task_objective(problem.task, TaskLossConfig())
+
+            def call(inner=inner, objective=objective, problem=problem):
+                return meta_gradient(
+                    problem.metaloss,
+                    problem.phi,
+                    problem.task,
+                    problem.theta,
+                    problem.batch,
+                    inner,
+                    objective,
+                    diagnostics=False,
+                )
+
+            call()
+            cells[truncate] = (peak_rss.measure(call) if peak_rss else math.nan, time_calls(call, 3))
+        table.add_row(
+            str(steps),
+            f"{cells[False][0]:.1f}",
+            f"{cells[True][0]:.1f}",
+            f"{cells[False][1] * 1e3:.1f}",
+            f"{cells[True][1] * 1e3:.1f}",
+        )
     return table
 
 
@@ -385,8 +448,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--tasks", type=int_list, default=[1, 8, 64], help="tasks per meta-batch (default: 1,8,64)")
-    parser.add_argument("--steps", type=int_list, default=[1, 5], help="inner steps K (default: 1,5)")
+    parser.add_argument(
+        "--tasks", type=int_list, default=[1, 8, 64, 256], help="tasks per meta-batch (default: 1,8,64,256)"
+    )
+    parser.add_argument("--steps", type=int_list, default=[1, 5, 20], help="inner steps K (default: 1,5,20)")
+    parser.add_argument(
+        "--memory-steps", type=int_list, default=[1, 5, 20, 50], help="K of the truncation memory table"
+    )
+    parser.add_argument("--memory-tasks", type=int, default=8, help="tasks of the truncation memory table (default 8)")
+    parser.add_argument("--no-higher", action="store_true", help="leave out `higher` (pip install higher)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument("--quick", action="store_true", help="fewer and shorter rounds (a smoke test)")
     parser.add_argument("--repeats", type=int, help="timed rounds per configuration (default: 21, quick: 5)")
@@ -401,6 +471,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.min_time = 0.02 if args.quick else 0.1
     if args.repeats < 1 or args.warmup < 1 or args.threads < 1:
         parser.error("--repeats, --warmup and --threads must be at least 1")
+    args.implementations = ["engine", "higher", "autograd"]
+    if args.no_higher or not higher_available():
+        args.implementations.remove("higher")
     return args
 
 
@@ -437,12 +510,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"{time.perf_counter() - t0:.1f} s[/]"
             )
 
-    console.print(render(results, peak_rss is not None, "meta-gradient ∇φ L_T: ml3 engine vs plain autograd loop"))
+    names = args.implementations
+    if "higher" not in names:
+        console.print("[dim]higher is not installed (pip install -c constraints.txt -e '.[bench]'): left out[/]")
     console.print(
-        "speed-up = engine steps/s ÷ autograd steps/s (median of per-round paired ratios, IQR in brackets); "
-        ">1: the engine is faster.\n"
-        "max|Δ∇φ|: largest elementwise difference of the two meta-gradients (asserted close before timing)."
+        render(results, names, peak_rss is not None, "meta-gradient ∇φ L_T: ml3 engine vs " + ", ".join(names[1:]))
     )
+    console.print(
+        "ml3/X = engine steps/s ÷ X steps/s (median of per-round paired ratios, IQR in brackets); "
+        ">1: the engine is faster. task-steps/s = tasks × K ÷ engine time.\n"
+        "max|Δ∇φ|: largest elementwise difference from the autograd loop's meta-gradient (asserted close before timing)."
+    )
+    console.print(truncation_memory(args, peak_rss))
     console.print(f"total wall time: {time.perf_counter() - started:.1f} s")
 
 

@@ -12,7 +12,9 @@ One outer step (a meta-update of φ):
 
 With ``truncate`` the gradient of step k is taken at a detached θ_k: dθ_{k+1}/dφ = dθ_k/dφ − α ∂²M/∂θ∂φ, i.e.
 the θ–θ Hessian chain is dropped and the mixed term kept. (Dropping the mixed term too would make the
-meta-gradient exactly zero: ML³ has no first-order shortcut.)
+meta-gradient exactly zero: ML³ has no first-order shortcut.) Then dL_T/dφ = −α Σ_k (∂g_k/∂φ)ᵀ v with
+v = ∂L_T/∂θ_K, so the engine keeps only the K values of θ_k and rebuilds one step's graph at a time: memory
+O(K·|θ|) instead of O(K) autograd graphs (:func:`truncated_meta_gradient`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from ml3cli.checkpoints import MetaTrainState
@@ -144,7 +146,9 @@ def meta_gradient(
                 total = total + objective(theta, batch)
         return (total / inner.steps if every else objective(theta, batch)), theta
 
-    if task.collects_data:
+    if inner.truncate and not task.collects_data:
+        gradient, after, theta_k = truncated_meta_gradient(metaloss, phi, task, theta, batch, inner, objective)
+    elif task.collects_data:
         if gen is None:
             raise ValueError(f"task {task.name!r} collects data and needs a generator")
         step_all = vmap(lambda theta, data: sgd_step(task, loss_fn, theta, data, inner.lr, inner.truncate))
@@ -165,11 +169,13 @@ def meta_gradient(
         after, theta_k = tree_map(lambda t: t.unsqueeze(0), (one_after, one_theta))
     else:
         after, theta_k = vmap(per_task)(theta, batch)
-    if after.requires_grad:
+    if inner.truncate and not task.collects_data:
+        pass  # the gradient is already there
+    elif after.requires_grad:
         grads = torch.autograd.grad(after.mean(), list(phi.values()), allow_unused=True, materialize_grads=True)
+        gradient = dict(zip(phi, grads, strict=True))
     else:  # the task loss does not depend on φ at all (e.g. every unit of M_φ is dead)
-        grads = [torch.zeros_like(value) for value in phi.values()]
-    gradient = dict(zip(phi, grads, strict=True))
+        gradient = {name: torch.zeros_like(value) for name, value in phi.items()}
     before = learned = None
     if diagnostics:
         with torch.no_grad():
@@ -178,6 +184,60 @@ def meta_gradient(
             before = vmap(objective)(theta, measured)
             learned = vmap(lambda theta, batch: loss_fn(task.loss_inputs(theta, batch)))(theta, inputs)
     return gradient, MetaStep(after.detach(), detached(theta_k), before, learned)
+
+
+def truncated_meta_gradient(
+    metaloss: MetaLoss,
+    phi: Phi,
+    task: Task,
+    theta: Theta,
+    batch: Any,
+    inner: InnerConfig,
+    objective: Callable[[Theta, Any], Tensor],
+) -> tuple[Phi, Tensor, Theta]:
+    """∇_φ L_T for ``inner.truncate`` with one inner step's graph alive at a time (see the module docstring).
+
+    Forward: θ_0 … θ_K without any graph (values equal those of the graph-keeping path). Then v_j = ∂L_T/∂θ_j,
+    and for each k the vector-Jacobian product of the inner gradient g_k = ∇_θ M_φ(θ_k) with the weight
+    w_k = v_K (L_T at the last θ) or (1/K) Σ_{j>k} v_j (``task_loss_at: every``) gives −α w_kᵀ ∂g_k/∂φ.
+    Returns the gradient, the task loss per task and θ_K (detached).
+    """
+    n = len(next(iter(theta.values())))
+    steps, every = inner.steps, inner.task_loss_at == "every"
+    frozen = learned_loss_fn(metaloss, detached(phi))
+    step = vmap(lambda theta, batch: sgd_step(task, frozen, theta, batch, inner.lr))
+    thetas = [detached(theta)]
+    for _ in range(steps):
+        thetas.append(detached(step(thetas[-1], batch)))
+    slope_and_loss = vmap(grad_and_value(objective))
+    weights: list[Theta] = [{}] * steps
+    if every:
+        running, losses = None, []
+        for j in range(steps, 0, -1):  # w_{j-1} = (1/K) Σ_{i ≥ j} v_i
+            v, loss = slope_and_loss(thetas[j], batch)
+            losses.append(loss)
+            running = v if running is None else {k: running[k] + v[k] for k in v}
+            weights[j - 1] = {k: value / steps for k, value in running.items()}
+        after = torch.stack(losses).mean(0)
+    else:
+        v, after = slope_and_loss(thetas[-1], batch)
+        weights = [v] * steps
+
+    leaf = {name: value.detach().requires_grad_() for name, value in phi.items()}
+    live = learned_loss_fn(metaloss, leaf)
+
+    def weighted_inner_gradient(theta: Theta, batch: Any, w: Theta) -> Tensor:
+        g = grad(lambda theta: live(task.loss_inputs(theta, batch)))(theta)
+        return sum((g[k] * w[k]).sum() for k in g)
+
+    total = {name: torch.zeros_like(value) for name, value in leaf.items()}
+    for k in range(steps):
+        product = vmap(weighted_inner_gradient)(thetas[k], batch, weights[k]).sum() * (-inner.lr / n)
+        if product.requires_grad:
+            for name, g in zip(leaf, torch.autograd.grad(product, list(leaf.values()), allow_unused=True), strict=True):
+                if g is not None:
+                    total[name] += g
+    return total, after.detach(), thetas[-1]
 
 
 def build_metaloss(recipe: Recipe, task: Task, gen: torch.Generator) -> MetaLoss:

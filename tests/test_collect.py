@@ -211,3 +211,23 @@ def test_a_task_without_state_refuses_a_checkpoint_with_state(tmp_path):
     loaded = load_checkpoint(path, batch_type_of(SineRegression(OPTIONS)))
     with pytest.raises(ML3Error, match="task state"):
         validate_state(loaded, recipe, SineRegression(OPTIONS))
+
+
+@pytest.mark.parametrize("task_loss_at", ["last", "every"])
+@pytest.mark.parametrize("n_tasks", [1, 3])
+def test_memory_light_truncation_equals_the_graph_keeping_one(float64, n_tasks, task_loss_at):
+    """``truncate`` rebuilds one inner step's graph at a time (engine.truncated_meta_gradient); a collecting task
+    that returns the same data takes the graph-keeping path with detached inner gradients: both must agree."""
+    task, metaloss, phi, theta, batch = setup(SameDataSine, n_tasks)
+    plain = SineRegression(OPTIONS)
+    inner = InnerConfig(lr=0.3, steps=4, truncate=True, task_loss_at=task_loss_at)
+    objective = task_objective(plain, TaskLossConfig(extra={}))
+    kept, kept_seen = meta_gradient(metaloss, phi, task, theta, batch, inner, objective, gen=generator(0))
+    light, light_seen = meta_gradient(metaloss, phi, plain, theta, batch, inner, objective)
+    for k in kept:
+        torch.testing.assert_close(light[k], kept[k], rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(light_seen.task_loss, kept_seen.task_loss)
+    for k in kept_seen.theta:
+        torch.testing.assert_close(light_seen.theta[k], kept_seen.theta[k])
+    full, _ = meta_gradient(metaloss, phi, plain, theta, batch, inner.model_copy(update={"truncate": False}), objective)
+    assert any(not torch.allclose(full[k], light[k]) for k in full)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import grad, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from ml3cli.checkpoints import MetaTrainState
@@ -98,7 +98,7 @@ def task_objective(task: Task, weights: TaskLossConfig) -> Callable[[Theta, Any]
 
 def learned_loss_fn(metaloss: MetaLoss, phi: Phi) -> LossFn:
     """M_φ as a :data:`LossFn` with φ given explicitly (so that ``torch.func.grad`` can differentiate it)."""
-    return lambda inputs: functional_call(metaloss, phi, (), inputs)
+    return metaloss.with_phi(phi)
 
 
 @dataclass(frozen=True)

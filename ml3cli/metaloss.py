@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
+
+from ml3cli.functional import sequential_function
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -130,6 +133,20 @@ class MetaLoss(nn.Module):
             width = h
         layers += [nn.Linear(width, 1, bias=bias), OUTPUTS[output]()]
         self.net = nn.Sequential(*layers)
+
+    def with_phi(self, phi: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], Tensor]:
+        """M_φ over a dict of named inputs with φ given explicitly (as ``functional_call(self, phi, (), inputs)``,
+        the same operations, without re-parametrising the module on every call)."""
+        net = sequential_function(self.net, prefix="net.")
+        if net is None:  # a subclass with another network
+            return lambda inputs: functional_call(self, phi, (), inputs)
+
+        def loss(inputs: dict[str, Tensor]) -> Tensor:
+            rows = net(phi, grouped_inputs(self.inputs, (), inputs)).squeeze(-1)
+            rows = rows.sum(dim=tuple(range(1, rows.ndim))) if rows.ndim > 1 else rows
+            return rows.mean()
+
+        return loss
 
     def pointwise(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
         """The per-sample loss values, shape ``[batch]`` (what the mean in :meth:`forward` reduces): M_φ of each

@@ -275,3 +275,18 @@ def test_overflowing_gradient_norm_is_divergence(tiny_recipe):
     tiny_recipe["outer"].update(steps=20, grad_clip=1.0)
     with pytest.raises(DivergenceError):
         train(tiny_recipe)
+
+
+def test_the_fast_pure_forward_is_bit_identical_to_functional_call():
+    """ml3cli.functional rewrites sequential MLPs as plain functions of θ/φ: same operations, same bits."""
+    from torch.func import functional_call
+
+    from ml3cli.functional import sequential_function
+
+    task, metaloss, phi, theta, batch = smooth_setup(3)
+    one = {k: v[0] for k, v in theta.items()}
+    x = batch.x_support[0]
+    assert torch.equal(task.predict(one, x), functional_call(task.optimizee, one, (x,)))
+    inputs = task.loss_inputs(one, type(batch)(*(t[0] for t in batch)))
+    assert torch.equal(metaloss.with_phi(phi)(inputs), functional_call(metaloss, phi, (), inputs))
+    assert sequential_function(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())) is None

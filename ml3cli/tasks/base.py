@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from ml3cli.functional import module_function
 from ml3cli.metaloss import LossInput
 
 Theta = dict[str, Tensor]
@@ -139,8 +140,11 @@ class Task(ABC):
 
     # -- helpers -------------------------------------------------------------------------------------------
     def predict(self, theta: Theta, x: Tensor) -> Tensor:
-        """f_θ(x) for one task."""
-        return torch.func.functional_call(self.optimizee, theta, (x,))
+        """f_θ(x) for one task (a plain function of θ for sequential MLPs, see :mod:`ml3cli.functional`)."""
+        forward = self.__dict__.get("_forward")
+        if forward is None:
+            forward = self.__dict__["_forward"] = module_function(self.optimizee)
+        return forward(theta, x)
 
     def input_names(self) -> tuple[str, ...]:
         return tuple(item.name for item in self.loss_inputs_spec)

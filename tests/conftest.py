@@ -12,6 +12,15 @@ from helpers import TINY_RECIPE
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """Generated data (e.g. inverse-dynamics trajectories) is cached in a tmp folder, never in ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ML3_CACHE_DIR", str(tmp_path_factory.mktemp("ml3_cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def tiny_recipe() -> dict[str, Any]:
     """A fresh deep copy of the tiny recipe that a test may modify."""

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from ml3cli.errors import ML3Error
 from ml3cli.tasks.base import Task, TaskOptions
 from ml3cli.tasks.inverse_dynamics import InverseDynamicsReacher, InverseDynamicsSawyer
+from ml3cli.tasks.mfrl import AntGoal, ReacherGoalMF
 from ml3cli.tasks.mnist import Mnist, MnistBinary
 from ml3cli.tasks.shaped_sine import SineFrequency
 from ml3cli.tasks.sine import ShiftedSineRegression, SineRegression
@@ -19,6 +20,7 @@ TASKS: dict[str, type[Task]] = {
     cls.name: cls for cls in (SineRegression, ShiftedSineRegression, SineFrequency, MnistBinary, Mnist)
 }
 TASKS.update({cls.name: cls for cls in (InverseDynamicsReacher, InverseDynamicsSawyer)})
+TASKS.update({cls.name: cls for cls in (ReacherGoalMF, AntGoal)})
 
 
 def task_class(name: str) -> type[Task]:

@@ -1,0 +1,390 @@
+"""Model-free RL with a learned loss (paper, sections 3.2.2 and 4.1.3, algorithms 4 and 5, appendices A and C).
+
+Data sheet
+    Tasks: ``reacher_goal_mf`` (gymnasium's Reacher-v5, goal per task in a disc of reachable positions) and
+    ``ant_goal`` (gymnasium's Ant-v5, goal on a circle around the start); see ``ml3cli/envs/``. A task is a goal g.
+    Optimizee: a Gaussian policy π_θ(a|s) = N(μ_θ(s), diag σ_θ²): an MLP mean (tanh, ``hidden``) and a learned,
+    state-independent log σ, initialised as CleanRL's PPO (orthogonal, gain √2, mean head gain 0.01).
+    Data: ``collect`` rolls out the current policy of every task on the real simulator (``episodes`` episodes of
+    ``horizon`` steps; actions a = μ + σ ε, ε from the engine's generator, clipped to [−1, 1] by the simulator).
+    Loss inputs (appendix A): per sampled step, the state s, the sampled action a, the policy's μ_θ(s) and σ_θ, and
+    the goal g: M_φ(s, a, μ, σ, g) (μ and σ rather than π(a|s): the paper found them to work better).
+    Inner step: one SGD step on M_φ over the latest rollout (the minibatch is the whole rollout), then a new rollout.
+    Task loss (equations 7–8): the REINFORCE surrogate −mean_τ [A(τ) Σ_t log π_θ'(a_t|s_t)] on a fresh rollout,
+    A(τ) = R_g(τ) − b (``advantage``: raw return, minus the mean return over the rollout's episodes, or that
+    divided by their standard deviation). Its VALUE is replaced by the negated performance metric (a "magic box":
+    value + surrogate − stop_gradient(surrogate)), so the meta-training curves and ``ml3 meta-test`` show the
+    paper's metric while ∇_θ' is exactly the REINFORCE estimator. With ``inner.task_loss_at: every`` L_T is the
+    mean over the inner steps (algorithm 4).
+    Metric (appendix C): ReacherGoal the trajectory sum of negative distances Σ_t −d_t, AntGoal the trajectory sum
+    of (initial − current) distances Σ_t (d_0 − d_t), each averaged over the evaluation episodes; ``report_metrics``
+    gives it as ``performance`` (higher is better) with the mean return R_g(τ) as ``return``.
+    Built-in loss: ``likelihood`` (−log π(a|s) of the own samples, no reward signal) only fills the engine's
+    baseline slot; the model-free baseline is PPO (``ml3cli/baselines/ppo.py``, ``benchmarks/mfrl_reacher.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import numpy as np
+import torch
+from pydantic import Field, PositiveInt, field_validator, model_validator
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from ml3cli.metaloss import LossInput
+from ml3cli.tasks.base import Task, TaskOptions, Theta
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# -- the policy -----------------------------------------------------------------------------------------------
+class GaussianPolicy(nn.Module):
+    """π_θ(a|s) = N(μ_θ(s), diag σ_θ²): MLP mean, state-independent learned log σ (CleanRL's PPO actor).
+
+    ``forward(obs[..., obs_dim])`` returns ``(mu[..., act_dim], sigma[..., act_dim])``.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], init_log_std: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = obs_dim
+        for h in hidden:
+            linear = nn.Linear(width, h)
+            _orthogonal(linear, math.sqrt(2))
+            layers += [linear, nn.Tanh()]
+            width = h
+        head = nn.Linear(width, act_dim)
+        _orthogonal(head, 0.01)  # near-zero initial mean: every policy starts close to "do nothing"
+        self.mean = nn.Sequential(*layers, head)
+        self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu = self.mean(obs)
+        return mu, self.log_std.exp().expand_as(mu)
+
+
+def _orthogonal(linear: nn.Linear, gain: float) -> None:
+    with torch.no_grad():
+        nn.init.orthogonal_(linear.weight, gain)
+        linear.bias.zero_()
+
+
+def gaussian_log_prob(action: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+    """log N(a; μ, diag σ²), summed over the last (action) axis."""
+    return (-0.5 * ((action - mu) / sigma) ** 2 - sigma.log() - 0.5 * LOG_2PI).sum(-1)
+
+
+def gaussian_entropy(sigma: Tensor) -> Tensor:
+    """Entropy of N(·, diag σ²), summed over the last axis."""
+    return (sigma.log() + 0.5 * (1.0 + LOG_2PI)).sum(-1)
+
+
+# -- REINFORCE (equations 7–8) ----------------------------------------------------------------------------------
+AdvantageMode = Literal["return", "baseline", "normalized"]
+
+
+def trajectory_advantage(returns: Tensor, mode: AdvantageMode) -> Tensor:
+    """A(τ) per episode from the returns R_g(τ) ``[E]``: R, R − mean R, or (R − mean R) / std R (variance reduction;
+    the mean over the same episodes is the usual, slightly biased, batch baseline)."""
+    if mode == "return":
+        return returns
+    centred = returns - returns.mean()
+    if mode == "baseline":
+        return centred
+    return centred / (returns.std(unbiased=False) + 1e-8)
+
+
+def reinforce_surrogate(log_prob: Tensor, advantage: Tensor) -> Tensor:
+    """−mean_τ [A(τ) Σ_t log π(a_t|s_t)] for ``log_prob[E, T]`` and per-episode ``advantage[E]`` (no gradient
+    flows into A): its gradient is the REINFORCE estimator −mean_τ A(τ) Σ_t ∇ log π(a_t|s_t)."""
+    return -(advantage.detach() * log_prob.sum(-1)).mean()
+
+
+def magic_box(value: Tensor, surrogate: Tensor) -> Tensor:
+    """A scalar whose value is ``value`` and whose gradient is ∇ ``surrogate``."""
+    return value.detach() + surrogate - surrogate.detach()
+
+
+# -- the environments -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EnvSpec:
+    """What the task needs to know about one goal-conditioned simulator."""
+
+    obs_dim: int
+    act_dim: int
+    make: Callable[[], Any]  # a fresh gymnasium env (no time limit: the collector steps exactly ``horizon``)
+    metric: Literal["neg_distance", "distance_gain"]
+
+
+def _reacher_spec(options: Any) -> EnvSpec:
+    def make():
+        from ml3cli.envs.reacher_goal_mf import ReacherGoalMFEnv
+
+        return ReacherGoalMFEnv()
+
+    return EnvSpec(10, 2, make, "neg_distance")
+
+
+def _ant_spec(options: Any) -> EnvSpec:
+    radius = options.goal_radius[1]
+
+    def make():
+        from ml3cli.envs.ant_goal import AntGoalEnv
+
+        return AntGoalEnv(goal_radius=radius)
+
+    return EnvSpec(31, 8, make, "distance_gain")
+
+
+# -- rollouts -------------------------------------------------------------------------------------------------
+class Rollout(NamedTuple):
+    """Episodes of every task's policy; shapes with the task axis ``n``, ``E`` episodes of ``T`` steps."""
+
+    obs: Tensor  # [n, E, T, obs_dim]  s_t
+    action: Tensor  # [n, E, T, act_dim]  a_t as sampled (before the simulator's clipping)
+    reward: Tensor  # [n, E, T]  R_g(s_{t+1}, a_t)
+    distance: Tensor  # [n, E, T]  d after step t
+    start_distance: Tensor  # [n, E]  d at the reset
+
+
+class EnvPool:
+    """Gymnasium environments for ``n × E`` parallel episodes, stepped together with one batched policy call per
+    time step (gymnasium's vector envs would step them in the same Python loop, without the batching)."""
+
+    def __init__(self, spec: EnvSpec):
+        self.spec = spec
+        self.envs: list[Any] = []
+
+    def rollout(
+        self,
+        policy: Callable[[Tensor], tuple[Tensor, Tensor]],
+        goals: Tensor,
+        episodes: int,
+        horizon: int,
+        gen: torch.Generator,
+    ) -> Rollout:
+        """Roll out ``policy(obs[n, E, obs_dim]) -> (mu, sigma)`` for ``episodes`` episodes per goal ``goals[n, 2]``.
+
+        All randomness comes from ``gen``: one reset seed per episode, then ε ~ N(0, I) per step.
+        """
+        n = goals.shape[0]
+        count = n * episodes
+        while len(self.envs) < count:
+            self.envs.append(self.spec.make())
+        dtype = torch.get_default_dtype()
+        seeds = torch.randint(0, 2**31 - 1, (count,), generator=gen).tolist()
+        goal_np = goals.detach().cpu().double().numpy()
+        obs = np.empty((count, self.spec.obs_dim))
+        start = np.empty(count)
+        for j, env in enumerate(self.envs[:count]):
+            obs[j], info = env.reset(seed=seeds[j], options={"goal": goal_np[j // episodes]})
+            start[j] = info["distance"]
+        observations, actions = [], []
+        rewards = np.empty((count, horizon))
+        distances = np.empty((count, horizon))
+        for t in range(horizon):
+            state = torch.as_tensor(obs, dtype=dtype).reshape(n, episodes, -1)
+            with torch.no_grad():
+                mu, sigma = policy(state)
+                action = mu + sigma * torch.randn(mu.shape, generator=gen, dtype=dtype)
+            observations.append(state)
+            actions.append(action)
+            action_np = action.reshape(count, -1).double().numpy()
+            for j, env in enumerate(self.envs[:count]):
+                obs[j], rewards[j, t], _, _, info = env.step(action_np[j])
+                distances[j, t] = info["distance"]
+        as_tensor = lambda a: torch.as_tensor(a, dtype=dtype).reshape(n, episodes, *a.shape[1:])  # noqa: E731
+        return Rollout(
+            torch.stack(observations, 2),
+            torch.stack(actions, 2),
+            as_tensor(rewards),
+            as_tensor(distances),
+            as_tensor(start),
+        )
+
+
+def performance(distance: Tensor, start_distance: Tensor, metric: str) -> Tensor:
+    """The paper's performance metric per episode (higher is better): Σ_t −d_t, or Σ_t (d_0 − d_t)."""
+    if metric == "neg_distance":
+        return -distance.sum(-1)
+    return (start_distance.unsqueeze(-1) - distance).sum(-1)
+
+
+# -- the task family ------------------------------------------------------------------------------------------
+class MFRLBatch(NamedTuple):
+    """Goals and the latest rollout; shapes with the task axis ``n`` (``sample_tasks`` fills the rollout with
+    zeros of the ``episodes`` shape: :meth:`ModelFreeRL.collect` replaces it before any use)."""
+
+    goal: Tensor  # [n, 2]
+    obs: Tensor  # [n, E, T, obs_dim]
+    action: Tensor  # [n, E, T, act_dim]
+    reward: Tensor  # [n, E, T]
+    distance: Tensor  # [n, E, T]
+    start_distance: Tensor  # [n, E]
+
+
+def _check_radius(value: tuple[float, float]) -> tuple[float, float]:
+    low, high = value
+    if not 0 <= low <= high:
+        raise ValueError(f"expected 0 <= low <= high, got {value}")
+    return value
+
+
+class MFRLOptions(TaskOptions):
+    """Settings shared by the model-free RL tasks."""
+
+    hidden: list[PositiveInt] = Field([64, 64], description="hidden widths of the policy's mean (tanh)")
+    init_log_std: float = Field(0.0, description="initial log σ of the Gaussian policy (CleanRL: 0)")
+    episodes: PositiveInt = Field(4, description="episodes per inner update (samples per update: episodes × horizon)")
+    task_loss_episodes: PositiveInt = Field(4, description="episodes of the rollout the task loss is measured on")
+    horizon: PositiveInt = Field(50, description="steps per episode")
+    advantage: AdvantageMode = Field(
+        "normalized", description="A(τ) in the REINFORCE task loss: return, baseline (minus mean) or normalized"
+    )
+
+    @model_validator(mode="after")
+    def _baseline_needs_episodes(self):
+        if self.advantage != "return" and self.task_loss_episodes < 2:
+            raise ValueError(f"advantage {self.advantage!r} needs task_loss_episodes >= 2 (a mean over episodes)")
+        return self
+
+
+class ReacherGoalOptions(MFRLOptions):
+    goal_radius: tuple[float, float] = Field(
+        (0.05, 0.2), description="goals uniform in the annulus r ∈ [low, high] m around the base (reach 0.21)"
+    )
+    horizon: PositiveInt = Field(50, le=1000, description="steps per episode (gymnasium's Reacher: 50)")
+
+    _radius = field_validator("goal_radius")(_check_radius)
+
+
+class AntGoalOptions(MFRLOptions):
+    goal_radius: tuple[float, float] = Field(
+        (2.0, 2.0), description="goals on the circle(s) r ∈ [low, high] m around the start (paper: a circle)"
+    )
+    horizon: PositiveInt = Field(200, description="steps per episode")
+
+    _radius = field_validator("goal_radius")(_check_radius)
+
+    @model_validator(mode="after")
+    def _one_circle(self):
+        if self.goal_radius[0] != self.goal_radius[1]:
+            raise ValueError("goal_radius: the ant's goals lie on one circle, give [r, r]")
+        return self
+
+
+def policy_loss_inputs(obs_dim: int, act_dim: int) -> tuple[LossInput, ...]:
+    """M_φ(s, a, μ, σ, g): one row per sampled step (appendix A)."""
+    return (
+        LossInput("s", obs_dim, "state s_t"),
+        LossInput("a", act_dim, "sampled action a_t"),
+        LossInput("mu", act_dim, "policy mean μ_θ(s_t)"),
+        LossInput("sigma", act_dim, "policy standard deviation σ_θ"),
+        LossInput("g", 2, "goal g"),
+    )
+
+
+def likelihood(s: Tensor, a: Tensor, mu: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
+    """−mean log π(a|s): maximum likelihood of the policy's own samples, a reference with no reward signal."""
+    return -gaussian_log_prob(a, mu, sigma).mean()
+
+
+class ModelFreeRL(Task):
+    """Goal-conditioned model-free RL on a gymnasium simulator (shared by ReacherGoal and AntGoal)."""
+
+    summary = "model-free RL: Gaussian policy, REINFORCE task loss on real rollouts (paper 4.1.3)"
+    metric = "Σ_t d_t (gradient: REINFORCE)"
+    builtin_losses = {"likelihood": likelihood}
+    collects_data: ClassVar[bool] = True
+    spec_factory: ClassVar[Callable[[Any], EnvSpec]]
+
+    def __init__(self, options: TaskOptions | None = None, device: torch.device | str = "cpu"):
+        options = options if options is not None else self.Options()
+        self.spec = type(self).spec_factory(options)
+        super().__init__(options, device)
+        self.pool = EnvPool(self.spec)
+
+    def build_optimizee(self) -> nn.Module:
+        return GaussianPolicy(self.spec.obs_dim, self.spec.act_dim, self.options.hidden, self.options.init_log_std)
+
+    def policy(self, theta: Theta, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """(μ_θ(s), σ_θ) for ONE task."""
+        return functional_call(self.optimizee, theta, (obs,))
+
+    def sample_goals(self, n: int, generator: torch.Generator) -> Tensor:
+        low, high = self.options.goal_radius
+        angle = 2 * math.pi * torch.rand(n, generator=generator)
+        # uniform over the annulus' area: r² uniform in [low², high²]
+        radius = (low**2 + (high**2 - low**2) * torch.rand(n, generator=generator)).sqrt()
+        return torch.stack([radius * angle.cos(), radius * angle.sin()], -1)
+
+    def sample_tasks(self, n: int, generator: torch.Generator) -> MFRLBatch:
+        o, s = self.options, self.spec
+        zeros = lambda *shape: torch.zeros(n, o.episodes, *shape, device=self.device)  # noqa: E731
+        return MFRLBatch(
+            self.sample_goals(n, generator).to(self.device),
+            zeros(o.horizon, s.obs_dim),
+            zeros(o.horizon, s.act_dim),
+            zeros(o.horizon),
+            zeros(o.horizon),
+            zeros(),
+        )
+
+    def rollout(self, theta: Theta, goals: Tensor, episodes: int, generator: torch.Generator) -> Rollout:
+        """``episodes`` episodes of every task's policy (θ with a leading task axis) on the simulator."""
+        batched = vmap(self.policy)
+        return self.pool.rollout(lambda obs: batched(theta, obs), goals, episodes, self.options.horizon, generator)
+
+    def collect(self, theta: Theta, batch: MFRLBatch, generator: torch.Generator, purpose: str) -> MFRLBatch:
+        episodes = self.options.episodes if purpose == "inner" else self.options.task_loss_episodes
+        data = self.rollout(theta, batch.goal, episodes, generator)
+        return batch._replace(**{k: v.to(self.device) for k, v in data._asdict().items()})
+
+    def loss_inputs(self, theta: Theta, task: MFRLBatch) -> dict[str, Tensor]:
+        s = task.obs.reshape(-1, task.obs.shape[-1])
+        a = task.action.reshape(-1, task.action.shape[-1])
+        mu, sigma = self.policy(theta, s)
+        return {"s": s, "a": a, "mu": mu, "sigma": sigma, "g": task.goal.expand(s.shape[0], 2)}
+
+    def log_prob(self, theta: Theta, task: MFRLBatch) -> Tensor:
+        """log π_θ(a_t|s_t) ``[E, T]`` of the rollout's actions."""
+        mu, sigma = self.policy(theta, task.obs)
+        return gaussian_log_prob(task.action, mu, sigma)
+
+    def task_loss(self, theta: Theta, task: MFRLBatch) -> Tensor:
+        advantage = trajectory_advantage(task.reward.sum(-1), self.options.advantage)
+        surrogate = reinforce_surrogate(self.log_prob(theta, task), advantage)
+        value = -performance(task.distance, task.start_distance, self.spec.metric).mean()
+        return magic_box(value, surrogate)
+
+    def report_metrics(self, theta: Theta, task: MFRLBatch) -> dict[str, Tensor]:
+        return {
+            "performance": performance(task.distance, task.start_distance, self.spec.metric).mean(),
+            "return": task.reward.sum(-1).mean(),
+        }
+
+
+class ReacherGoalMF(ModelFreeRL):
+    """ReacherGoal (paper, appendix C): 2-link arm, goal per task, R_g = −d + 1/(d + 0.001) − |a|."""
+
+    name = "reacher_goal_mf"
+    summary = "ReacherGoal model-free: Gaussian policy on gymnasium's Reacher, REINFORCE task loss (paper 4.1.3)"
+    Options = ReacherGoalOptions
+    spec_factory = staticmethod(_reacher_spec)
+    loss_inputs_spec = policy_loss_inputs(10, 2)
+
+
+class AntGoal(ModelFreeRL):
+    """AntGoal (paper, appendix C): quadruped runs to a goal on a circle, R_g = −d + 5/(d + 0.25) − |a|."""
+
+    name = "ant_goal"
+    summary = "AntGoal model-free: Gaussian policy on gymnasium's Ant, REINFORCE task loss (paper 4.1.3)"
+    metric = "Σ_t (d_t − d_0) (gradient: REINFORCE)"
+    Options = AntGoalOptions
+    spec_factory = staticmethod(_ant_spec)
+    loss_inputs_spec = policy_loss_inputs(31, 8)

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from ml3cli.errors import ML3Error
 from ml3cli.tasks.base import Task, TaskOptions
 from ml3cli.tasks.inverse_dynamics import InverseDynamicsReacher, InverseDynamicsSawyer
+from ml3cli.tasks.mbrl import PointmassGoalTask, ReacherGoalTask
 from ml3cli.tasks.mfrl import AntGoal, ReacherGoalMF
 from ml3cli.tasks.mnist import Mnist, MnistBinary
 from ml3cli.tasks.shaped_sine import SineFrequency
@@ -21,6 +22,7 @@ TASKS: dict[str, type[Task]] = {
 }
 TASKS.update({cls.name: cls for cls in (InverseDynamicsReacher, InverseDynamicsSawyer)})
 TASKS.update({cls.name: cls for cls in (ReacherGoalMF, AntGoal)})
+TASKS.update({cls.name: cls for cls in (PointmassGoalTask, ReacherGoalTask)})
 
 
 def task_class(name: str) -> type[Task]:

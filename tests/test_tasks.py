@@ -18,7 +18,7 @@ from ml3cli.tasks import TASKS, make_task, task_class
 from ml3cli.tasks.base import Task
 
 N = 3
-SMALL = {"points": 16, "query_points": 16, "hidden": [8, 8]}
+SMALL = {"points": 16, "query_points": 16, "hidden": [8, 8], "start_noise": 0.05}  # start_noise: mountain_car
 
 
 def tiny_task(name: str) -> Task:

@@ -14,12 +14,14 @@ from ml3cli.tasks.inverse_dynamics import InverseDynamicsReacher, InverseDynamic
 from ml3cli.tasks.mbrl import PointmassGoalTask, ReacherGoalTask
 from ml3cli.tasks.mfrl import AntGoal, ReacherGoalMF
 from ml3cli.tasks.mnist import Mnist, MnistBinary
+from ml3cli.tasks.mountain_car import MountainCarTask
 from ml3cli.tasks.shaped_sine import SineFrequency
 from ml3cli.tasks.sine import ShiftedSineRegression, SineRegression
 
 TASKS: dict[str, type[Task]] = {
     cls.name: cls for cls in (SineRegression, ShiftedSineRegression, SineFrequency, MnistBinary, Mnist)
 }
+TASKS[MountainCarTask.name] = MountainCarTask
 TASKS.update({cls.name: cls for cls in (InverseDynamicsReacher, InverseDynamicsSawyer)})
 TASKS.update({cls.name: cls for cls in (ReacherGoalMF, AntGoal)})
 TASKS.update({cls.name: cls for cls in (PointmassGoalTask, ReacherGoalTask)})

@@ -35,6 +35,10 @@ Threshold = Annotated[
     float | None,
     typer.Option("--threshold", help="report steps to reach this metric (default: half the initial)"),
 ]
+At = Annotated[
+    str | None,
+    typer.Option("--at", help="steps shown in the tables, e.g. 10,100,500,1000 (default 0,1,10,50,100 and the last)"),
+]
 TuneLr = Annotated[
     bool,
     typer.Option("--tune-baseline-lr", help="add the baseline at its best lr, chosen on the meta-train task"),
@@ -134,6 +138,19 @@ def meta_train_command(
         raise
 
 
+def parse_steps(spec: str | None) -> tuple[int, ...] | None:
+    """``10,100,500`` → (10, 100, 500) for ``--at``; None stays None."""
+    if spec is None:
+        return None
+    try:
+        steps = tuple(int(part) for part in spec.split(","))
+    except ValueError:
+        raise ML3Error(f"--at {spec!r}: expected comma-separated step numbers like 10,100,500") from None
+    if not steps or min(steps) < 0:
+        raise ML3Error(f"--at {spec!r}: expected non-negative step numbers like 10,100,500")
+    return steps
+
+
 def parse_seeds(spec: str) -> list[int]:
     """``0-4`` → [0, 1, 2, 3, 4]; ``0,3,7`` → [0, 3, 7]; ranges and lists combine: ``0-2,9``."""
     found: list[int] = []
@@ -162,6 +179,7 @@ def meta_test_command(
     lr: Lr = None,
     seed: Seed = None,
     threshold: Threshold = None,
+    at: At = None,
     tune_baseline_lr: TuneLr = False,
     json_path: JsonOut = None,
     out_dir: OutDir = None,
@@ -175,7 +193,7 @@ def meta_test_command(
 
     base = baseline or next(iter(task_class(task).builtin_losses))
     settings = EvalSettings(
-        tasks, seeds, steps, lr, seed or 0, threshold, device or "cpu", 1 if threads is None else threads
+        tasks, seeds, steps, lr, seed or 0, threshold, device or "cpu", 1 if threads is None else threads, parse_steps(at)
     )
     run_comparison(
         task, [str(loss), base], settings, _console(), command="meta-test", json_path=json_path,
@@ -195,6 +213,7 @@ def compare_command(
     lr: Lr = None,
     seed: Seed = None,
     threshold: Threshold = None,
+    at: At = None,
     tune_baseline_lr: TuneLr = False,
     json_path: JsonOut = None,
     out_dir: OutDir = None,
@@ -206,7 +225,7 @@ def compare_command(
     from ml3cli.workflows import EvalSettings, run_comparison
 
     settings = EvalSettings(
-        tasks, seeds, steps, lr, seed or 0, threshold, device or "cpu", 1 if threads is None else threads
+        tasks, seeds, steps, lr, seed or 0, threshold, device or "cpu", 1 if threads is None else threads, parse_steps(at)
     )
     run_comparison(
         task, losses, settings, _console(), command="compare", json_path=json_path, out_dir=out_dir,

@@ -291,6 +291,7 @@ class EvalSettings:
     threshold: float | None = None
     device: str = "cpu"
     threads: int = 1
+    at: tuple[int, ...] | None = None  # steps shown in the tables (default 0, 1, 10, 50, 100 and the last)
 
 
 def run_comparison(
@@ -324,6 +325,7 @@ def run_comparison(
     tasks = settings.tasks or recorded.get("tasks", 10)
     seeds = settings.seeds or recorded.get("seeds", 5)
     steps = settings.steps or recorded.get("steps", 100)
+    _table_steps(steps, settings.at)  # refuse --at beyond the steps before any training
     default_lr = settings.lr or recorded.get("lr")
     task = make_task(task_name, task_options, device)
 
@@ -360,8 +362,8 @@ def run_comparison(
     initial = float(curves[0].at(0).mean())
     threshold = settings.threshold if settings.threshold is not None else 0.5 * initial
     document = _results_document(task, task_options, curves, tasks, seeds, steps, settings, threshold, tuning)
-    _print_results(console, task, curves, steps, seeds, tasks, threshold, document)
-    report = report_from_curves(curves, _table_steps(steps))
+    _print_results(console, task, curves, steps, seeds, tasks, threshold, document, settings.at)
+    report = report_from_curves(curves, _table_steps(steps, settings.at))
     if report:  # tasks with Task.report_metrics (e.g. |θ − ν| for sine_frequency)
         document["report_metrics"] = report
         print_task_report(console, task, report, tasks * seeds)
@@ -378,7 +380,12 @@ def run_comparison(
     return document
 
 
-def _table_steps(steps: int) -> list[int]:
+def _table_steps(steps: int, at: Sequence[int] | None = None) -> list[int]:
+    """The steps shown in tables: ``at`` (each at most ``steps``; step 0 always), else 0, 1, 10, 50, 100 and the last."""
+    if at:
+        if max(at) > steps:
+            raise ML3Error(f"--at {max(at)}: beyond the {steps} steps trained (raise --steps)")
+        return sorted({0, *at})
     return sorted({s for s in (0, 1, 10, 50, 100, steps) if s <= steps})
 
 
@@ -421,13 +428,13 @@ def _results_document(task, task_options, curves, tasks, seeds, steps, settings,
     }
 
 
-def _print_results(console, task, curves: list[LossCurves], steps, seeds, tasks, threshold, document) -> None:
+def _print_results(console, task, curves: list[LossCurves], steps, seeds, tasks, threshold, document, at=None) -> None:
     table = Table(
         title=f"{task.name}: task {task.metric} on held-out points ({tasks} tasks × {seeds} seeds, mean ± std over seeds)"
     )
     table.add_column("loss")
     table.add_column("lr", justify="right")
-    shown = _table_steps(steps)
+    shown = _table_steps(steps, at)
     for s in shown:
         table.add_column(f"step {s}", justify="right")
     table.add_column(f"steps to ≤ {_fmt(threshold)}", justify="right")

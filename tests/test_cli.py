@@ -232,3 +232,14 @@ def test_loaded_artifact_reproduces_the_recorded_learned_loss(trained):
     loss = loss_fn(y_pred, torch.ones(10, 1))
     loss.backward()
     assert torch.isfinite(loss) and y_pred.grad is not None and y_pred.grad.abs().sum() > 0
+
+
+def test_compare_at_chooses_the_table_steps(tmp_path, monkeypatch, capsys):
+    args = ["compare", "--task", "sine_shifted", "--loss", "mse", "--tasks", "2", "--seeds", "2", "--steps", "30", "-q"]
+    shown = run_main(monkeypatch, capsys, *args, "--at", "5,20", cwd=tmp_path)
+    assert shown.code == 0, shown.output
+    assert "step 5" in shown.output and "step 20" in shown.output and "step 10" not in shown.output
+    beyond = run_main(monkeypatch, capsys, *args, "--at", "5,40", cwd=tmp_path)
+    assert beyond.code == 2 and "--at 40: beyond the 30 steps" in beyond.output
+    bad = run_main(monkeypatch, capsys, *args, "--at", "five", cwd=tmp_path)
+    assert bad.code == 2 and "--at 'five'" in bad.output

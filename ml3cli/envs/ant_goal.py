@@ -25,6 +25,8 @@ import numpy as np
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.spaces import Box
 
+from ml3cli.envs.goals import requested_goal
+
 #: default episode length (gymnasium's Ant uses 1,000; goal-reaching work such as MAML's AntGoal uses 200).
 HORIZON = 200
 GOAL_RADIUS = 2.0
@@ -52,12 +54,7 @@ class AntGoalEnv(AntEnv):
         self.observation_space = Box(low=-np.inf, high=np.inf, shape=(inner + 2,), dtype=np.float64)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        goal = (options or {}).get("goal")
-        if goal is not None:
-            goal = np.asarray(goal, dtype=np.float64)
-            if goal.shape != (2,) or not np.all(np.isfinite(goal)):
-                raise ValueError(f"options['goal'] must be two finite numbers (x, y), got {goal!r}")
-        self._requested_goal = goal
+        self._requested_goal = requested_goal(options)
         return super().reset(seed=seed, options=options)
 
     def reset_model(self) -> np.ndarray:

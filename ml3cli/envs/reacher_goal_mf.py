@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from gymnasium.envs.mujoco.reacher_v5 import ReacherEnv
 
+from ml3cli.envs.goals import requested_goal
+
 #: episode length of gymnasium's Reacher (its registered ``max_episode_steps``).
 HORIZON = 50
 #: radius of the disc the goals are drawn from (gymnasium's; the arm reaches 0.21).
@@ -50,12 +52,7 @@ class ReacherGoalMFEnv(ReacherEnv):
         self._requested_goal: np.ndarray | None = None
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        goal = (options or {}).get("goal")
-        if goal is not None:
-            goal = np.asarray(goal, dtype=np.float64)
-            if goal.shape != (2,) or not np.all(np.isfinite(goal)):
-                raise ValueError(f"options['goal'] must be two finite numbers (x, y), got {goal!r}")
-        self._requested_goal = goal
+        self._requested_goal = requested_goal(options)
         return super().reset(seed=seed, options=options)
 
     def reset_model(self) -> np.ndarray:

@@ -146,6 +146,7 @@ def meta_gradient(
                 total = total + objective(theta, batch)
         return (total / inner.steps if every else objective(theta, batch)), theta
 
+    gradient: Phi | None = None
     if inner.truncate and not task.collects_data:
         gradient, after, theta_k = truncated_meta_gradient(metaloss, phi, task, theta, batch, inner, objective)
     elif task.collects_data:
@@ -169,12 +170,10 @@ def meta_gradient(
         after, theta_k = tree_map(lambda t: t.unsqueeze(0), (one_after, one_theta))
     else:
         after, theta_k = vmap(per_task)(theta, batch)
-    if inner.truncate and not task.collects_data:
-        pass  # the gradient is already there
-    elif after.requires_grad:
+    if gradient is None and after.requires_grad:  # (the truncated path returns its own gradient)
         grads = torch.autograd.grad(after.mean(), list(phi.values()), allow_unused=True, materialize_grads=True)
         gradient = dict(zip(phi, grads, strict=True))
-    else:  # the task loss does not depend on φ at all (e.g. every unit of M_φ is dead)
+    elif gradient is None:  # the task loss does not depend on φ at all (e.g. every unit of M_φ is dead)
         gradient = {name: torch.zeros_like(value) for name, value in phi.items()}
     before = learned = None
     if diagnostics:

@@ -59,6 +59,7 @@ class Task(ABC):
         self.device = torch.device(device)
         self.loss_inputs_spec = self.inputs_for(self.options)
         self.optimizee = self.build_optimizee().to(self.device)
+        self._forward = module_function(self.optimizee)
 
     @classmethod
     def inputs_for(cls, options: TaskOptions) -> tuple[LossInput, ...]:
@@ -141,10 +142,7 @@ class Task(ABC):
     # -- helpers -------------------------------------------------------------------------------------------
     def predict(self, theta: Theta, x: Tensor) -> Tensor:
         """f_θ(x) for one task (a plain function of θ for sequential MLPs, see :mod:`ml3cli.functional`)."""
-        forward = self.__dict__.get("_forward")
-        if forward is None:
-            forward = self.__dict__["_forward"] = module_function(self.optimizee)
-        return forward(theta, x)
+        return self._forward(theta, x)
 
     def input_names(self) -> tuple[str, ...]:
         return tuple(item.name for item in self.loss_inputs_spec)

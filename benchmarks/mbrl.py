@@ -46,7 +46,7 @@ def main() -> None:
     info = read_info(args.loss)
     recipe = info["recipe"]
     metaloss = load_loss(args.loss)
-    learned_fn = lambda inputs: metaloss(**inputs)  # noqa: E731
+    learned_fn = metaloss.as_loss_fn()
     lr = recipe["meta_test"]["lr"] or recipe["inner"]["lr"]
     task_name = recipe["task"]
     train_options, test_options = recipe["task_options"], recipe["meta_test"]["task_options"]

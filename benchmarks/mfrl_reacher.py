@@ -81,7 +81,7 @@ def main() -> None:
     options = dict(test.get("task_options") or {})
     task = make_task(test["task"], options)
     metaloss = load_loss(args.loss, expect_inputs=task.loss_inputs_spec)
-    loss_fn = lambda inputs: metaloss(**inputs)  # noqa: E731
+    loss_fn = metaloss.as_loss_fn()
     lr = args.lr or test.get("lr") or recipe["inner"]["lr"]
     per_update = task.options.episodes * task.options.horizon
     samples = np.arange(args.updates + 1) * per_update

@@ -93,7 +93,7 @@ def main() -> None:
         task = make_task(name, options, args.device)
         ce = task.builtin_losses["cross_entropy"]
         losses = [
-            NamedLoss("learned", lambda i: metaloss(**i), lr),
+            NamedLoss("learned", metaloss.as_loss_fn(), lr),
             NamedLoss("CE same lr", lambda i, ce=ce: ce(**i), lr),
         ]
         if tuned is not None:

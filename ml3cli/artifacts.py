@@ -122,6 +122,7 @@ def architecture_of(metaloss: MetaLoss) -> dict[str, Any]:
         "activation": metaloss.activation,
         "bias": metaloss.bias,
         "output": metaloss.output,
+        "learned_lr": metaloss.learned_lr,
     }
 
 
@@ -221,6 +222,9 @@ def _info_from_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         hidden = [int(h) for h in arch["hidden"]]
         if arch["activation"] not in ACTIVATIONS or arch["output"] not in OUTPUTS or not isinstance(arch["bias"], bool):
             raise ValueError("unknown activation or output")
+        arch.setdefault("learned_lr", False)  # artifacts from before the switch existed
+        if not isinstance(arch["learned_lr"], bool):
+            raise ValueError("learned_lr must be true or false")
         if not inputs or any(i.size <= 0 for i in inputs) or any(h <= 0 or h > 1_000_000 for h in hidden):
             raise ValueError("bad sizes")
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
@@ -262,7 +266,7 @@ def load_loss(path: str | Path, expect_inputs: tuple[LossInput, ...] | None = No
     if info["_sha256"] != tensors_sha256(tensors):
         raise ML3Error(f"{path}: checksum mismatch: the tensors were modified or corrupted")
     arch = info["architecture"]
-    metaloss = MetaLoss(inputs, arch["hidden"], arch["activation"], arch["bias"], arch["output"])
+    metaloss = MetaLoss(inputs, arch["hidden"], arch["activation"], arch["bias"], arch["output"], arch["learned_lr"])
     expected = metaloss.state_dict()
     problems = [
         name

@@ -40,8 +40,10 @@ from ml3cli.tasks.base import Task, Theta
 if TYPE_CHECKING:
     from ml3cli.distributed import Shard
 
-#: A loss over a task's named loss inputs, e.g. ``lambda inputs: mse(**inputs)``.
-LossFn = Callable[[dict[str, Tensor]], Tensor]
+#: A loss over a task's named loss inputs, e.g. ``lambda inputs: mse(**inputs)``. A learned loss that also sets
+#: the inner learning rate (``meta_loss.learned_lr``) returns ``(loss, scale)``: the step is θ − α·scale·∇_θ loss,
+#: the scale evaluated at θ but not differentiated with respect to it (φ still reaches it).
+LossFn = Callable[[dict[str, Tensor]], Tensor | tuple[Tensor, Tensor]]
 Phi = dict[str, Tensor]
 
 
@@ -49,14 +51,33 @@ def detached(theta: Theta) -> Theta:
     return {name: value.detach() for name, value in theta.items()}
 
 
+def loss_and_scale(value: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """A :data:`LossFn`'s result as (loss, step scale or None)."""
+    return value if isinstance(value, tuple) else (value, None)
+
+
+def loss_value(value: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """A :data:`LossFn`'s loss, without a learned step scale."""
+    return loss_and_scale(value)[0]
+
+
+def inner_gradient(task: Task, loss_fn: LossFn, theta: Theta, batch: Any) -> tuple[Theta, tuple[Tensor, ...]]:
+    """∇_θ of the inner loss for ONE task, and the learned step scale as ``(scale,)`` (``()`` for a plain loss;
+    torch.func carries it as an undifferentiated aux output, which must hold tensors only)."""
+
+    def inner_objective(theta: Theta) -> tuple[Tensor, tuple[Tensor, ...]]:
+        loss, scale = loss_and_scale(loss_fn(task.loss_inputs(theta, batch)))
+        return loss, () if scale is None else (scale,)
+
+    return grad(inner_objective, has_aux=True)(theta)
+
+
 def sgd_step(task: Task, loss_fn: LossFn, theta: Theta, batch: Any, lr: float, truncate: bool = False) -> Theta:
-    """One inner SGD step for ONE task: θ' = θ − α ∇_θ loss_fn(task.loss_inputs(θ, batch))."""
-
-    def inner_objective(theta: Theta) -> Tensor:
-        return loss_fn(task.loss_inputs(theta, batch))
-
-    gradient = grad(inner_objective)(detached(theta) if truncate else theta)
-    return {name: theta[name] - lr * gradient[name] for name in theta}
+    """One inner SGD step for ONE task: θ' = θ − α ∇_θ loss_fn(task.loss_inputs(θ, batch)) (α·scale with a
+    learned learning rate)."""
+    gradient, scale = inner_gradient(task, loss_fn, detached(theta) if truncate else theta, batch)
+    step = lr * scale[0] if scale else lr
+    return {name: theta[name] - step * gradient[name] for name in theta}
 
 
 def unroll(
@@ -77,11 +98,12 @@ def sgd_step_autograd(
         name: value if value.requires_grad and not truncate else value.detach().requires_grad_()
         for name, value in theta.items()
     }
-    loss = loss_fn(task.loss_inputs(at, batch))
+    loss, scale = loss_and_scale(loss_fn(task.loss_inputs(at, batch)))
     gradient = torch.autograd.grad(
         loss, list(at.values()), create_graph=True, allow_unused=True, materialize_grads=True
     )
-    return {name: theta[name] - lr * g for name, g in zip(at, gradient, strict=True)}
+    step = lr if scale is None else lr * scale
+    return {name: theta[name] - step * g for name, g in zip(at, gradient, strict=True)}
 
 
 def task_objective(task: Task, weights: TaskLossConfig) -> Callable[[Theta, Any], Tensor]:
@@ -98,7 +120,7 @@ def task_objective(task: Task, weights: TaskLossConfig) -> Callable[[Theta, Any]
 
 def learned_loss_fn(metaloss: MetaLoss, phi: Phi) -> LossFn:
     """M_φ as a :data:`LossFn` with φ given explicitly (so that ``torch.func.grad`` can differentiate it)."""
-    return metaloss.with_phi(phi)
+    return metaloss.inner_loss_with_phi(phi)
 
 
 @dataclass(frozen=True)
@@ -181,7 +203,7 @@ def meta_gradient(
             measured = task.collect(theta, batch, gen, "task_loss") if task.collects_data else batch
             inputs = task.collect(theta, batch, gen, "inner") if task.collects_data else batch
             before = vmap(objective)(theta, measured)
-            learned = vmap(lambda theta, batch: loss_fn(task.loss_inputs(theta, batch)))(theta, inputs)
+            learned = vmap(lambda theta, batch: loss_value(loss_fn(task.loss_inputs(theta, batch))))(theta, inputs)
     return gradient, MetaStep(after.detach(), detached(theta_k), before, learned)
 
 
@@ -226,8 +248,9 @@ def truncated_meta_gradient(
     live = learned_loss_fn(metaloss, leaf)
 
     def weighted_inner_gradient(theta: Theta, batch: Any, w: Theta) -> Tensor:
-        g = grad(lambda theta: live(task.loss_inputs(theta, batch)))(theta)
-        return sum((g[k] * w[k]).sum() for k in g)
+        g, scale = inner_gradient(task, live, theta, batch)
+        product = sum((g[k] * w[k]).sum() for k in g)
+        return scale[0] * product if scale else product
 
     total = {name: torch.zeros_like(value) for name, value in leaf.items()}
     for k in range(steps):
@@ -244,7 +267,9 @@ def build_metaloss(recipe: Recipe, task: Task, gen: torch.Generator) -> MetaLoss
     config = recipe.meta_loss
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))
-        metaloss = MetaLoss(task.loss_inputs_spec, config.hidden, config.activation, config.bias, config.output)
+        metaloss = MetaLoss(
+            task.loss_inputs_spec, config.hidden, config.activation, config.bias, config.output, config.learned_lr
+        )
     return metaloss.to(task.device)
 
 

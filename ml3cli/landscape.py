@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 
 from ml3cli import artifacts
-from ml3cli.engine import LossFn, sgd_step
+from ml3cli.engine import LossFn, loss_value, sgd_step
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import NamedLoss
 from ml3cli.metaloss import MetaLoss
@@ -124,7 +124,7 @@ def sweep_1d(
     """The loss and its slope d loss / d θ[name][index] at each of ``values`` (one task, no task axis)."""
 
     def at(value: Tensor) -> Tensor:
-        return loss_fn(task.loss_inputs(_with_entry(theta, name, index, value), batch))
+        return loss_value(loss_fn(task.loss_inputs(_with_entry(theta, name, index, value), batch)))
 
     slopes, losses = vmap(grad_and_value(at))(values)
     return losses.detach().cpu().double().numpy(), slopes.detach().cpu().double().numpy()
@@ -317,7 +317,7 @@ def landscape_2d(
     result = Landscape2D(grid_a, grid_b, target, source, center, task_loss=task_loss)
     for loss in losses:
         result.grids[loss.label] = plane_values(
-            task, lambda th, fn=loss.fn: fn(task.loss_inputs(th, batch)), theta, d1, d2, alphas, betas
+            task, lambda th, fn=loss.fn: loss_value(fn(task.loss_inputs(th, batch))), theta, d1, d2, alphas, betas
         )
     return result
 

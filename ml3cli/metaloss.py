@@ -107,9 +107,13 @@ class MetaLoss(nn.Module):
         activation: name from :data:`ACTIVATIONS`.
         bias: whether the linear layers have biases.
         output: ``softplus`` (a non-negative loss) or ``linear``.
+        learned_lr: also output the inner learning rate (paper 4.1.2: "the meta-network outputs a loss signal
+            together with the learning rate"): a second output unit s per row, and the step scale
+            2·sigmoid(mean of s over the rows) ∈ (0, 2) multiplies the recipe's α (1 at s = 0).
 
     Call it like a hand-written loss: ``loss_fn(y_pred, y_true)`` or ``loss_fn(y_pred=..., y_true=...)``; the
-    result is a scalar tensor that is differentiable with respect to the inputs (and φ).
+    result is a scalar tensor that is differentiable with respect to the inputs (and φ). With ``learned_lr``,
+    :meth:`loss_and_step_scale` gives the scale as well: train with ``lr * scale`` (scale detached from θ).
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class MetaLoss(nn.Module):
         activation: str = "relu",
         bias: bool = True,
         output: str = "softplus",
+        learned_lr: bool = False,
     ):
         super().__init__()
         self.inputs = tuple(inputs)
@@ -126,40 +131,85 @@ class MetaLoss(nn.Module):
         self.activation = activation
         self.bias = bias
         self.output = output
+        self.learned_lr = learned_lr
         layers: list[nn.Module] = []
         width = sum(item.size for item in self.inputs)
         for h in self.hidden:
             layers += [nn.Linear(width, h, bias=bias), ACTIVATIONS[activation]()]
             width = h
-        layers += [nn.Linear(width, 1, bias=bias), OUTPUTS[output]()]
+        if learned_lr:  # the output non-linearity applies to the loss unit only (see _loss_and_scale)
+            layers.append(nn.Linear(width, 2, bias=bias))
+            self.loss_output = OUTPUTS[output]()
+        else:
+            layers += [nn.Linear(width, 1, bias=bias), OUTPUTS[output]()]
         self.net = nn.Sequential(*layers)
+
+    def _loss_and_scale(self, raw: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The reduced loss from the network's rows ``[batch, *groups, 1 or 2]``, and the step scale (or None)."""
+        if not self.learned_lr:
+            return _reduce(raw.squeeze(-1)), None
+        return _reduce(self.loss_output(raw[..., 0])), 2 * torch.sigmoid(raw[..., 1].mean())
 
     def with_phi(self, phi: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], Tensor]:
         """M_φ over a dict of named inputs with φ given explicitly (as ``functional_call(self, phi, (), inputs)``,
         the same operations, without re-parametrising the module on every call)."""
+        inner = self.inner_loss_with_phi(phi)
+        if not self.learned_lr:
+            return inner  # type: ignore[return-value]
+        return lambda inputs: inner(inputs)[0]
+
+    def inner_loss_with_phi(
+        self, phi: dict[str, Tensor]
+    ) -> Callable[[dict[str, Tensor]], Tensor | tuple[Tensor, Tensor]]:
+        """What the inner loop descends, with φ given explicitly: the loss, or (loss, step scale) with
+        ``learned_lr`` (the engine's :data:`~ml3cli.engine.LossFn` contract)."""
         net = sequential_function(self.net, prefix="net.")
         if net is None:  # a subclass with another network
+            if self.learned_lr:
+                raise TypeError("learned_lr needs MetaLoss's own sequential network")
             return lambda inputs: functional_call(self, phi, (), inputs)
 
-        def loss(inputs: dict[str, Tensor]) -> Tensor:
-            rows = net(phi, grouped_inputs(self.inputs, (), inputs)).squeeze(-1)
-            rows = rows.sum(dim=tuple(range(1, rows.ndim))) if rows.ndim > 1 else rows
-            return rows.mean()
+        def loss(inputs: dict[str, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
+            value, scale = self._loss_and_scale(net(phi, grouped_inputs(self.inputs, (), inputs)))
+            return value if scale is None else (value, scale)
 
         return loss
 
     def pointwise(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
         """The per-sample loss values, shape ``[batch]`` (what the mean in :meth:`forward` reduces): M_φ of each
         row, summed over the group axes of ``[batch, *groups, size]`` inputs (none for ``[batch, size]``)."""
-        rows = self.net(grouped_inputs(self.inputs, args, kwargs)).squeeze(-1)
+        raw = self.net(grouped_inputs(self.inputs, args, kwargs))
+        rows = self.loss_output(raw[..., 0]) if self.learned_lr else raw.squeeze(-1)
         return rows.sum(dim=tuple(range(1, rows.ndim))) if rows.ndim > 1 else rows
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
         return self.pointwise(*args, **kwargs).mean()
 
+    def as_loss_fn(self) -> Callable[[dict[str, Tensor]], Tensor | tuple[Tensor, Tensor]]:
+        """This loss as the engine's :data:`~ml3cli.engine.LossFn` over a dict of named inputs: the loss, or
+        (loss, step scale) with ``learned_lr``, so that meta-test steps the way meta-training did."""
+        if self.learned_lr:
+            return lambda inputs: self.loss_and_step_scale(**inputs)
+        return lambda inputs: self(**inputs)
+
+    def loss_and_step_scale(self, *args: Tensor, **kwargs: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss and the learned step scale (``learned_lr``): take the step θ − α·scale·∇_θ loss with the
+        scale treated as a constant (``scale.detach()`` in an ordinary training loop)."""
+        if not self.learned_lr:
+            raise ValueError("this loss does not output a learning rate (it was not trained with learned_lr)")
+        value, scale = self._loss_and_scale(self.net(grouped_inputs(self.inputs, args, kwargs)))
+        assert scale is not None
+        return value, scale
+
     def extra_repr(self) -> str:
         names = ", ".join(f"{i.name}[{i.size}]" for i in self.inputs)
         return f"inputs=({names})"
+
+
+def _reduce(rows: Tensor) -> Tensor:
+    """``[batch, *groups]`` row losses → the scalar loss: summed over the group axes, averaged over the batch."""
+    rows = rows.sum(dim=tuple(range(1, rows.ndim))) if rows.ndim > 1 else rows
+    return rows.mean()
 
 
 # Hand-written losses over the same named inputs as a supervised task's meta-loss.

@@ -42,6 +42,11 @@ class MetaLossConfig(Section):
     activation: Activation = Field("relu", description="hidden activation")
     bias: bool = Field(True, description="linear layers with biases")
     output: Output = Field("softplus", description="output non-linearity: softplus (loss ≥ 0) or linear")
+    learned_lr: bool = Field(
+        False,
+        description="M_φ also outputs the inner learning rate (paper 4.1.2): a second unit sets the step "
+        "α·2σ(mean over rows), between 0 and 2α",
+    )
 
 
 class InnerConfig(Section):

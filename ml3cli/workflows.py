@@ -150,7 +150,7 @@ def _run_meta_train(
 
     test = recipe.meta_test
     test_task = make_task(test.task, test.task_options, device, where="meta_test.task_options")
-    learned = NamedLoss("learned", _module_loss(result.metaloss), recipe.meta_test_lr, str(out_path))
+    learned = NamedLoss("learned", result.metaloss.as_loss_fn(), recipe.meta_test_lr, str(out_path))
     baseline_name = test.baseline or next(iter(test_task.builtin_losses))
     baseline = _builtin_loss(test_task, baseline_name, recipe.meta_test_lr)
     curves = evaluate(test_task, [learned, baseline], test.tasks, test.seeds, test.steps, recipe.seed)
@@ -236,10 +236,6 @@ def _progress(console: Console, quiet: bool) -> Progress:
 
 
 # -- losses by name -------------------------------------------------------------------------------------------
-def _module_loss(module: torch.nn.Module):
-    return lambda inputs: module(**inputs)
-
-
 def _builtin_loss(task: Task, name: str, lr: float, label: str | None = None) -> NamedLoss:
     fn = task.builtin_losses[name]
     return NamedLoss(label or name, lambda inputs: fn(**inputs), lr, "builtin")
@@ -277,7 +273,7 @@ class LossSpec:
         info = module.info
         chosen = lr or default_lr or (info["recipe"].get("inner") or {}).get("lr") or 1e-3
         label = path.stem if not lr_text else f"{path.stem}@{lr_text}"
-        return NamedLoss(label, _module_loss(module), chosen, str(path)), info
+        return NamedLoss(label, module.as_loss_fn(), chosen, str(path)), info
 
 
 # -- meta-test and compare ------------------------------------------------------------------------------------
@@ -492,7 +488,7 @@ def inspect_artifact(path: str | Path, console: Console, as_json: bool = False) 
     console.print(f"inputs: ({inputs}) → M_φ per row, summed over class axes, mean over samples")
     console.print(
         f"meta-loss: MLP {arch['hidden']} {arch['activation']}, bias={arch['bias']}, output {arch['output']}; "
-        f"{n_params} parameters"
+        f"{n_params} parameters" + ("; also outputs the inner learning rate (learned_lr)" if arch["learned_lr"] else "")
     )
     metrics = info.get("metrics", {})
     if "meta_test" in metrics:

@@ -1,4 +1,4 @@
-"""Meta-steps per second: the ml3 engine (torch.func) against a plain PyTorch autograd loop.
+"""Meta-steps per second: the ml3 engine against `higher` and a plain PyTorch autograd loop.
 
 What is measured
     One *meta-step* is one evaluation of ∇_φ L_T(φ) for a batch of ``n`` sine tasks (the expensive part of an
@@ -12,8 +12,9 @@ What is measured
     1→100→10→1 ReLU, meta-loss M_φ 2→50→50→1 ReLU without biases and a Softplus output, 100 support and 100
     query points per task, α = 1e-3, float32 on the CPU.
 
-    * ``engine``   – :func:`ml3cli.engine.meta_gradient`: θ as a dict of tensors, inner steps with
-      ``torch.func.grad``, all tasks in one ``vmap``, one reverse pass w.r.t. φ through it all.
+    * ``engine``   – :func:`ml3cli.engine.meta_gradient`: θ as a dict of tensors with a leading task axis, the
+      tasks' forward passes in one ``vmap``, each inner step's gradients for all tasks from one
+      ``torch.autograd.grad(create_graph=True)`` of the summed losses, one reverse pass w.r.t. φ through it all.
     * ``autograd`` – the same math written the way one would without ``torch.func``: φ as leaf tensors, a Python
       loop over the tasks, each inner step with ``torch.autograd.grad(..., create_graph=True)``, one backward
       per task into φ, summed (the forward passes are written out with ``torch.nn.functional``, so this is
@@ -40,8 +41,8 @@ Reading the ratio
     round from the paired samples and summarised by its median, with the interquartile range of the rounds in
     brackets. Above 1: the engine is faster; below 1: the plain loop is faster. Expect the engine to win more as
     the number of tasks grows (``vmap`` batches the tasks into one set of larger kernels, the loop pays Python
-    and dispatch overhead per task), and to lose at a single task, where ``vmap`` has nothing to batch and
-    ``torch.func`` adds its own overhead. An IQR that straddles 1 means "no measurable difference here".
+    and dispatch overhead per task), and to be level at a single task, where the engine skips ``vmap`` and
+    runs the same autograd calls as the loop. An IQR that straddles 1 means "no measurable difference here".
 
 Memory
     ``peak MiB`` is the growth of the process's peak resident set size during one meta-step (after warm-up),
@@ -136,7 +137,7 @@ def make_problem(tasks: int, steps: int, seed: int) -> Problem:
 
 # -- the two implementations ----------------------------------------------------------------------------------
 def engine_meta_gradient(problem: Problem) -> Phi:
-    """∇_φ through the ml3 engine (torch.func grad + vmap over tasks)."""
+    """∇_φ through the ml3 engine (vmap over tasks, batched autograd inner steps)."""
     inner = InnerConfig(lr=INNER_LR, steps=problem.steps)
     objective = task_objective(problem.task, TaskLossConfig())
     gradient, _ = meta_gradient(

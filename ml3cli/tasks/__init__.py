@@ -15,6 +15,7 @@ from ml3cli.tasks.mbrl import PointmassGoalTask, ReacherGoalTask
 from ml3cli.tasks.mfrl import AntGoal, ReacherGoalMF
 from ml3cli.tasks.mnist import Mnist, MnistBinary
 from ml3cli.tasks.mountain_car import MountainCarTask
+from ml3cli.tasks.reacher_demos import ReacherDemosTask
 from ml3cli.tasks.shaped_sine import SineFrequency
 from ml3cli.tasks.sine import ShiftedSineRegression, SineRegression
 
@@ -25,6 +26,7 @@ TASKS[MountainCarTask.name] = MountainCarTask
 TASKS.update({cls.name: cls for cls in (InverseDynamicsReacher, InverseDynamicsSawyer)})
 TASKS.update({cls.name: cls for cls in (ReacherGoalMF, AntGoal)})
 TASKS.update({cls.name: cls for cls in (PointmassGoalTask, ReacherGoalTask)})
+TASKS[ReacherDemosTask.name] = ReacherDemosTask
 
 
 def task_class(name: str) -> type[Task]:

@@ -13,7 +13,9 @@ Data sheet
     that takes one big step saturates the policy; under tanh the gradient then vanishes exponentially (e^−2|z|),
     the meta-gradient with it, and meta-training stalls for good (measured); softsign's decays as 1/(1 + |z|)²,
     small but still there for Adam to use. Both are the true derivative of the squash, nothing straight-through.
-    The state is fed as it is (x ∈ [−1.2, 0.5], v ∈ [−1.5, 1.5]).
+    The policy sees (c_x·x, c_v·v) (``state_scale``, default (1, 1): the state as it is). The recipes use (1, 10):
+    the policies that reach the goal have θ_v ≳ 20 and θ_x ∈ [0.5, 5] (grid over θ), so with c_v = 10 they are O(1)
+    away from θ₀ ~ U[±0.71]² instead of ~25.
     Loss inputs, one row per time step t = 0 … T−1 of a rollout of π_θ from the start: the state s_t (``state``,
     2), the action a_t (``action``, 1) and the final distance ‖s_T − goal‖ (``final_distance``, 1, the same on
     every row), as the reference. Everything is differentiable with respect to θ through the dynamics.
@@ -31,7 +33,7 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveInt, field_validator, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
 from torch import Tensor, nn
 
 from ml3cli.envs.mountain_car import GOAL, HORIZON, INTERMEDIATE_GOAL, INTERMEDIATE_STEPS, START, MountainCar
@@ -67,6 +69,9 @@ class MountainCarOptions(TaskOptions):
         "the dynamics' clamp (zero gradient when saturated)",
     )
     bounds: bool = Field(True, description="walls at x = −1.2 and 0.5 and speed limit ±1.5 (the reference car)")
+    state_scale: tuple[PositiveFloat, PositiveFloat] = Field(
+        (1.0, 1.0), description="the policy sees (c_x·x, c_v·v): an input scale, so that good θ are O(1) like θ₀"
+    )
     reach_x: float = Field(0.45, description="x_T at or above this counts as reaching the goal")
 
     @field_validator("activation")
@@ -86,8 +91,17 @@ class MountainCarOptions(TaskOptions):
 class CarPolicy(nn.Module):
     """π_θ(s): an MLP from the state (x, v) to one action, squashed to ±``max_action`` by tanh or left raw."""
 
-    def __init__(self, hidden: list[int], activation: str, squash: str, max_action: float, bias: bool = False):
+    def __init__(
+        self,
+        hidden: list[int],
+        activation: str,
+        squash: str,
+        max_action: float,
+        bias: bool = False,
+        state_scale: tuple[float, float] = (1.0, 1.0),
+    ):
         super().__init__()
+        self.register_buffer("state_scale", torch.tensor(state_scale), persistent=False)
         layers: list[nn.Module] = []
         width = 2
         for h in hidden:
@@ -99,7 +113,7 @@ class CarPolicy(nn.Module):
         self.max_action = max_action
 
     def forward(self, state: Tensor) -> Tensor:
-        out = self.net(state)
+        out = self.net(state * self.state_scale)
         if self.squash == "softsign":
             return self.max_action * out / (1 + out.abs())
         return self.max_action * torch.tanh(out) if self.squash == "tanh" else out
@@ -129,7 +143,9 @@ class MountainCarTask(Task):
 
     def build_optimizee(self) -> nn.Module:
         opts = self.options
-        return CarPolicy(list(opts.hidden), opts.activation, opts.squash, MountainCar().max_action, opts.bias)
+        return CarPolicy(
+            list(opts.hidden), opts.activation, opts.squash, MountainCar().max_action, opts.bias, opts.state_scale
+        )
 
     def sample_tasks(self, n: int, generator: torch.Generator) -> CarBatch:
         opts = self.options

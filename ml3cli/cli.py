@@ -43,6 +43,14 @@ TuneLr = Annotated[
     bool,
     typer.Option("--tune-baseline-lr", help="add the baseline at its best lr, chosen on the meta-train task"),
 ]
+TestTaskOptions = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--task-option",
+        help="KEY=VALUE override of the test task's options (default: those the artifact was meta-tested with), "
+        "e.g. architecture=mlp; repeatable",
+    ),
+]
 
 
 def _console() -> Console:
@@ -181,6 +189,7 @@ def meta_test_command(
     threshold: Threshold = None,
     at: At = None,
     tune_baseline_lr: TuneLr = False,
+    task_options: TestTaskOptions = None,
     json_path: JsonOut = None,
     out_dir: OutDir = None,
     device: Device = None,
@@ -193,8 +202,9 @@ def meta_test_command(
 
     base = baseline or next(iter(task_class(task).builtin_losses))
     settings = EvalSettings(
-        tasks, seeds, steps, lr, seed or 0, threshold, device or "cpu", 1 if threads is None else threads, parse_steps(at)
-    )
+        tasks, seeds, steps, lr, seed or 0, threshold, device or "cpu", 1 if threads is None else threads,
+        parse_steps(at), tuple(task_options or ()),
+    )  # fmt: skip
     run_comparison(
         task, [str(loss), base], settings, _console(), command="meta-test", json_path=json_path,
         out_dir=out_dir, tune_baseline_lr=tune_baseline_lr, quiet=quiet,
@@ -215,6 +225,7 @@ def compare_command(
     threshold: Threshold = None,
     at: At = None,
     tune_baseline_lr: TuneLr = False,
+    task_options: TestTaskOptions = None,
     json_path: JsonOut = None,
     out_dir: OutDir = None,
     device: Device = None,
@@ -225,8 +236,9 @@ def compare_command(
     from ml3cli.workflows import EvalSettings, run_comparison
 
     settings = EvalSettings(
-        tasks, seeds, steps, lr, seed or 0, threshold, device or "cpu", 1 if threads is None else threads, parse_steps(at)
-    )
+        tasks, seeds, steps, lr, seed or 0, threshold, device or "cpu", 1 if threads is None else threads,
+        parse_steps(at), tuple(task_options or ()),
+    )  # fmt: skip
     run_comparison(
         task, losses, settings, _console(), command="compare", json_path=json_path, out_dir=out_dir,
         tune_baseline_lr=tune_baseline_lr, quiet=quiet,

@@ -30,7 +30,7 @@ from ml3cli import artifacts, checkpoints, distributed, plots
 from ml3cli.engine import meta_train
 from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, paired_difference, tune_lr
-from ml3cli.recipes import Recipe, checkpoint_path_for, recipe_to_dict
+from ml3cli.recipes import Recipe, apply_overrides, checkpoint_path_for, recipe_to_dict
 from ml3cli.report_metrics import print_task_report, report_from_curves
 from ml3cli.runtime import configure, resolve_device
 from ml3cli.tasks import TASKS, make_task, task_class
@@ -288,6 +288,7 @@ class EvalSettings:
     device: str = "cpu"
     threads: int = 1
     at: tuple[int, ...] | None = None  # steps shown in the tables (default 0, 1, 10, 50, 100 and the last)
+    task_options: tuple[str, ...] = ()  # KEY=VALUE overrides of the test task's options (--task-option)
 
 
 def run_comparison(
@@ -318,12 +319,18 @@ def run_comparison(
     recorded_tests = [info["recipe"].get("meta_test") or {} for info in artifact_infos]
     recorded = next((test for test in recorded_tests if test.get("task") == task_name), {})
     task_options = recorded.get("task_options", {})
+    if settings.task_options:  # e.g. architecture=mlp: the same held-out tasks with another optimizee
+        bad = [item for item in settings.task_options if "=" not in item or not item.partition("=")[0].strip()]
+        if bad:
+            raise ML3Error(f"--task-option {bad[0]!r}: expected KEY=VALUE, e.g. --task-option architecture=mlp")
+        task_options = apply_overrides(dict(task_options), list(settings.task_options))
     tasks = settings.tasks or recorded.get("tasks", 10)
     seeds = settings.seeds or recorded.get("seeds", 5)
     steps = settings.steps or recorded.get("steps", 100)
     _table_steps(steps, settings.at)  # refuse --at beyond the steps before any training
     default_lr = settings.lr or recorded.get("lr")
-    task = make_task(task_name, task_options, device)
+    where = "--task-option" if settings.task_options else "task_options"
+    task = make_task(task_name, task_options, device, where=where)
 
     losses: list[NamedLoss] = []
     for spec in loss_specs:

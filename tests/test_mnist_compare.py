@@ -1,0 +1,100 @@
+"""Issue 5 through the CLI: the MNIST recipe variants (several meta-train pairs, joint inputs) and
+``ml3 compare --task-option`` (the same held-out pairs with another optimizee, e.g. ``architecture=mlp``)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from helpers import REPO, run_main
+
+from ml3cli.recipes import load_recipe
+
+HELD_OUT = {frozenset(p) for p in ([0, 6], [1, 7], [2, 5], [3, 8])}
+
+
+# -- recipes --------------------------------------------------------------------------------------------------
+def test_several_pairs_recipe_shares_no_pair_with_its_meta_test():
+    recipe = load_recipe(REPO / "recipes" / "mnist_binary_pairs.yaml")
+    train = {frozenset(p) for p in recipe.task_options["pairs"]}
+    test = {frozenset(p) for p in recipe.meta_test.task_options["pairs"]}
+    assert len(train) >= 2 and test == HELD_OUT and not train & test
+    # the same settings as the one-pair recipe otherwise, so the two artifacts compare like for like
+    one = load_recipe(REPO / "recipes" / "mnist_binary.yaml")
+    assert recipe.inner == one.inner and recipe.outer == one.outer and recipe.meta_loss == one.meta_loss
+    assert recipe.meta_test == one.meta_test
+
+
+def test_joint_recipe_uses_joint_inputs_on_both_sides():
+    recipe = load_recipe(REPO / "recipes" / "mnist_binary_joint.yaml")
+    assert recipe.task_options["inputs"] == recipe.meta_test.task_options["inputs"] == "joint"
+    assert {frozenset(p) for p in recipe.meta_test.task_options["pairs"]} == HELD_OUT
+    assert not {frozenset(p) for p in recipe.task_options["pairs"]} & HELD_OUT
+
+
+# -- compare --task-option ------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_artifact(tmp_path):
+    """A class-wise loss saved with a recipe that records a tiny meta-test on two held-out pairs (LeNet)."""
+    from ml3cli import MetaLoss, save_loss
+    from ml3cli.tasks.mnist import CLASSWISE_INPUTS
+
+    train = {"pairs": [[4, 9]], "images": 8, "test_images": 8, "architecture": "mlp", "hidden": [8]}  # fast tuning
+    test = {"pairs": [[0, 6], [1, 7]], "images": 8, "test_images": 8, "architecture": "lenet"}
+    recipe = {
+        "task": "mnist_binary",
+        "task_options": train,
+        "inner": {"lr": 1e-2},
+        "meta_test": {"task": "mnist_binary", "task_options": test, "tasks": 2, "seeds": 1, "steps": 3, "lr": 1e-2},
+    }
+    info = {"task": "mnist_binary", "test_task": "mnist_binary", "recipe": recipe}
+    return save_loss(tmp_path / "tiny.safetensors", MetaLoss(CLASSWISE_INPUTS, (8, 8)), info)
+
+
+def test_compare_task_option_overrides_the_recorded_test_options(tiny_artifact, tmp_path, monkeypatch, capsys):
+    """--task-option changes only the named options: the recorded held-out pairs and sizes stay, the optimizee is
+    the MLP asked for (its θ has no conv weights), and the tuned baseline is still chosen on the meta-train task."""
+    json_path = tmp_path / "cmp.json"
+    result = run_main(
+        monkeypatch, capsys, "compare", "--task", "mnist_binary", "--loss", tiny_artifact, "--loss", "cross_entropy",
+        "--task-option", "architecture=mlp", "--task-option", "hidden=[16]", "--tune-baseline-lr",
+        "--json", json_path, "--out-dir", tmp_path / "o", "--quiet", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.code == 0, result.output
+    document = json.loads(json_path.read_text())
+    options = document["task_options"]
+    assert options["architecture"] == "mlp" and options["hidden"] == [16]
+    assert options["pairs"] == [[0, 6], [1, 7]] and options["images"] == 8 and options["test_images"] == 8
+    assert document["tasks"] == 2 and document["steps"] == 3 and len(document["seeds"]) == 1
+    assert [loss["name"] for loss in document["losses"]] == ["tiny", "cross_entropy", "cross_entropy (tuned lr)"]
+    assert document["baseline_lr_tuning"]["on_task"] == "mnist_binary"
+
+    # without the option: the recorded LeNet (a different optimizee, so a different initial cross-entropy)
+    plain = tmp_path / "plain.json"
+    result = run_main(
+        monkeypatch, capsys, "compare", "--task", "mnist_binary", "--loss", tiny_artifact, "--loss", "cross_entropy",
+        "--json", plain, "--out-dir", tmp_path / "p", "--quiet", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.code == 0, result.output
+    lenet = json.loads(plain.read_text())
+    assert lenet["task_options"]["architecture"] == "lenet"
+    assert lenet["losses"][0]["mean"][0] != document["losses"][0]["mean"][0]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("architecture", r"--task-option 'architecture': expected KEY=VALUE"),
+        ("architecture=resnet", r"--task-option.*architecture"),
+        ("test_images=7", r"--task-option.*test_images"),
+    ],
+)
+def test_compare_refuses_a_bad_task_option(tiny_artifact, tmp_path, monkeypatch, capsys, option, message):
+    result = run_main(
+        monkeypatch, capsys, "compare", "--task", "mnist_binary", "--loss", tiny_artifact, "--task-option", option,
+        "--out-dir", tmp_path / "o", "--quiet", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.code != 0
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "o").exists()

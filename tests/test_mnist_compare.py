@@ -20,9 +20,10 @@ def test_several_pairs_recipe_shares_no_pair_with_its_meta_test():
     train = {frozenset(p) for p in recipe.task_options["pairs"]}
     test = {frozenset(p) for p in recipe.meta_test.task_options["pairs"]}
     assert len(train) >= 2 and test == HELD_OUT and not train & test
-    # the same settings as the one-pair recipe otherwise, so the two artifacts compare like for like
+    # the same settings as the one-pair recipe otherwise, except M_φ's ELU (ReLU units died on five pairs)
     one = load_recipe(REPO / "recipes" / "mnist_binary.yaml")
-    assert recipe.inner == one.inner and recipe.outer == one.outer and recipe.meta_loss == one.meta_loss
+    assert recipe.inner == one.inner and recipe.outer == one.outer
+    assert recipe.meta_loss.activation == "elu" and recipe.meta_loss.hidden == one.meta_loss.hidden
     assert recipe.meta_test == one.meta_test
 
 

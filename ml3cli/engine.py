@@ -61,15 +61,16 @@ def loss_value(value: Tensor | tuple[Tensor, Tensor]) -> Tensor:
     return loss_and_scale(value)[0]
 
 
+def inner_loss(task: Task, loss_fn: LossFn, theta: Theta, batch: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The inner loss for ONE task and its learned step scale as ``(scale,)``, or ``()`` for a plain loss (the form
+    torch.func's aux outputs and ``vmap`` need: tensors only)."""
+    loss, scale = loss_and_scale(loss_fn(task.loss_inputs(theta, batch)))
+    return loss, () if scale is None else (scale,)
+
+
 def inner_gradient(task: Task, loss_fn: LossFn, theta: Theta, batch: Any) -> tuple[Theta, tuple[Tensor, ...]]:
-    """∇_θ of the inner loss for ONE task, and the learned step scale as ``(scale,)`` (``()`` for a plain loss;
-    torch.func carries it as an undifferentiated aux output, which must hold tensors only)."""
-
-    def inner_objective(theta: Theta) -> tuple[Tensor, tuple[Tensor, ...]]:
-        loss, scale = loss_and_scale(loss_fn(task.loss_inputs(theta, batch)))
-        return loss, () if scale is None else (scale,)
-
-    return grad(inner_objective, has_aux=True)(theta)
+    """∇_θ of the inner loss for ONE task, and the learned step scale (undifferentiated aux output)."""
+    return grad(lambda theta: inner_loss(task, loss_fn, theta, batch), has_aux=True)(theta)
 
 
 def sgd_step(task: Task, loss_fn: LossFn, theta: Theta, batch: Any, lr: float, truncate: bool = False) -> Theta:
@@ -102,11 +103,10 @@ def sgd_step_autograd(
         for name, value in theta.items()
     }
 
-    def inner_loss(theta: Theta, batch: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
-        loss, scale = loss_and_scale(loss_fn(task.loss_inputs(theta, batch)))
-        return loss, () if scale is None else (scale,)
+    def one_task(theta: Theta, batch: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return inner_loss(task, loss_fn, theta, batch)
 
-    loss, scale = vmap(inner_loss)(at, batch) if batched else inner_loss(at, batch)
+    loss, scale = vmap(one_task)(at, batch) if batched else one_task(at, batch)
     gradient = torch.autograd.grad(
         loss.sum(), list(at.values()), create_graph=True, allow_unused=True, materialize_grads=True
     )

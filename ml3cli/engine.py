@@ -155,6 +155,7 @@ def meta_gradient(
     diagnostics: bool = True,
     single_task_path: bool = True,
     gen: torch.Generator | None = None,
+    shard: Shard | None = None,
 ) -> tuple[Phi, MetaStep]:
     """∇_φ of the mean task loss over a batch of tasks after K inner steps, and what the step saw.
 
@@ -167,7 +168,20 @@ def meta_gradient(
     ``gen``) before every inner step and before L_T, the simulator outside autograd and ``vmap``.
     With ``inner.task_loss_at == "every"`` L_T is the mean over the θ after each inner step.
     ``diagnostics`` adds the task loss and learned loss at θ₀ (two forward passes, no gradient).
+    With a ``shard`` (one of several processes) ``theta`` and ``batch`` are the WHOLE batch and this process
+    differentiates its share; the data of a task that collects it are gathered for the whole batch on every process
+    (from the θ of all shares), so that the random stream ``gen`` is drawn exactly as by a single process and the
+    result does not depend on the number of processes: the simulation is repeated, the differentiation is split.
     """
+    collect = task.collect
+    if shard is not None:
+        n_tasks = len(next(iter(theta.values())))
+        whole_batch = batch
+        theta, batch = shard.part((theta, batch), n_tasks)
+
+        def collect(theta: Theta, _: Any, gen: torch.Generator | None, purpose: str) -> Any:
+            return shard.part(task.collect(shard.gather(theta), whole_batch, gen, purpose), n_tasks)
+
     phi = {name: value.detach().requires_grad_() for name, value in phi.items()}
     loss_fn = learned_loss_fn(metaloss, phi)
     every = inner.task_loss_at == "every"
@@ -189,7 +203,7 @@ def meta_gradient(
             raise ValueError(f"task {task.name!r} collects data and needs a generator")
 
         def data(theta: Theta, purpose: str) -> Any:
-            return task.collect(detached(theta), batch, gen, purpose) if task.collects_data else batch
+            return collect(detached(theta), batch, gen, purpose) if task.collects_data else batch
 
         theta_k, total = theta, 0.0
         for k in range(inner.steps):
@@ -207,8 +221,8 @@ def meta_gradient(
     before = learned = None
     if diagnostics:
         with torch.no_grad():
-            measured = task.collect(theta, batch, gen, "task_loss") if task.collects_data else batch
-            inputs = task.collect(theta, batch, gen, "inner") if task.collects_data else batch
+            measured = collect(theta, batch, gen, "task_loss") if task.collects_data else batch
+            inputs = collect(theta, batch, gen, "inner") if task.collects_data else batch
             before = vmap(objective)(theta, measured)
             learned = vmap(lambda theta, batch: loss_value(loss_fn(task.loss_inputs(theta, batch))))(theta, inputs)
     return gradient, MetaStep(after.detach(), detached(theta_k), before, learned)
@@ -342,15 +356,10 @@ def meta_train(
             age = 0
         phi = {name: p.detach() for name, p in metaloss.named_parameters()}
         logging = step % recipe.log_every == 0 or step == outer.steps or step == 1
-        if shard is None:
-            gradient, seen = meta_gradient(
-                metaloss, phi, task, theta, batch, inner, objective, diagnostics=logging, gen=gen
-            )
-        else:
-            part_theta, part_batch = shard.part((theta, batch), outer.tasks)
-            gradient, seen = meta_gradient(
-                metaloss, phi, task, part_theta, part_batch, inner, objective, diagnostics=logging, gen=gen
-            )
+        gradient, seen = meta_gradient(
+            metaloss, phi, task, theta, batch, inner, objective, diagnostics=logging, gen=gen, shard=shard
+        )
+        if shard is not None:
             gradient = shard.mean(gradient)
             seen = MetaStep(*shard.gather((seen.task_loss, seen.theta, seen.task_loss_before, seen.learned_loss)))
         if not _all_finite([seen.task_loss]):

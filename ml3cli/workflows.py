@@ -91,10 +91,6 @@ def _run_meta_train(
     task = make_task(recipe.task, recipe.task_options, device)
     if shard is not None:
         shard.bounds(recipe.outer.tasks)  # refuse an uneven split before any work
-        if task.collects_data:
-            raise ML3Error(
-                f"task {recipe.task!r} collects data with θ: meta-training it across processes is not supported yet"
-            )
         console.print(f"process {shard.rank} of {shard.world}: tasks {shard.bounds(recipe.outer.tasks)} of the batch")
     checkpoint = checkpoint_path_for(out_path)
     base_info = {"task": recipe.task, "test_task": recipe.meta_test.task, "seed": recipe.seed}

@@ -40,6 +40,31 @@ def test_two_processes_give_the_phi_of_one(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "two.rank1.safetensors").exists()
 
 
+def test_a_task_that_collects_data_gives_the_phi_of_one_process(tmp_path, monkeypatch, capsys):
+    """Model-free reacher (rollouts on MuJoCo between inner steps): every process simulates the whole batch from
+    the gathered θ, so the random stream is the single process's and 2 processes end at its φ."""
+    data = {
+        "name": "tiny_mfrl",
+        "task": "reacher_goal_mf",
+        "task_options": {"hidden": [8], "episodes": 1, "task_loss_episodes": 2, "horizon": 5},
+        "seed": 0,
+        "threads": 1,
+        "meta_loss": {"hidden": [8, 8], "activation": "relu", "output": "softplus"},
+        "inner": {"lr": 0.5, "steps": 2, "task_loss_at": "every"},
+        "outer": {"lr": 1e-2, "steps": 3, "tasks": 4},
+        "meta_test": {"task": "reacher_goal_mf", "tasks": 1, "seeds": 1, "steps": 1},
+        "log_every": 2,
+    }
+    path = write_recipe(tmp_path / "tiny_mfrl.yaml", data)
+    one = run_main(monkeypatch, capsys, "meta-train", path, "--out", tmp_path / "one.safetensors", "-q", cwd=tmp_path)
+    assert one.code == 0, one.output
+    two = run_cli("meta-train", path, "--out", tmp_path / "two.safetensors", "--nproc", "2", "-q", cwd=tmp_path)
+    assert two.code == 0, two.output
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_an_uneven_split_is_refused_naming_the_field():
     with pytest.raises(ML3Error, match=r"outer.tasks \(3\) must be a multiple of the number of processes \(2\)"):
         Shard(rank=0, world=2).bounds(3)

@@ -27,7 +27,9 @@ Data sheet
     Task loss: the final distance ‖p_T − g‖ of a rollout of π_θ: in P and differentiable through P, the policy and
     the inner step (``system: model``), or of the collected real rollout (``system: real``, the meta-test metric).
     Extra terms (meta-train only, in P): ``path_distance`` = mean_t ‖p_t − g‖, ``final_velocity`` = ‖v_T‖ (scaled
-    as the state input), ``action_cost`` = mean_t ‖a_t / max_action‖².
+    as the state input), ``action_cost`` = mean_t ‖a_t / max_action‖²; the reacher also has ``joint_distance`` =
+    ‖q_T − q*‖ and ``joint_path_distance`` = mean_t ‖q_t − q*‖ with q* the joint angles that put the fingertip
+    on g (the public reference's reacher task loss is in joint space).
     Hand-written loss: ``final_distance``, the mean of the ``final_distance`` input (the task loss through P with
     ``model_gradient: true``; without it, its gradient is zero: there is no model at meta-test).
 """
@@ -419,3 +421,32 @@ class ReacherGoalTask(GoalReachingTask):
     def random_states(self, n: int, generator: torch.Generator) -> Tensor:
         low = torch.tensor([-math.pi, -2.0, -3.0, -3.0])  # q₂ away from its ±3 rad limit: contacts are rare later
         return (low + (-2 * low) * torch.rand(n, 4, generator=generator)).to(self.device)
+
+    # -- joint-space shaping terms (the public reference's reacher task loss is in joint space) -------------
+    extra_term_names = (*GoalReachingTask.extra_term_names, "joint_distance", "joint_path_distance")
+
+    @staticmethod
+    def joint_target(goal: Tensor, start: Tensor) -> Tensor:
+        """q* = (θ₁, θ₂) that puts the fingertip on ``goal`` (ONE task), the elbow on the start's side. Goals inside
+        the reach annulus; others get the nearest reachable configuration (cos θ₂ clamped)."""
+        l1, l2 = rc.LINKS
+        cos_q2 = ((goal**2).sum() - l1**2 - l2**2) / (2 * l1 * l2)
+        q2 = torch.acos(cos_q2.clamp(-1.0, 1.0)) * torch.where(start[1] < 0, -1.0, 1.0)
+        q1 = torch.atan2(goal[1], goal[0]) - torch.atan2(l2 * torch.sin(q2), l1 + l2 * torch.cos(q2))
+        return torch.stack([q1, q2])
+
+    def joint_error(self, states: Tensor, task: GoalBatch) -> Tensor:
+        """‖q_t − q*‖ per state of ``states [T + 1, 4]``, θ₁'s difference wrapped to (−π, π] (θ₁ is unlimited)."""
+        error = states[..., :2] - self.joint_target(task.goal, task.start)
+        wrapped = torch.atan2(torch.sin(error[..., 0]), torch.cos(error[..., 0]))
+        return torch.linalg.vector_norm(torch.stack([wrapped, error[..., 1]], -1), dim=-1)
+
+    def extra_term(self, name: str, theta: Theta, task: GoalBatch) -> Tensor:
+        """Besides the shared terms: ``joint_distance`` = ‖q_T − q*‖ and ``joint_path_distance`` = mean_t ‖q_t − q*‖
+        (radians; q* from :meth:`joint_target`): unlike the fingertip distance they have no plateau at "fold the
+        arm" (a fingertip near the shoulder is ≈ ‖g‖ from every goal)."""
+        if name == "joint_distance":
+            return self.joint_error(self.trajectory(theta, task)[-1], task)
+        if name == "joint_path_distance":
+            return self.joint_error(self.trajectory(theta, task)[1:], task).mean()
+        return super().extra_term(name, theta, task)

@@ -90,9 +90,14 @@ def main() -> None:
             NamedLoss(Path(path).name.removesuffix(".safetensors"), lambda inputs, m=module: m(**inputs), lr, path)
         )
     direct = task.builtin_losses["final_distance"]
-    losses.append(NamedLoss("direct task loss", lambda inputs: direct(**inputs), args.direct_lr or args.lr or 1.0))
+    direct_loss = NamedLoss("direct task loss", lambda inputs: direct(**inputs), args.direct_lr or args.lr or 1.0)
+    # the task loss descended directly is differentiated through the car, whatever the learned losses' setting
+    # (under ``loss_gradient: policy`` the rollout is data and ‖s_T − goal‖ would have no gradient at all)
+    through_car = make_task("mountain_car", task.options.model_dump() | {"loss_gradient": "dynamics"})
 
     curves = evaluate(task, losses, tasks=1, seeds=args.seeds, steps=args.updates, seed=args.seed)
+    curves += evaluate(through_car, [direct_loss], tasks=1, seeds=args.seeds, steps=args.updates, seed=args.seed)
+    losses.append(direct_loss)
     x_name = "x_T"
     results: dict = {"updates": args.updates, "seeds": args.seeds, "reach_x": reach, "losses": {}}
     print(
@@ -152,7 +157,9 @@ def main() -> None:
         figure_b[f"{label} (iterations)"] = padded[: args.updates + 1]
     write_bytes_atomic(out / "final_distance.png", final_distance_curves(figure_b))
     trajectories = {
-        f"{loss.label}, {args.updates} updates": policy_trajectory(task, loss, args.updates, args.seed)
+        f"{loss.label}, {args.updates} updates": policy_trajectory(
+            through_car if loss is direct_loss else task, loss, args.updates, args.seed
+        )
         for loss in losses
     }
     for label, (ilqr, _) in runs.items():

@@ -18,7 +18,10 @@ Data sheet
     away from θ₀ ~ U[±0.71]² instead of ~25.
     Loss inputs, one row per time step t = 0 … T−1 of a rollout of π_θ from the start: the state s_t (``state``,
     2), the action a_t (``action``, 1) and the final distance ‖s_T − goal‖ (``final_distance``, 1, the same on
-    every row), as the reference. Everything is differentiable with respect to θ through the dynamics.
+    every row), as the reference. With ``loss_gradient: dynamics`` (the reference) they are differentiable with
+    respect to θ through the car; with ``policy`` (the recipes) the states and the final distance are data and θ
+    enters through the actions π_θ(s_t) alone, as on a real system — a hand-written loss of the final distance then
+    has no gradient, so the direct task loss is descended with ``dynamics``.
     Task loss: ‖s_T − goal‖, the distance of the final state (position and velocity) to the goal, on a rollout of
     θ (the paper's figure 6b metric). Extra (shaping) terms, meta-train only:
     ``intermediate_goal`` = mean over t = 1 … 15 of ‖s_t − intermediate goal‖ (first go back left to swing up);
@@ -73,6 +76,12 @@ class MountainCarOptions(TaskOptions):
         (1.0, 1.0), description="the policy sees (c_x·x, c_v·v): an input scale, so that good θ are O(1) like θ₀"
     )
     reach_x: float = Field(0.45, description="x_T at or above this counts as reaching the goal")
+    loss_gradient: Literal["dynamics", "policy"] = Field(
+        "dynamics",
+        description="how the learned loss's gradient reaches θ: through the whole differentiable rollout "
+        "(the reference) or through the policy's actions π_θ(s_t) only, the visited states and the final distance "
+        "taken as data (as on a real system, algorithm 5)",
+    )
 
     @field_validator("activation")
     @classmethod
@@ -166,6 +175,11 @@ class MountainCarTask(Task):
     def loss_inputs(self, theta: Theta, task: CarBatch) -> dict[str, Tensor]:
         states, actions = self.rollout(theta, task)
         distance = torch.linalg.vector_norm(states[-1] - task.goal)
+        if self.options.loss_gradient == "policy":
+            # ∂s_t/∂θ through the car grows by orders of magnitude when a rollout grazes the hill top, and so does
+            # the inner step; through the actions alone it is bounded by the squash's slope and |s|
+            states, distance = states.detach(), distance.detach()
+            actions = self.predict(theta, states[:-1])
         return {
             "state": states[:-1],
             "action": actions,

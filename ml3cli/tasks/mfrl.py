@@ -9,6 +9,10 @@ Data sheet
     ``horizon`` steps; actions a = μ + σ ε, ε from the engine's generator, clipped to [−1, 1] by the simulator).
     Loss inputs (appendix A): per sampled step, the state s, the sampled action a, the policy's μ_θ(s) and σ_θ, and
     the goal g: M_φ(s, a, μ, σ, g) (μ and σ rather than π(a|s): the paper found them to work better).
+    Options (issue 10, all off by default): ``loss_reward`` adds a normalised return / reward-to-go input R (the
+    paper's algorithm 4 hands R_i to the update); ``loss_state_scale`` rescales the s and g that M_φ sees
+    (ReacherGoal's raw goal offsets are ~0.1 m beside joint velocities of ~10 rad/s); ``advantage: to_go`` is
+    the causal, per-step REINFORCE task loss (less variance than the trajectory return).
     Inner step: one SGD step on M_φ over the latest rollout (the minibatch is the whole rollout), then a new rollout.
     Task loss (equations 7–8): the REINFORCE surrogate −mean_τ [A(τ) Σ_t log π_θ'(a_t|s_t)] on a fresh rollout,
     A(τ) = R_g(τ) − b (``advantage``: raw return, minus the mean return over the rollout's episodes, or that
@@ -36,6 +40,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ml3cli.errors import ML3Error
 from ml3cli.metaloss import LossInput
 from ml3cli.tasks.base import Task, TaskOptions, Theta
 
@@ -85,7 +90,8 @@ def gaussian_entropy(sigma: Tensor) -> Tensor:
 
 
 # -- REINFORCE (equations 7–8) ----------------------------------------------------------------------------------
-AdvantageMode = Literal["return", "baseline", "normalized"]
+AdvantageMode = Literal["return", "baseline", "normalized", "to_go"]
+RewardInput = Literal["none", "return", "to_go"]
 
 
 def trajectory_advantage(returns: Tensor, mode: AdvantageMode) -> Tensor:
@@ -101,7 +107,10 @@ def trajectory_advantage(returns: Tensor, mode: AdvantageMode) -> Tensor:
 
 def reinforce_surrogate(log_prob: Tensor, advantage: Tensor) -> Tensor:
     """−mean_τ [A(τ) Σ_t log π(a_t|s_t)] for ``log_prob[E, T]`` and per-episode ``advantage[E]`` (no gradient
-    flows into A): its gradient is the REINFORCE estimator −mean_τ A(τ) Σ_t ∇ log π(a_t|s_t)."""
+    flows into A): its gradient is the REINFORCE estimator −mean_τ A(τ) Σ_t ∇ log π(a_t|s_t). A per-step
+    ``advantage[E, T]`` (reward-to-go) gives −mean_τ Σ_t A_t log π(a_t|s_t)."""
+    if advantage.shape == log_prob.shape:
+        return -(advantage.detach() * log_prob).sum(-1).mean()
     return -(advantage.detach() * log_prob.sum(-1)).mean()
 
 
@@ -119,6 +128,7 @@ class EnvSpec:
     act_dim: int
     make: Callable[[], Any]  # a fresh gymnasium env (no time limit: the collector steps exactly ``horizon``)
     metric: Literal["neg_distance", "distance_gain"]
+    goal_features: tuple[int, int] = (4, 5)  # where the goal (x, y) sits in the observation (its scale for g)
 
 
 def _reacher_spec(options: Any) -> EnvSpec:
@@ -138,7 +148,7 @@ def _ant_spec(options: Any) -> EnvSpec:
 
         return AntGoalEnv(goal_radius=radius)
 
-    return EnvSpec(31, 8, make, "distance_gain")
+    return EnvSpec(31, 8, make, "distance_gain", (29, 30))
 
 
 # -- rollouts -------------------------------------------------------------------------------------------------
@@ -244,13 +254,28 @@ class MFRLOptions(TaskOptions):
     task_loss_episodes: PositiveInt = Field(4, description="episodes of the rollout the task loss is measured on")
     horizon: PositiveInt = Field(50, description="steps per episode")
     advantage: AdvantageMode = Field(
-        "normalized", description="A(τ) in the REINFORCE task loss: return, baseline (minus mean) or normalized"
+        "normalized",
+        description="A(τ) in the REINFORCE task loss: return, baseline (minus mean), normalized, or to_go (per "
+        "step: the reward-to-go minus its mean over the episodes at that step, normalised; less variance)",
+    )
+    loss_reward: RewardInput = Field(
+        "none",
+        description="a reward signal for M_φ (an input R per sample): none (appendix A's M_φ(s, a, μ, σ, g)), "
+        "return (the normalised return of the sample's episode) or to_go (the normalised reward-to-go)",
+    )
+    loss_state_scale: list[float] | None = Field(
+        None,
+        description="per-feature factors for the state s and the goal g that M_φ sees (s: one per observation "
+        "feature, g: the factors of the observation's goal features), so that its inputs are O(1); "
+        "the policy still sees the raw observation. None: unscaled",
     )
 
     @model_validator(mode="after")
     def _baseline_needs_episodes(self):
         if self.advantage != "return" and self.task_loss_episodes < 2:
             raise ValueError(f"advantage {self.advantage!r} needs task_loss_episodes >= 2 (a mean over episodes)")
+        if self.loss_reward != "none" and self.episodes < 2:
+            raise ValueError(f"loss_reward {self.loss_reward!r} needs episodes >= 2 (it is normalised over episodes)")
         return self
 
 
@@ -289,7 +314,27 @@ def policy_loss_inputs(obs_dim: int, act_dim: int) -> tuple[LossInput, ...]:
     )
 
 
-def likelihood(s: Tensor, a: Tensor, mu: Tensor, sigma: Tensor, g: Tensor) -> Tensor:
+REWARD_INPUT = LossInput("R", 1, "the sample's normalised return or reward-to-go (option loss_reward)")
+
+
+def reward_input(reward: Tensor, mode: RewardInput) -> Tensor:
+    """The reward signal M_φ sees per sample, ``[E, T]`` from the rollout's rewards ``[E, T]`` of ONE task.
+
+    Why: without it M_φ(s, a, μ, σ, g) is a fixed function of the policy, and SGD on it converges to the policy
+    that minimises it, however good that is; with it the loss can weigh its samples by how well they did (as a
+    policy gradient does), so training can go on improving on new goals. ``return``: A(τ) of the sample's episode,
+    (R − mean R) / std R over the rollout's episodes (the task loss's ``normalized`` advantage); ``to_go``: the
+    reward-to-go Σ_{t' ≥ t} r_t' minus its mean over the episodes at the same t, divided by the std of that over
+    all samples (normalised, so that M_φ sees O(1) values whatever the reward's scale).
+    """
+    if mode == "return":
+        return trajectory_advantage(reward.sum(-1), "normalized").unsqueeze(-1).expand_as(reward)
+    to_go = reward.flip(-1).cumsum(-1).flip(-1)
+    centred = to_go - to_go.mean(0, keepdim=True)
+    return centred / (centred.pow(2).mean().sqrt() + 1e-8)
+
+
+def likelihood(s: Tensor, a: Tensor, mu: Tensor, sigma: Tensor, g: Tensor, R: Tensor | None = None) -> Tensor:
     """−mean log π(a|s): maximum likelihood of the policy's own samples, a reference with no reward signal."""
     return -gaussian_log_prob(a, mu, sigma).mean()
 
@@ -308,6 +353,18 @@ class ModelFreeRL(Task):
         self.spec = type(self).spec_factory(options)
         super().__init__(options, device)
         self.pool = EnvPool(self.spec)
+        scale = self.options.loss_state_scale
+        if scale is not None and len(scale) != self.spec.obs_dim:
+            raise ML3Error(
+                f"task_options.loss_state_scale: {len(scale)} factors given, the observation has {self.spec.obs_dim}"
+            )
+        self._state_scale = None if scale is None else torch.tensor(scale, device=self.device)
+
+    @classmethod
+    def inputs_for(cls, options: TaskOptions) -> tuple[LossInput, ...]:
+        if getattr(options, "loss_reward", "none") == "none":
+            return cls.loss_inputs_spec
+        return (*cls.loss_inputs_spec, REWARD_INPUT)
 
     def build_optimizee(self) -> nn.Module:
         return GaussianPolicy(self.spec.obs_dim, self.spec.act_dim, self.options.hidden, self.options.init_log_std)
@@ -349,7 +406,14 @@ class ModelFreeRL(Task):
         s = task.obs.reshape(-1, task.obs.shape[-1])
         a = task.action.reshape(-1, task.action.shape[-1])
         mu, sigma = self.policy(theta, s)
-        return {"s": s, "a": a, "mu": mu, "sigma": sigma, "g": task.goal.expand(s.shape[0], 2)}
+        g = task.goal.expand(s.shape[0], 2)
+        if self._state_scale is not None:  # raw, the goal offsets (~0.1 m) vanish beside the velocities (~10 rad/s)
+            s = s * self._state_scale.to(s.dtype)
+            g = g * self._state_scale[list(self.spec.goal_features)].to(g.dtype)
+        inputs = {"s": s, "a": a, "mu": mu, "sigma": sigma, "g": g}
+        if self.options.loss_reward != "none":
+            inputs["R"] = reward_input(task.reward, self.options.loss_reward).reshape(-1, 1)
+        return inputs
 
     def log_prob(self, theta: Theta, task: MFRLBatch) -> Tensor:
         """log π_θ(a_t|s_t) ``[E, T]`` of the rollout's actions."""
@@ -357,7 +421,10 @@ class ModelFreeRL(Task):
         return gaussian_log_prob(task.action, mu, sigma)
 
     def task_loss(self, theta: Theta, task: MFRLBatch) -> Tensor:
-        advantage = trajectory_advantage(task.reward.sum(-1), self.options.advantage)
+        if self.options.advantage == "to_go":  # causality: a_t is credited only with the rewards after it
+            advantage = reward_input(task.reward, "to_go")
+        else:
+            advantage = trajectory_advantage(task.reward.sum(-1), self.options.advantage)
         surrogate = reinforce_surrogate(self.log_prob(theta, task), advantage)
         value = -performance(task.distance, task.start_distance, self.spec.metric).mean()
         return magic_box(value, surrogate)

@@ -173,13 +173,16 @@ class MountainCarTask(Task):
         return self.car.rollout(lambda s: self.predict(theta, s), task.start, self.options.horizon)
 
     def loss_inputs(self, theta: Theta, task: CarBatch) -> dict[str, Tensor]:
-        states, actions = self.rollout(theta, task)
-        distance = torch.linalg.vector_norm(states[-1] - task.goal)
         if self.options.loss_gradient == "policy":
             # ∂s_t/∂θ through the car grows by orders of magnitude when a rollout grazes the hill top, and so does
-            # the inner step; through the actions alone it is bounded by the squash's slope and |s|
-            states, distance = states.detach(), distance.detach()
+            # the inner step; through the actions alone it is bounded by the squash's slope and |s|. The rollout is
+            # data, so it is run without recording a graph.
+            with torch.no_grad():
+                states, _ = self.rollout(theta, task)
             actions = self.predict(theta, states[:-1])
+        else:
+            states, actions = self.rollout(theta, task)
+        distance = torch.linalg.vector_norm(states[-1] - task.goal)
         return {
             "state": states[:-1],
             "action": actions,

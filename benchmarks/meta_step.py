@@ -84,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ml3cli.engine import Phi, meta_gradient, task_objective  # noqa: E402
 from ml3cli.metaloss import MetaLoss  # noqa: E402
 from ml3cli.recipes import InnerConfig, TaskLossConfig  # noqa: E402
-from ml3cli.runtime import generator  # noqa: E402
+from ml3cli.runtime import generator, keep_freed_memory  # noqa: E402
 from ml3cli.tasks import make_task  # noqa: E402
 from ml3cli.tasks.base import Task, Theta  # noqa: E402
 from ml3cli.tasks.sine import SineBatch  # noqa: E402
@@ -465,6 +465,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of φ, θ₀ and the tasks (default: 0)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS columns")
+    parser.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc settings alone instead of keeping freed memory for reuse as `ml3` does",
+    )
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 5 if args.quick else 21
@@ -482,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
+    kept = False if args.malloc_defaults else keep_freed_memory()  # as `ml3` does (ml3cli.runtime.configure)
 
     peak_rss = None
     if not args.no_memory:
@@ -492,7 +498,8 @@ def main(argv: list[str] | None = None) -> None:
 
     console.print(
         f"torch {torch.__version__} · python {platform.python_version()} · {platform.machine()} · "
-        f"{torch.get_num_threads()} thread(s) · float32 on cpu · {args.repeats} rounds ≥ {args.min_time:g} s"
+        f"{torch.get_num_threads()} thread(s) · float32 on cpu · {args.repeats} rounds ≥ {args.min_time:g} s · "
+        f"freed memory {'kept for reuse' if kept else 'returned to the kernel (glibc defaults)'}"
     )
     console.print(
         f"optimizee 1→{'→'.join(map(str, OPTIMIZEE_HIDDEN))}→1 ReLU · M_φ 2→{'→'.join(map(str, METALOSS_HIDDEN))}→1 "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import random
+import sys
 
 import numpy as np
 import torch
@@ -22,12 +25,43 @@ def resolve_device(name: str) -> torch.device:
         raise ML3Error(f"device {name!r} is not a valid device (expected cpu, cuda, cuda:N or auto)") from err
 
 
+#: glibc ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: The largest mmap threshold glibc accepts on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX).
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing it back to the kernel; True if it took effect.
+
+    Every meta-step allocates and frees the same set of tensors (a vmapped batch of 64 sine tasks keeps ~100 MB of
+    activations for the outer backward pass). With glibc's defaults, blocks of a few MB come from fresh ``mmap``
+    pages and top-of-heap memory is trimmed after every step, so the next step pays a page fault per 4 KiB page it
+    touches again: measured 122 → 89 ms per meta-step for 64 tasks × K = 5 (``benchmarks/meta_step.py``, 1 thread).
+    Blocks up to 32 MiB now come from the heap, and the heap is never trimmed: the process keeps its peak
+    resident memory, which a training process reaches on its first step anyway. A no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trimmed = mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    mapped = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+    return trimmed == 1 and mapped == 1
+
+
 def configure(threads: int, seed: int | None = None) -> None:
-    """Set the intra-op thread count (small models run far faster on 1 thread) and seed the global RNGs.
+    """Set the intra-op thread count (small models run far faster on 1 thread), keep freed memory for reuse
+    (:func:`keep_freed_memory`) and seed the global RNGs.
 
     The engine itself draws all randomness from explicit ``torch.Generator`` objects; seeding the global RNGs
     only guards third-party code that uses them.
     """
+    keep_freed_memory()
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     if seed is not None:

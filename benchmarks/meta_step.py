@@ -54,7 +54,7 @@ Memory
     used: its maximum cannot be reset, so it is not per configuration.
 
 Usage (from the repository root)
-    python benchmarks/meta_step.py                      # tasks 1,8,64 × K 1,5, one thread, 1–2 minutes
+    python benchmarks/meta_step.py                      # tasks 1,8,64,256 × K 1,5,20, one thread
     python benchmarks/meta_step.py --quick              # fewer, shorter rounds: a smoke test
     python benchmarks/meta_step.py --tasks 8,64 --steps 5 --threads 2
 """

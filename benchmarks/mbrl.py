@@ -52,12 +52,23 @@ def main() -> None:
     train_options, test_options = recipe["task_options"], recipe["meta_test"]["task_options"]
     model_state = model_state_from_checkpoint(args.loss)
     result = compare(
-        task_name, train_options, test_options, learned_fn, lr, model_state, args.goals, args.seeds, args.updates,
-        [float(v) for v in args.baseline_lrs.split(",")], args.seed,
+        task_name,
+        train_options,
+        test_options,
+        learned_fn,
+        lr,
+        model_state,
+        args.goals,
+        args.seeds,
+        args.updates,
+        [float(v) for v in args.baseline_lrs.split(",")],
+        args.seed,
     )
     steps = [s for s in REPORT_STEPS if s <= args.updates]
-    table = Table(title=f"{task_name}: real final distance to the goal ({args.goals} goals × {args.seeds} seeds, "
-                        "mean ± std over seeds)")
+    table = Table(
+        title=f"{task_name}: real final distance to the goal ({args.goals} goals × {args.seeds} seeds, "
+        "mean ± std over seeds)"
+    )
     table.add_column("loss")
     for s in steps:
         table.add_column(f"{s} upd.", justify="right")
@@ -66,29 +77,47 @@ def main() -> None:
     for row in table_rows(result, steps):
         table.add_row(*row)
     console.print(table)
-    console.print(f"baseline lr chosen on meta-train goals: {result.baseline_scores}; "
-                  f"{int(result.inside.sum())} of {result.inside.size} test goals lie in the meta-train region")
+    console.print(
+        f"baseline lr chosen on meta-train goals: {result.baseline_scores}; "
+        f"{int(result.inside.sum())} of {result.inside.size} test goals lie in the meta-train region"
+    )
 
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "results.json", {
-            "artifact": str(args.loss), "task": task_name, "goals": args.goals, "seeds": args.seeds,
-            "updates": args.updates, "lrs": result.lrs, "baseline_lr_scores": result.baseline_scores,
-            "goals_xy": result.goals.tolist(), "inside_meta_train_region": result.inside.tolist(),
-            "final_distance": {k: v.tolist() for k, v in result.curves.items()},
-        })
-        write_bytes_atomic(out / "final_distance.png", distance_curves(
-            {k: v.mean(axis=1) for k, v in result.curves.items()}, f"{task_name}: meta-test"))
+        write_json_atomic(
+            out / "results.json",
+            {
+                "artifact": str(args.loss),
+                "task": task_name,
+                "goals": args.goals,
+                "seeds": args.seeds,
+                "updates": args.updates,
+                "lrs": result.lrs,
+                "baseline_lr_scores": result.baseline_scores,
+                "goals_xy": result.goals.tolist(),
+                "inside_meta_train_region": result.inside.tolist(),
+                "final_distance": {k: v.tolist() for k, v in result.curves.items()},
+            },
+        )
+        write_bytes_atomic(
+            out / "final_distance.png",
+            distance_curves({k: v.mean(axis=1) for k, v in result.curves.items()}, f"{task_name}: meta-test"),
+        )
         task = make_task(task_name, {**test_options, "system": "real", "model_gradient": False})
         train_goals = make_task(task_name, {**train_options, "system": "real"}).sample_goals(5, generator(123))
-        test_goals = make_task(task_name, {**test_options, "system": "real", "goal_angle": [100.0, 260.0]}
-                               ).sample_goals(5, generator(456))
+        test_goals = make_task(
+            task_name, {**test_options, "system": "real", "goal_angle": [100.0, 260.0]}
+        ).sample_goals(5, generator(456))
         groups = {
             f"meta-train region goals ({args.updates} updates)": (
-                trained_paths(task, learned_fn, lr, train_goals, args.updates, args.seed), train_goals.numpy()),
+                trained_paths(task, learned_fn, lr, train_goals, args.updates, args.seed),
+                train_goals.numpy(),
+            ),
             f"meta-test goals, left ({args.updates} updates)": (
-                trained_paths(task, learned_fn, lr, test_goals, args.updates, args.seed), test_goals.numpy()),
+                trained_paths(task, learned_fn, lr, test_goals, args.updates, args.seed),
+                test_goals.numpy(),
+            ),
         }
         write_bytes_atomic(out / "trajectories.png", goal_trajectories(groups, f"{task_name}: learned loss only"))
         console.print(f"wrote {out}/results.json, final_distance.png, trajectories.png")

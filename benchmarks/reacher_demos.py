@@ -53,13 +53,23 @@ def main() -> None:
     learned_fn = lambda inputs: metaloss(**inputs)  # noqa: E731
     lr = recipe["meta_test"]["lr"] or recipe["inner"]["lr"]
     train_options, test_options = recipe["task_options"], recipe["meta_test"]["task_options"]
-    result = compare(train_options, test_options, learned_fn, lr, args.seeds, args.updates,
-                     [float(v) for v in args.bc_lrs.split(",")], args.seed)
+    result = compare(
+        train_options,
+        test_options,
+        learned_fn,
+        lr,
+        args.seeds,
+        args.updates,
+        [float(v) for v in args.bc_lrs.split(",")],
+        args.seed,
+    )
     steps = [s for s in REPORT_STEPS if s <= args.updates]
     for split, what in (("test", "meta-test targets (no expert)"), ("train", "meta-train targets")):
         goals = len(result.test_goals if split == "test" else result.train_goals)
-        table = Table(title=f"reacher_demos, {what}: real final fingertip distance in m ({goals} targets × "
-                            f"{args.seeds} seeds, mean ± sd)")
+        table = Table(
+            title=f"reacher_demos, {what}: real final fingertip distance in m ({goals} targets × "
+            f"{args.seeds} seeds, mean ± sd)"
+        )
         table.add_column("method")
         for s in steps:
             table.add_column(f"{s} upd.", justify="right")
@@ -67,30 +77,52 @@ def main() -> None:
             table.add_row(*row)
         console.print(table)
     for name, scores in result.bc_scores.items():
-        console.print(f"{name}: final distance on the meta-train targets (seeds 10000+) per lr: "
-                      f"{ {k: round(v, 4) for k, v in scores.items()} }")
+        console.print(
+            f"{name}: final distance on the meta-train targets (seeds 10000+) per lr: "
+            f"{ {k: round(v, 4) for k, v in scores.items()} }"
+        )
 
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "results.json", {
-            "artifact": str(args.loss), "seeds": args.seeds, "updates": args.updates, "lrs": result.lrs,
-            "bc_lr_scores": {name: {str(k): v for k, v in scores.items()} for name, scores in result.bc_scores.items()},
-            "train_goals": result.train_goals.tolist(), "test_goals": result.test_goals.tolist(),
-            "final_distance": {split: {k: v.tolist() for k, v in curves.items()}
-                               for split, curves in result.curves.items()},
-        })
-        write_bytes_atomic(out / "final_distance.png", distance_curves(
-            {k: v.mean(axis=1) for k, v in result.curves["test"].items()},
-            "reacher_demos: meta-test targets (no expert)"))
+        write_json_atomic(
+            out / "results.json",
+            {
+                "artifact": str(args.loss),
+                "seeds": args.seeds,
+                "updates": args.updates,
+                "lrs": result.lrs,
+                "bc_lr_scores": {
+                    name: {str(k): v for k, v in scores.items()} for name, scores in result.bc_scores.items()
+                },
+                "train_goals": result.train_goals.tolist(),
+                "test_goals": result.test_goals.tolist(),
+                "final_distance": {
+                    split: {k: v.tolist() for k, v in curves.items()} for split, curves in result.curves.items()
+                },
+            },
+        )
+        write_bytes_atomic(
+            out / "final_distance.png",
+            distance_curves(
+                {k: v.mean(axis=1) for k, v in result.curves["test"].items()},
+                "reacher_demos: meta-test targets (no expert)",
+            ),
+        )
         demo_task = make_task("reacher_demos", {**train_options, "demonstrations": True})
-        experts = np.stack([demo_task.position(torch.from_numpy(d.states)).numpy()
-                            for d in demo_task.demonstrations()])
+        experts = np.stack([demo_task.position(torch.from_numpy(d.states)).numpy() for d in demo_task.demonstrations()])
         test_task = make_task("reacher_demos", {**test_options, "demonstrations": False})
         paths, _ = trained_paths(test_task, learned_fn, lr, args.updates, args.seed)
-        write_bytes_atomic(out / "targets.png", targets_figure(
-            result.train_goals, result.test_goals, experts, paths,
-            f"reacher_demos: targets (figure 6c); learned-loss paths after {args.updates} updates"))
+        write_bytes_atomic(
+            out / "targets.png",
+            targets_figure(
+                result.train_goals,
+                result.test_goals,
+                experts,
+                paths,
+                f"reacher_demos: targets (figure 6c); learned-loss paths after {args.updates} updates",
+            ),
+        )
         console.print(f"wrote {out}/results.json, final_distance.png, targets.png")
     console.print(f"benchmark time {time.perf_counter() - began:.0f} s")
 

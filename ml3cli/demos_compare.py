@@ -98,7 +98,9 @@ def update_curve(
     return torch.stack(history), theta
 
 
-def update_curves(task: ReacherDemosTask, update: Update, goals: int, seeds: int, updates: int, seed: int) -> np.ndarray:
+def update_curves(
+    task: ReacherDemosTask, update: Update, goals: int, seeds: int, updates: int, seed: int
+) -> np.ndarray:
     """``[seeds, goals, updates + 1]`` for a baseline ``update``, θ₀ drawn as :func:`evaluate` draws them."""
     out = []
     for s in range(seeds):
@@ -144,8 +146,10 @@ def compare(
     }
     train_task = splits["train"]
     n_train = len(train_task.goal_list)
-    makers = {"behavioural cloning": lambda rate: cloning_update(bc_loss, rate),
-              "behavioural cloning on own rollouts (DAgger-like)": lambda rate: dagger_update(dagger_task, rate)}
+    makers = {
+        "behavioural cloning": lambda rate: cloning_update(bc_loss, rate),
+        "behavioural cloning on own rollouts (DAgger-like)": lambda rate: dagger_update(dagger_task, rate),
+    }
     scores: dict[str, dict[float, float]] = {}
     labels: dict[str, tuple[Update, float]] = {}
     for name, make in makers.items():

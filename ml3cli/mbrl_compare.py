@@ -44,8 +44,10 @@ def model_state_from_checkpoint(artifact: str | Path) -> dict[str, Tensor]:
 
     path = checkpoint_path_for(Path(artifact))
     if not path.is_file():
-        raise ML3Error(f"{path}: no meta-train checkpoint beside the artifact (it holds the dynamics model P; "
-                       "meta-train with checkpoint_every > 0)")
+        raise ML3Error(
+            f"{path}: no meta-train checkpoint beside the artifact (it holds the dynamics model P; "
+            "meta-train with checkpoint_every > 0)"
+        )
     tensors, _ = read_checkpoint_info(path)
     state = {k.removeprefix("task/"): v for k, v in tensors.items() if k.startswith("task/model/")}
     if not state:
@@ -96,13 +98,18 @@ def compare(
     scores = {k: (v if math.isfinite(v) else math.inf) for k, v in scores.items()}
     best = min(scores, key=lambda k: scores[k])
 
-    curves = {"learned loss (real rollouts, no model)": evaluate(
-        learned_task, [NamedLoss("learned", learned_fn, lr)], goals, seeds, updates, seed)[0].values}
+    curves = {
+        "learned loss (real rollouts, no model)": evaluate(
+            learned_task, [NamedLoss("learned", learned_fn, lr)], goals, seeds, updates, seed
+        )[0].values
+    }
     lrs = {"learned loss (real rollouts, no model)": lr}
     for label, rate in ((f"task loss through P (lr {lr:g})", lr), (f"task loss through P (tuned lr {best:g})", best)):
         if label in curves:
             continue
-        curves[label] = evaluate(baseline_task, [NamedLoss(label, base_fn, rate)], goals, seeds, updates, seed)[0].values
+        curves[label] = evaluate(baseline_task, [NamedLoss(label, base_fn, rate)], goals, seeds, updates, seed)[
+            0
+        ].values
         lrs[label] = rate
     goal_draws = np.stack([learned_task.sample_tasks(goals, generator(seed + s)).goal.numpy() for s in range(seeds)])
     angle = train_options.get("goal_angle", learned_task.Options().goal_angle)
@@ -123,7 +130,9 @@ def table_rows(result: MBRLComparison, steps: Sequence[int] = REPORT_STEPS) -> l
     return rows
 
 
-def trained_paths(task: GoalReachingTask, loss_fn: LossFn, lr: float, goals: Tensor, updates: int, seed: int) -> np.ndarray:
+def trained_paths(
+    task: GoalReachingTask, loss_fn: LossFn, lr: float, goals: Tensor, updates: int, seed: int
+) -> np.ndarray:
     """Real paths ``[n, T + 1, 2]`` of fresh policies (θ₀ from ``seed``) trained ``updates`` times with ``loss_fn``
     on real rollouts toward ``goals``."""
     gen = generator(seed)

@@ -23,14 +23,30 @@ def targets_figure(
     reach = np.linspace(0, 2 * np.pi, 200)
     ax.plot((LINKS[0] + LINKS[1]) * np.cos(reach), (LINKS[0] + LINKS[1]) * np.sin(reach), color="0.8", lw=1)
     ax.plot(0, 0, "+", color="0.4", markersize=10)
-    for paths, colour, label in ((expert_paths, "tab:blue", "iLQR expert (meta-train)"),
-                                 (test_paths, "tab:orange", "learned loss only (meta-test)")):
+    for paths, colour, label in (
+        (expert_paths, "tab:blue", "iLQR expert (meta-train)"),
+        (test_paths, "tab:orange", "learned loss only (meta-test)"),
+    ):
         for i, path in enumerate(paths):
             ax.plot(path[:, 0], path[:, 1], color=colour, alpha=0.6, lw=1, label=label if i == 0 else None)
-    ax.plot(train_goals[:, 0], train_goals[:, 1], "o", color="tab:blue", markersize=11, markeredgecolor="black",
-            label="meta-train targets (with demonstrations)")
-    ax.plot(test_goals[:, 0], test_goals[:, 1], "o", color="tab:orange", markersize=11, markeredgecolor="black",
-            label="meta-test targets (no expert)")
+    ax.plot(
+        train_goals[:, 0],
+        train_goals[:, 1],
+        "o",
+        color="tab:blue",
+        markersize=11,
+        markeredgecolor="black",
+        label="meta-train targets (with demonstrations)",
+    )
+    ax.plot(
+        test_goals[:, 0],
+        test_goals[:, 1],
+        "o",
+        color="tab:orange",
+        markersize=11,
+        markeredgecolor="black",
+        label="meta-test targets (no expert)",
+    )
     start = expert_paths[0, 0]
     ax.plot(start[0], start[1], "s", color="black", markersize=6, label="fingertip start")
     ax.set_aspect("equal")

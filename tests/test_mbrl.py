@@ -90,10 +90,20 @@ def test_recipes_validate(path):
 
 
 def tiny_recipe(steps: int) -> dict:
-    options = {"system": "model", "inputs": "relative", **TINY_MODEL, "refit_every": 50, "refit_rollouts": 4,
-               "refit_steps": 50}
+    options = {
+        "system": "model",
+        "inputs": "relative",
+        **TINY_MODEL,
+        "refit_every": 50,
+        "refit_rollouts": 4,
+        "refit_steps": 50,
+    }
     return {
-        "name": "tiny_mbrl", "task": "pointmass_goal", "task_options": options, "seed": 0, "threads": 1,
+        "name": "tiny_mbrl",
+        "task": "pointmass_goal",
+        "task_options": options,
+        "seed": 0,
+        "threads": 1,
         "meta_loss": {"hidden": [32, 32], "activation": "elu", "output": "linear"},
         "inner": {"lr": 0.1, "steps": 1, "reset_every": 10},
         "outer": {"lr": 1e-3, "steps": steps, "tasks": 8},
@@ -125,8 +135,10 @@ def test_tiny_meta_training_gives_a_loss_that_reaches_held_out_goals():
     architecture does. Measured at this seed: mean final distance 0.54 → 0.22 after 5 updates (untrained: 0.42)."""
     recipe = recipe_from_dict(tiny_recipe(150))
     result = meta_train(recipe, make_task(recipe.task, recipe.task_options))
-    untrained = meta_train(recipe_from_dict({**tiny_recipe(1), "outer": {"lr": 1e-12, "steps": 1, "tasks": 8}}),
-                           make_task(recipe.task, recipe.task_options)).metaloss
+    untrained = meta_train(
+        recipe_from_dict({**tiny_recipe(1), "outer": {"lr": 1e-12, "steps": 1, "tasks": 8}}),
+        make_task(recipe.task, recipe.task_options),
+    ).metaloss
     goals = [[0.75 * math.cos(k * math.pi / 4), 0.75 * math.sin(k * math.pi / 4)] for k in range(8)]
     trained = torch.tensor([held_out_final_distance(result.metaloss, 5, g) for g in goals]).mean(0)
     baseline = torch.tensor([held_out_final_distance(untrained, 5, g) for g in goals]).mean(0)
@@ -175,8 +187,9 @@ def test_reacher_relative_inputs_are_invariant_to_rotating_arm_and_goal_together
     rotated_states = states + torch.tensor([turn, 0.0, 0.0, 0.0])
     c, s = torch.cos(torch.tensor(turn)), torch.sin(torch.tensor(turn))
     rotated_goal = torch.stack([c * goal[0] - s * goal[1], s * goal[0] + c * goal[1]])
-    for a, b in zip(task.relative_features(states, goal), task.relative_features(rotated_states, rotated_goal),
-                    strict=True):
+    for a, b in zip(
+        task.relative_features(states, goal), task.relative_features(rotated_states, rotated_goal), strict=True
+    ):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     # and the offset still measures the distance: its norm is ‖fingertip − g‖ in position_scale units
     offset = task.relative_features(states, goal)[1]

@@ -29,9 +29,13 @@ def test_joint_error_is_zero_at_the_target_and_wraps_theta1():
     batch = task.sample_tasks(1, generator(1))
     one = type(batch)(*(t[0] for t in batch))
     q = task.joint_target(one.goal, one.start)
-    states = torch.stack([torch.cat([q, torch.zeros(2)]), torch.cat([q + torch.tensor([2 * math.pi, 0.0]),
-                                                                     torch.zeros(2)]),
-                          torch.cat([q + torch.tensor([0.0, 0.3]), torch.zeros(2)])])
+    states = torch.stack(
+        [
+            torch.cat([q, torch.zeros(2)]),
+            torch.cat([q + torch.tensor([2 * math.pi, 0.0]), torch.zeros(2)]),
+            torch.cat([q + torch.tensor([0.0, 0.3]), torch.zeros(2)]),
+        ]
+    )
     error = task.joint_error(states, one)
     assert torch.allclose(error, torch.tensor([0.0, 0.0, 0.3]), atol=1e-5)
 

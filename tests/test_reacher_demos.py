@@ -72,8 +72,16 @@ def test_ilqr_expert_reaches_its_target_on_the_real_arm(tmp_path):
 
 
 def tiny_demo_task(**options):
-    return make_task("reacher_demos", {"goals": [list(TRAIN_GOALS[1]), list(TRAIN_GOALS[3])], "horizon": 12,
-                                       "expert_iterations": 10, "policy_hidden": [8], **options})
+    return make_task(
+        "reacher_demos",
+        {
+            "goals": [list(TRAIN_GOALS[1]), list(TRAIN_GOALS[3])],
+            "horizon": 12,
+            "expert_iterations": 10,
+            "policy_hidden": [8],
+            **options,
+        },
+    )
 
 
 def test_behavioral_cloning_term_is_the_formula_and_reaches_phi():
@@ -84,15 +92,18 @@ def test_behavioral_cloning_term_is_the_formula_and_reaches_phi():
     task = tiny_demo_task()
     gen = generator(0)
     batch = task.sample_tasks(3, gen)  # targets k, k + 1, k (mod 2)
-    assert torch.equal(batch.goal[2], batch.goal[0]) and not torch.equal(batch.goal[1], batch.goal[0]) and torch.equal(batch.expert_actions[2], batch.expert_actions[0])
+    assert (
+        torch.equal(batch.goal[2], batch.goal[0])
+        and not torch.equal(batch.goal[1], batch.goal[0])
+        and torch.equal(batch.expert_actions[2], batch.expert_actions[0])
+    )
     theta = task.init_theta(3, gen)
     one = {k: v[1] for k, v in theta.items()}
     demo = task.demonstrations()[[list(g) for g in task.goal_list.tolist()].index(batch.goal[1].tolist())]
     expected = 0.0
     for t in range(12):  # Σ_t Σ_j ((π_θ(s_t, g) − u_t) / max_action)², written out
         with torch.no_grad():
-            pi = torch.func.functional_call(task.optimizee, one, (torch.tensor(demo.states[t]).float(),
-                                                                  batch.goal[1]))
+            pi = torch.func.functional_call(task.optimizee, one, (torch.tensor(demo.states[t]).float(), batch.goal[1]))
         expected += float((((pi - torch.tensor(demo.actions[t]).float()) / 0.1) ** 2).sum())
     one_task = type(batch)(*(f[1] for f in batch))
     value = task.task_loss(one, one_task)  # with demonstrations: true the task loss is behavioural cloning
@@ -108,8 +119,9 @@ def test_behavioral_cloning_term_is_the_formula_and_reaches_phi():
     metaloss = MetaLoss(task.loss_inputs_spec, [16], "elu", True, "linear")
     phi = {k: v.detach() for k, v in metaloss.named_parameters()}
     objective = task_objective(task, TaskLossConfig(weight=1.0))
-    gradient, seen = meta_gradient(metaloss, phi, task, theta, batch, InnerConfig(lr=0.1, steps=1), objective,
-                                   gen=generator(1))
+    gradient, seen = meta_gradient(
+        metaloss, phi, task, theta, batch, InnerConfig(lr=0.1, steps=1), objective, gen=generator(1)
+    )
     norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradient.values()]))
     assert float(norm) > 0 and torch.isfinite(norm)
     assert torch.isfinite(seen.task_loss).all()
@@ -127,8 +139,10 @@ def test_meta_test_never_touches_an_expert(monkeypatch):
     monkeypatch.setattr(reacher_expert, "solve_expert", forbidden)
     monkeypatch.setattr(reacher_expert, "load_or_solve", forbidden)
     monkeypatch.setattr(reacher_expert, "expert_demonstrations", forbidden)
-    task = make_task("reacher_demos", {"goals": [list(g) for g in TEST_GOALS], "demonstrations": False,
-                                       "horizon": 12, "policy_hidden": [8]})
+    task = make_task(
+        "reacher_demos",
+        {"goals": [list(g) for g in TEST_GOALS], "demonstrations": False, "horizon": 12, "policy_hidden": [8]},
+    )
     batch = task.sample_tasks(6, generator(0))
     assert torch.isnan(batch.expert_actions).all() and torch.isnan(batch.expert_states).all()
     one_theta = {k: v[0] for k, v in task.init_theta(1, generator(0)).items()}
@@ -137,7 +151,8 @@ def test_meta_test_never_touches_an_expert(monkeypatch):
         task.behavioral_cloning(one_theta, one_task)
     # the task loss (the meta-test metric) is the real final distance of the collected rollout
     assert float(task.task_loss(one_theta, one_task)) == pytest.approx(
-        float(torch.linalg.vector_norm(fingertip(one_task.states[-1]) - one_task.goal)))
+        float(torch.linalg.vector_norm(fingertip(one_task.states[-1]) - one_task.goal))
+    )
     with pytest.raises(ML3Error, match="no expert"):
         task.demonstrations()
     metaloss = MetaLoss(task.loss_inputs_spec, [16], "elu", True, "linear")
@@ -186,5 +201,6 @@ def test_behavioural_cloning_baselines_train_the_policy():
     after = vmap(bc_loss)(trained)
     assert (after < before).all() and after.mean() < 0.85 * before.mean(), (before, after)  # measured: 0.78
     moved = dagger_update(tiny_demo_task(bc_states="policy"), 3e-3)(theta)
-    assert all(v.shape == theta[k].shape and torch.isfinite(v).all() and not torch.equal(v, theta[k])
-               for k, v in moved.items())
+    assert all(
+        v.shape == theta[k].shape and torch.isfinite(v).all() and not torch.equal(v, theta[k]) for k, v in moved.items()
+    )

@@ -91,8 +91,10 @@ def joint_target(goal: Sequence[float], start: Sequence[float]) -> np.ndarray:
     x, y = float(goal[0]), float(goal[1])
     radius = math.hypot(x, y)
     if not abs(l1 - l2) <= radius <= l1 + l2:
-        raise ML3Error(f"task_options.goals: goal ({x:g}, {y:g}) is out of the arm's reach "
-                       f"({abs(l1 - l2):g} ≤ ‖g‖ ≤ {l1 + l2:g} m)")
+        raise ML3Error(
+            f"task_options.goals: goal ({x:g}, {y:g}) is out of the arm's reach "
+            f"({abs(l1 - l2):g} ≤ ‖g‖ ≤ {l1 + l2:g} m)"
+        )
     cos_q2 = (radius**2 - l1**2 - l2**2) / (2 * l1 * l2)
     q2 = math.copysign(math.acos(max(-1.0, min(1.0, cos_q2))), start[1] if start[1] != 0 else 1.0)
     q1 = math.atan2(y, x) - math.atan2(l2 * math.sin(q2), l1 + l2 * math.cos(q2))
@@ -123,11 +125,29 @@ def solve_expert(settings: ExpertSettings) -> Demonstration:
         feedback = np.zeros((settings.horizon, 2, 4))
     else:
         feedback = gains[1].numpy()
-    demo = Demonstration(settings, np.zeros(0), np.zeros(0), plan.states.numpy(), plan.controls.numpy(), feedback,
-                         target, plan.iterations, 0.0)
+    demo = Demonstration(
+        settings,
+        np.zeros(0),
+        np.zeros(0),
+        plan.states.numpy(),
+        plan.controls.numpy(),
+        feedback,
+        target,
+        plan.iterations,
+        0.0,
+    )
     states, actions = replay(demo)
-    return Demonstration(settings, states, actions, demo.planned, demo.controls, feedback, target, plan.iterations,
-                         time.perf_counter() - began)
+    return Demonstration(
+        settings,
+        states,
+        actions,
+        demo.planned,
+        demo.controls,
+        feedback,
+        target,
+        plan.iterations,
+        time.perf_counter() - began,
+    )
 
 
 def replay(demo: Demonstration) -> tuple[np.ndarray, np.ndarray]:
@@ -168,14 +188,20 @@ def load_or_solve(settings: ExpertSettings, cache_dir: Path | None) -> Demonstra
             with np.load(path, allow_pickle=False) as archive:
                 if str(archive["settings"]) == text:
                     arrays = {k: archive[k] for k in _ARRAYS}
-                    return Demonstration(settings, **arrays, iterations=int(archive["iterations"]),
-                                         seconds=float(archive["seconds"]))
+                    return Demonstration(
+                        settings, **arrays, iterations=int(archive["iterations"]), seconds=float(archive["seconds"])
+                    )
         except (OSError, ValueError, KeyError, EOFError):
             pass  # a corrupt or foreign file: solve again and overwrite it
     demo = solve_expert(settings)
     buffer = io.BytesIO()
-    np.savez(buffer, settings=np.array(text), iterations=np.array(demo.iterations), seconds=np.array(demo.seconds),
-             **{k: getattr(demo, k) for k in _ARRAYS})
+    np.savez(
+        buffer,
+        settings=np.array(text),
+        iterations=np.array(demo.iterations),
+        seconds=np.array(demo.seconds),
+        **{k: getattr(demo, k) for k in _ARRAYS},
+    )
     from ml3cli.artifacts import write_bytes_atomic
 
     try:

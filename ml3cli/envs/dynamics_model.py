@@ -21,8 +21,14 @@ from torch import Tensor
 class DynamicsModel:
     """An ensemble of ``members`` MLPs ``state_dim + action_dim → hidden → state_dim`` (tanh) predicting Δs."""
 
-    def __init__(self, state_dim: int, action_dim: int, hidden: tuple[int, ...] = (64, 64), members: int = 1,
-                 max_transitions: int = 50_000):
+    def __init__(
+        self,
+        state_dim: int,
+        action_dim: int,
+        hidden: tuple[int, ...] = (64, 64),
+        members: int = 1,
+        max_transitions: int = 50_000,
+    ):
         self.state_dim, self.action_dim = state_dim, action_dim
         self.hidden, self.members, self.max_transitions = tuple(hidden), members, max_transitions
         self.weights: list[Tensor] = []  # W0, b0, W1, b1, …: W [members, in, out], b [members, out]
@@ -103,8 +109,14 @@ class DynamicsModel:
     # -- state ---------------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"weight{i}": w for i, w in enumerate(self.weights)}
-        out.update(in_mean=self.in_mean, in_std=self.in_std, out_mean=self.out_mean, out_std=self.out_std,
-                   inputs=self.inputs, targets=self.targets)
+        out.update(
+            in_mean=self.in_mean,
+            in_std=self.in_std,
+            out_mean=self.out_mean,
+            out_std=self.out_std,
+            inputs=self.inputs,
+            targets=self.targets,
+        )
         return {k: v.detach().clone() for k, v in out.items()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
@@ -117,8 +129,10 @@ class DynamicsModel:
         if weights and [tuple(w.shape) for w in weights[::2]] != [
             (self.members, a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
         ]:
-            raise ValueError(f"the dynamics model state has layers {[tuple(w.shape) for w in weights[::2]]}, "
-                             f"expected {widths} with {self.members} member(s)")
+            raise ValueError(
+                f"the dynamics model state has layers {[tuple(w.shape) for w in weights[::2]]}, "
+                f"expected {widths} with {self.members} member(s)"
+            )
         self.weights = [w.clone() for w in weights]
         for name in expected:
             setattr(self, name, tensors[name].clone())

@@ -27,8 +27,9 @@ MAX_ACTION = 1.0
 DAMPING = 0.1
 
 
-def pointmass_step(state: Tensor, action: Tensor, dt: float = DT, damping: float = DAMPING,
-                   max_action: float = MAX_ACTION) -> Tensor:
+def pointmass_step(
+    state: Tensor, action: Tensor, dt: float = DT, damping: float = DAMPING, max_action: float = MAX_ACTION
+) -> Tensor:
     """s_{t+1} for states ``[..., 4]`` and actions ``[..., 2]`` (actions clipped to ±``max_action``)."""
     action = action.clamp(-max_action, max_action)
     position, velocity = state[..., :2], state[..., 2:]
@@ -71,8 +72,10 @@ class PointmassGoalEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         options = options or {}
-        self.goal = np.asarray(options["goal"], dtype=np.float64) if "goal" in options else goal_in_sector(
-            self.np_random, self.goal_radius, self.goal_angle
+        self.goal = (
+            np.asarray(options["goal"], dtype=np.float64)
+            if "goal" in options
+            else goal_in_sector(self.np_random, self.goal_radius, self.goal_angle)
         )
         self.state = np.asarray(options.get("start", np.zeros(4)), dtype=np.float64).copy()
         self.t = 0

@@ -76,8 +76,9 @@ class ReacherArm:
     def rollout(self, policy: Callable[[int, Tensor], Tensor], start: Tensor, goal: Tensor, horizon: int) -> Tensor:
         """States ``[n, T + 1, 4]`` of ``n`` arms from ``start`` ``[n, 4]`` under ``policy(t, states [n, 4]) → [n, 2]``
         (closed loop: the policy sees the state MuJoCo reached)."""
-        datas = [self.new_data(s, g) for s, g in zip(start.double().cpu().numpy(), goal.double().cpu().numpy(),
-                                                      strict=True)]
+        datas = [
+            self.new_data(s, g) for s, g in zip(start.double().cpu().numpy(), goal.double().cpu().numpy(), strict=True)
+        ]
         states = [start.double().cpu()]
         for t in range(horizon):
             actions = policy(t, states[-1].to(start.dtype).to(start.device)).double().cpu().numpy()
@@ -112,8 +113,10 @@ class ReacherGoalEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         options = options or {}
-        self.goal = np.asarray(options["goal"], dtype=np.float64) if "goal" in options else goal_in_sector(
-            self.np_random, self.goal_radius, self.goal_angle
+        self.goal = (
+            np.asarray(options["goal"], dtype=np.float64)
+            if "goal" in options
+            else goal_in_sector(self.np_random, self.goal_radius, self.goal_angle)
         )
         self.data = self.arm.new_data(np.asarray(options.get("start", np.zeros(4)), dtype=np.float64), self.goal)
         self.t = 0

@@ -82,10 +82,13 @@ class TorchReacherArm:
         mass = self.mass_matrix(q[..., 1])
         # the 2 × 2 inverse written out: cheaper than a solve and friendly to vmap/jacrev
         det = mass[..., 0, 0] * mass[..., 1, 1] - mass[..., 0, 1] * mass[..., 1, 0]
-        return torch.stack([
-            (mass[..., 1, 1] * force[..., 0] - mass[..., 0, 1] * force[..., 1]) / det,
-            (mass[..., 0, 0] * force[..., 1] - mass[..., 1, 0] * force[..., 0]) / det,
-        ], -1)
+        return torch.stack(
+            [
+                (mass[..., 1, 1] * force[..., 0] - mass[..., 0, 1] * force[..., 1]) / det,
+                (mass[..., 0, 0] * force[..., 1] - mass[..., 1, 0] * force[..., 0]) / det,
+            ],
+            -1,
+        )
 
     def derivative(self, state: Tensor, u: Tensor) -> Tensor:
         return torch.cat([state[..., 2:], self.acceleration(state[..., :2], state[..., 2:], u)], -1)

@@ -123,7 +123,9 @@ class GoalPolicy(nn.Module):
 
     def forward(self, state: Tensor, goal: Tensor) -> Tensor:
         goal = goal.expand(*state.shape[:-1], 2)
-        return self.max_action * torch.tanh(self.net(torch.cat([state * self.state_scale, goal * self.position_scale], -1)))
+        return self.max_action * torch.tanh(
+            self.net(torch.cat([state * self.state_scale, goal * self.position_scale], -1))
+        )
 
 
 def final_distance(final_distance: Tensor, **others: Tensor) -> Tensor:
@@ -402,7 +404,9 @@ class ReacherGoalTask(GoalReachingTask):
         gamma = torch.atan2(goal[1], goal[0])
         relative = states[:, 0] - gamma
         velocity = states[:, 2:] * self._scale[2:].to(states.device)
-        state_input = torch.cat([torch.stack([torch.cos(relative), torch.sin(relative), states[:, 1]], -1), velocity], -1)
+        state_input = torch.cat(
+            [torch.stack([torch.cos(relative), torch.sin(relative), states[:, 1]], -1), velocity], -1
+        )
         offset = self.position(states) - goal
         c, s = torch.cos(gamma), torch.sin(gamma)
         rotated = torch.stack([c * offset[:, 0] + s * offset[:, 1], -s * offset[:, 0] + c * offset[:, 1]], -1)

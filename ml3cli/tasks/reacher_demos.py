@@ -46,7 +46,12 @@ from ml3cli.tasks.mbrl import MBRLOptions, ReacherGoalTask
 TRAIN_GOALS: tuple[tuple[float, float], ...] = ((0.1739, -0.0466), (0.0997, 0.0465), (0.0676, 0.145), (-0.0311, 0.1159))
 #: the 6 meta-test targets: radius 0.2, 0.09, 0.14, 0.2, 0.1, 0.17 at −30°, 0°, 40°, 85°, 90°, 120°
 TEST_GOALS: tuple[tuple[float, float], ...] = (
-    (0.1732, -0.1), (0.09, 0.0), (0.1072, 0.09), (0.0174, 0.1992), (0.0, 0.1), (-0.085, 0.1472),
+    (0.1732, -0.1),
+    (0.09, 0.0),
+    (0.1072, 0.09),
+    (0.0174, 0.1992),
+    (0.0, 0.1),
+    (-0.085, 0.1472),
 )
 
 
@@ -80,7 +85,9 @@ class ReacherDemosOptions(MBRLOptions):
         "policy's own real rollout with the expert's feedback law as the label (DAgger-like)",
     )
     expert_iterations: PositiveInt = Field(100, description="iLQR iterations per expert")
-    cache_dir: str | None = Field(None, description="folder of the expert cache (default $ML3_CACHE_DIR or ~/.cache/ml3)")
+    cache_dir: str | None = Field(
+        None, description="folder of the expert cache (default $ML3_CACHE_DIR or ~/.cache/ml3)"
+    )
     no_cache: bool = Field(False, description="solve the experts in memory, never read or write the cache")
 
     @model_validator(mode="after")
@@ -98,8 +105,10 @@ class ReacherDemosOptions(MBRLOptions):
 
 class ReacherDemosTask(ReacherGoalTask):
     name = "reacher_demos"
-    summary = ("ReacherGoal with iLQR expert demonstrations at meta-train time (behavioural-cloning task loss); "
-               "meta-test trains with M_φ alone")
+    summary = (
+        "ReacherGoal with iLQR expert demonstrations at meta-train time (behavioural-cloning task loss); "
+        "meta-test trains with M_φ alone"
+    )
     Options = ReacherDemosOptions
     extra_term_names = ()
 
@@ -112,16 +121,23 @@ class ReacherDemosTask(ReacherGoalTask):
     def demonstrations(self) -> list:
         """The :class:`~ml3cli.baselines.reacher_expert.Demonstration` of every target, solved or read once."""
         if not self.options.demonstrations:
-            raise ML3Error(f"task {self.name!r} with demonstrations: false has no expert (meta-test trains with the "
-                           "learned loss alone)")
+            raise ML3Error(
+                f"task {self.name!r} with demonstrations: false has no expert (meta-test trains with the "
+                "learned loss alone)"
+            )
         if self._demos is None:
             from ml3cli.baselines.reacher_expert import default_cache_dir, expert_demonstrations
 
             opts = self.options
             cache = None if opts.no_cache else (Path(opts.cache_dir) if opts.cache_dir else default_cache_dir())
             self._demos = expert_demonstrations(
-                opts.goals, self.start_state.tolist(), cache, horizon=self.horizon, max_action=self.max_action,
-                frame_skip=self.arm.frame_skip, iterations=opts.expert_iterations,
+                opts.goals,
+                self.start_state.tolist(),
+                cache,
+                horizon=self.horizon,
+                max_action=self.max_action,
+                frame_skip=self.arm.frame_skip,
+                iterations=opts.expert_iterations,
             )
         return self._demos
 
@@ -162,8 +178,10 @@ class ReacherDemosTask(ReacherGoalTask):
         """Σ_t ‖π_θ(s_t, g) − π_expert(s_t, t)‖² / max_action² for ONE task, on the expert's states s^E_t (where
         π_expert(s^E_t, t) = u^E_t) or, with ``bc_states: policy``, on the collected states of θ's own rollout."""
         if not self.options.demonstrations:
-            raise ML3Error(f"task {self.name!r}: behavioural cloning needs demonstrations: true (a meta-train "
-                           "task loss; meta-test has no expert)")
+            raise ML3Error(
+                f"task {self.name!r}: behavioural cloning needs demonstrations: true (a meta-train "
+                "task loss; meta-test has no expert)"
+            )
         if self.options.bc_states == "expert":
             states, labels = task.expert_states, task.expert_actions
         else:

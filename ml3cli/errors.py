@@ -6,6 +6,11 @@ keeps its traceback.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pydantic
+
 
 class ML3Error(Exception):
     """A user-facing error: the message names the file or field, what was expected, and how to fix it."""
@@ -47,3 +52,17 @@ class RunInterrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def describe_validation_error(err: pydantic.ValidationError, prefix: str = "") -> str:
+    """One line for the first problem pydantic found: ``field.path: what was expected (got value)``."""
+    first = err.errors(include_url=False)[0]
+    loc = ".".join(str(part) for part in ((prefix,) if prefix else ()) + tuple(first["loc"]))
+    loc = loc or "<top level>"
+    if first["type"] == "extra_forbidden":
+        return f"unknown field `{loc}`"
+    if first["type"] == "missing":
+        return f"missing required field `{loc}`"
+    got = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"field `{loc}`: {msg} (got {got!r})"

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from ml3cli.errors import ML3Error
+from ml3cli.errors import ML3Error, describe_validation_error
 from ml3cli.metaloss import ACTIVATIONS, OUTPUTS
 
 Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
@@ -150,20 +150,6 @@ def checkpoint_path_for(artifact: Path) -> Path:
 
 
 # -- loading --------------------------------------------------------------------------------------------------
-def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line for the first problem pydantic found: ``field.path: what was expected (got value)``."""
-    first = err.errors(include_url=False)[0]
-    loc = ".".join(str(part) for part in ((prefix,) if prefix else ()) + tuple(first["loc"]))
-    loc = loc or "<top level>"
-    if first["type"] == "extra_forbidden":
-        return f"unknown field `{loc}`"
-    if first["type"] == "missing":
-        return f"missing required field `{loc}`"
-    got = first.get("input")
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"field `{loc}`: {msg} (got {got!r})"
-
-
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``dotted.key=value`` applied (value parsed as YAML)."""
     data = copy.deepcopy(data)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from ml3cli.errors import ML3Error
+from ml3cli.errors import ML3Error, describe_validation_error
 from ml3cli.tasks.base import Task, TaskOptions
 from ml3cli.tasks.inverse_dynamics import InverseDynamicsReacher, InverseDynamicsSawyer
 from ml3cli.tasks.mbrl import PointmassGoalTask, ReacherGoalTask
@@ -43,8 +43,6 @@ def make_options(name: str, options: Mapping[str, Any] | None, where: str = "tas
     try:
         return cls.Options(**dict(options or {}))
     except ValidationError as err:
-        from ml3cli.recipes import describe_validation_error
-
         raise ML3Error(describe_validation_error(err, prefix=where)) from None
 
 

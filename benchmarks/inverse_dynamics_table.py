@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from ml3cli.artifacts import read_info
-from ml3cli.evaluate import evaluate, tune_lr
+from ml3cli.evaluate import BASELINE_LR_SWEEP, TUNING_SEED_OFFSET, evaluate, tune_lr
+from ml3cli.losses import LossSpec, builtin_loss
 from ml3cli.tasks import make_task
-from ml3cli.workflows import BASELINE_LR_SWEEP, TUNING_SEED_OFFSET, LossSpec, _builtin_loss
 
 MARKS = (0, 10, 100, 500, 1000)
 
@@ -47,14 +47,14 @@ def main() -> None:
     recorded = next((i["recipe"]["meta_test"] for i in infos if i["recipe"]["meta_test"]["task"] == args.task), None)
     options = recorded["task_options"] if recorded else {"split": "meta_test"}
     task = make_task(args.task, options)
-    losses = [LossSpec(spec).resolve(task, args.lr, torch.device("cpu"))[0] for spec in args.loss]
+    losses = [LossSpec(spec).resolve(task, args.lr, torch.device("cpu")).named for spec in args.loss]
     tuning = None
     if args.tune:
         train = make_task(infos[0]["task"], infos[0]["recipe"]["task_options"])
-        base = _builtin_loss(train, "torque_mse", 1.0)
+        base = builtin_loss(train, "torque_mse", 1.0)
         tune_seeds = args.tune_seeds or args.seeds
         best, scores = tune_lr(train, base, BASELINE_LR_SWEEP, args.tasks, tune_seeds, args.steps, TUNING_SEED_OFFSET)
-        losses.append(_builtin_loss(task, "torque_mse", best, f"torque_mse (tuned lr {best:g})"))
+        losses.append(builtin_loss(task, "torque_mse", best, f"torque_mse (tuned lr {best:g})"))
         tuning = {"best_lr": best, "final_by_lr": {str(k): v for k, v in scores.items()}, "on": infos[0]["task"]}
         print(
             f"tuned on {infos[0]['task']} (meta_train split): "

@@ -19,10 +19,9 @@ from torch.func import vmap
 
 from ml3cli.artifacts import load_loss
 from ml3cli.engine import sgd_step
-from ml3cli.evaluate import NamedLoss, tune_lr
+from ml3cli.evaluate import BASELINE_LR_SWEEP, TUNING_SEED_OFFSET, NamedLoss, tune_lr
 from ml3cli.runtime import generator
 from ml3cli.tasks import make_task
-from ml3cli.workflows import BASELINE_LR_SWEEP, TUNING_SEED_OFFSET
 
 
 def curves_at(task, losses, tasks: int, seeds: int, marks: list[int], seed: int = 0) -> dict[str, dict]:

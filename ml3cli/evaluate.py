@@ -24,6 +24,12 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.045, 2.042]  # fmt: skip
 
 
+#: learning rates tried when a baseline's rate is tuned (on tasks the test never sees).
+BASELINE_LR_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+#: tuning draws its tasks from seeds this far from the test seeds, so that it never sees a test task.
+TUNING_SEED_OFFSET = 10_000
+
+
 @dataclass(frozen=True)
 class NamedLoss:
     """A loss to test: a label for tables, the function over the task's loss inputs, its SGD learning rate."""

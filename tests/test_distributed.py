@@ -11,7 +11,7 @@ import torch
 from helpers import TINY_RECIPE, run_cli, run_main, write_recipe
 from safetensors.torch import load_file
 
-from ml3cli.cli import parse_seeds
+from ml3cli.commands.meta_train import parse_seeds
 from ml3cli.distributed import Shard
 from ml3cli.errors import ML3Error
 

@@ -36,8 +36,8 @@ def sine_artifact(tmp_path_factory):
     """A tiny learned loss for the `sine` task family (a second or two)."""
     from rich.console import Console
 
+    from ml3cli.commands.meta_train import run_meta_train
     from ml3cli.recipes import recipe_from_dict
-    from ml3cli.workflows import run_meta_train
 
     folder = tmp_path_factory.mktemp("sine")
     recipe = recipe_from_dict({**TINY_RECIPE, "outer": {**TINY_RECIPE["outer"], "steps": 5}})
@@ -49,8 +49,8 @@ def freq_artifact(tmp_path_factory):
     """A tiny learned loss for `sine_frequency`."""
     from rich.console import Console
 
+    from ml3cli.commands.meta_train import run_meta_train
     from ml3cli.recipes import recipe_from_dict
-    from ml3cli.workflows import run_meta_train
 
     folder = tmp_path_factory.mktemp("freq")
     data = {

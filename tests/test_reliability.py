@@ -36,10 +36,10 @@ def test_unwritable_output_is_refused_before_the_first_outer_step(tmp_path, monk
     blocker.write_text("a file where a folder should be")
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe() | {"checkpoint_every": 1})
     started = []
-    import ml3cli.workflows as workflows
+    import ml3cli.commands.meta_train as meta_train_command
 
-    real = workflows.meta_train
-    monkeypatch.setattr(workflows, "meta_train", lambda *a, **k: started.append(1) or real(*a, **k))
+    real = meta_train_command.meta_train
+    monkeypatch.setattr(meta_train_command, "meta_train", lambda *a, **k: started.append(1) or real(*a, **k))
     result = run_main(
         monkeypatch, capsys, "meta-train", recipe, "--out", blocker / "x.safetensors", "--quiet", cwd=tmp_path
     )

@@ -24,11 +24,11 @@ from safetensors.torch import load_file
 from ml3cli import checkpoints
 from ml3cli.artifacts import load_loss
 from ml3cli.checkpoints import MetaTrainState, batch_type_of, load_checkpoint, save_checkpoint
+from ml3cli.commands.meta_train import run_meta_train
 from ml3cli.engine import meta_train
 from ml3cli.errors import ML3Error, RunInterrupted
 from ml3cli.recipes import checkpoint_path_for, recipe_from_dict, recipe_to_dict
 from ml3cli.tasks import make_task
-from ml3cli.workflows import run_meta_train
 
 #: how many stop-at-k / resume cycles were compared bit for bit in this session (reported by the last test).
 CYCLES: list[str] = []
@@ -151,9 +151,9 @@ def test_checkpoint_is_not_a_loss_artifact(tmp_path):
 # -- CLI level, in process ------------------------------------------------------------------------------------
 def interrupt_at(monkeypatch, k: int, signum: int) -> None:
     """Make the next run_meta_train send itself ``signum`` during outer step k."""
-    import ml3cli.workflows as workflows
+    import ml3cli.commands.meta_train as meta_train_command
 
-    real = workflows.meta_train
+    real = meta_train_command.meta_train
 
     def patched(recipe, task, on_step=None, **kwargs):
         def on_step_and_signal(step, record):
@@ -163,7 +163,7 @@ def interrupt_at(monkeypatch, k: int, signum: int) -> None:
 
         return real(recipe, task, on_step=on_step_and_signal, **kwargs)
 
-    monkeypatch.setattr(workflows, "meta_train", patched)
+    monkeypatch.setattr(meta_train_command, "meta_train", patched)
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -1,0 +1,211 @@
+"""``ml3 meta-test`` and ``ml3 compare``: train fresh optimizees with each loss on held-out tasks and report.
+
+Every loss starts from the same θ₀ on the same tasks per seed (:func:`ml3cli.evaluate.evaluate`), so the table's
+differences are paired. ``meta-test`` is ``compare`` of one learned loss against the task's baseline. Unset counts
+and the learning rate come from what the artifact recorded for the task (:mod:`ml3cli.losses`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ml3cli import artifacts, plots
+from ml3cli.commands.options import EvalOptions
+from ml3cli.commands.output import fmt, progress_bar
+from ml3cli.errors import ML3Error
+from ml3cli.evaluate import BASELINE_LR_SWEEP, TUNING_SEED_OFFSET, LossCurves, evaluate, paired_difference, tune_lr
+from ml3cli.losses import (
+    LossSpec,
+    artifact_infos,
+    baseline_name,
+    builtin_loss,
+    make_test_task,
+    recorded_test_settings,
+    resolve_losses,
+)
+from ml3cli.report_metrics import print_task_report, report_from_curves
+from ml3cli.runtime import configure, resolve_device
+from ml3cli.tasks import TASKS, Task, make_task, task_class
+
+
+def meta_test(loss: str, task_name: str, baseline: str | None, options: EvalOptions, console: Console) -> dict:
+    """``ml3 meta-test``: the loss ``loss`` against ``baseline`` (default: the task's first built-in loss)."""
+    other = baseline or next(iter(task_class(task_name).builtin_losses))
+    specs = [loss] if LossSpec(loss).body == other else [loss, other]  # a built-in tested alone is its own baseline
+    return run(task_name, specs, options, console, command="meta-test")
+
+
+def parse_steps(spec: str | None) -> tuple[int, ...] | None:
+    """``10,100,500`` → (10, 100, 500) for ``--at``; None stays None."""
+    if spec is None:
+        return None
+    try:
+        steps = tuple(int(part) for part in spec.split(","))
+    except ValueError:
+        raise ML3Error(f"--at {spec!r}: expected comma-separated step numbers like 10,100,500") from None
+    if not steps or min(steps) < 0:
+        raise ML3Error(f"--at {spec!r}: expected non-negative step numbers like 10,100,500")
+    return steps
+
+
+def run(
+    task_name: str, loss_specs: Sequence[str], options: EvalOptions, console: Console, *, command: str = "compare"
+) -> dict[str, Any]:
+    """``ml3 compare``: train fresh optimizees with each loss, same seeds, print the table, write the results."""
+    configure(options.threads, options.seed)
+    device = resolve_device(options.device)
+    if not loss_specs:
+        raise ML3Error("give at least one --loss (an artifact path or a built-in name such as mse)")
+    task_class(task_name)
+    at = parse_steps(options.at)
+
+    infos = artifact_infos(loss_specs, task_name)
+    recorded = recorded_test_settings(infos, task_name)
+    tasks = options.tasks or recorded.tasks or EvalOptions.DEFAULT_TASKS
+    seeds = options.seeds or recorded.seeds or EvalOptions.DEFAULT_SEEDS
+    steps = options.steps or recorded.steps or EvalOptions.DEFAULT_STEPS
+    table_steps(steps, at)  # refuse --at beyond the steps before any training
+    task = make_test_task(task_name, recorded, options.task_options, device)
+    losses = [r.named for r in resolve_losses(loss_specs, task, options.lr or recorded.lr, device)]
+
+    tuning = None
+    if options.tune_baseline_lr:
+        if not infos:
+            raise ML3Error("--tune-baseline-lr chooses the rate on an artifact's meta-train task: give an artifact")
+        info = infos[0]
+        if info["task"] not in TASKS:
+            raise ML3Error(f"--tune-baseline-lr: the artifact records no known meta-train task ({info['task']!r})")
+        train_task = make_task(info["task"], info["recipe"].get("task_options"), device)
+        name = baseline_name(task)
+        best, scores = tune_lr(
+            train_task, builtin_loss(train_task, name, 1.0), BASELINE_LR_SWEEP, tasks, seeds, steps,
+            options.seed + TUNING_SEED_OFFSET,
+        )  # fmt: skip
+        losses.append(builtin_loss(task, name, best, f"{name} (tuned lr)"))
+        tuning = {"loss": name, "on_task": info["task"], "best_lr": best, "final_by_lr": scores}
+
+    with progress_bar(console, options.quiet) as progress:
+        bar = progress.add_task(f"{command} {task_name}: {len(losses)} losses, seed", total=seeds)
+        curves = evaluate(
+            task, losses, tasks, seeds, steps, options.seed, on_seed=lambda done: progress.update(bar, completed=done)
+        )
+
+    initial = float(curves[0].at(0).mean())
+    threshold = options.threshold if options.threshold is not None else 0.5 * initial
+    document = results_document(task, curves, tasks, list(range(options.seed, options.seed + seeds)), steps,
+                                threshold, tuning)  # fmt: skip
+    print_results(console, task, curves, steps, seeds, tasks, threshold, document, at)
+    report = report_from_curves(curves, table_steps(steps, at))
+    if report:  # tasks with Task.report_metrics (e.g. |θ − ν| for sine_frequency)
+        document["report_metrics"] = report
+        print_task_report(console, task, report, tasks * seeds)
+
+    out = Path(options.out_dir) if options.out_dir else Path("runs") / f"{command}_{task_name}"
+    artifacts.write_json_atomic(out / "results.json", document)
+    artifacts.write_text_atomic(out / "curves.csv", curves_csv(curves))
+    artifacts.write_bytes_atomic(
+        out / "curves.png", plots.meta_test_plot(curves, f"{command} on {task_name}", task.metric)
+    )
+    if options.json_path:
+        artifacts.write_json_atomic(options.json_path, document)
+    console.print(f"wrote {out / 'results.json'}, {out / 'curves.csv'}, {out / 'curves.png'}")
+    return document
+
+
+def table_steps(steps: int, at: Sequence[int] | None = None) -> list[int]:
+    """The steps shown in tables: ``at`` (each at most ``steps``; step 0 always), else 0, 1, 10, 50, 100 and the last."""
+    if at:
+        if max(at) > steps:
+            raise ML3Error(f"--at {max(at)}: beyond the {steps} steps trained (raise --steps)")
+        return sorted({0, *at})
+    return sorted({s for s in (0, 1, 10, 50, 100, steps) if s <= steps})
+
+
+def results_document(
+    task: Task, curves: list[LossCurves], tasks: int, seeds: list[int], steps: int, threshold: float, tuning
+) -> dict[str, Any]:
+    """The comparison as JSON: every loss's curve per seed, mean and std, and the paired differences at the end."""
+    reference = curves[0]
+    return {
+        "task": task.name,
+        "task_options": task.options.model_dump(mode="json"),
+        "metric": task.metric,
+        "tasks": tasks,
+        "seeds": seeds,
+        "steps": steps,
+        "recorded_steps": list(range(steps + 1)),
+        "threshold": threshold,
+        "losses": [
+            {
+                "name": c.label,
+                "source": c.source,
+                "lr": c.lr,
+                "per_seed": [[float(v) for v in row] for row in c.per_seed],
+                "mean": [float(v) for v in c.per_seed.mean(axis=0)],
+                "std": [float(v) for v in c.per_seed.std(axis=0)],
+                "steps_to_threshold": c.steps_to(threshold),
+            }
+            for c in curves
+        ],
+        "paired": [
+            {
+                "reference": d.reference,
+                "other": d.other,
+                "step": steps,
+                "mean_difference": d.mean,
+                "ci95": [d.low, d.high],
+                "reference_better_on": d.reference_wins,
+                "seeds": d.seeds,
+            }
+            for d in (paired_difference(reference, other, steps) for other in curves[1:])
+        ],
+        "baseline_lr_tuning": tuning,
+    }
+
+
+def print_results(console, task, curves: list[LossCurves], steps, seeds, tasks, threshold, document, at=None) -> None:
+    """The comparison table (mean ± std over seeds at the table's steps), the paired differences and the tuning."""
+    table = Table(
+        title=f"{task.name}: task {task.metric} on held-out points ({tasks} tasks × {seeds} seeds, mean ± std over seeds)"
+    )
+    table.add_column("loss")
+    table.add_column("lr", justify="right")
+    shown = table_steps(steps, at)
+    for s in shown:
+        table.add_column(f"step {s}", justify="right")
+    table.add_column(f"steps to ≤ {fmt(threshold)}", justify="right")
+    for c in curves:
+        cells = [f"{fmt(float(c.at(s).mean()))} ± {fmt(float(c.at(s).std()))}" for s in shown]
+        reached = [n for n in c.steps_to(threshold) if n is not None]
+        when = f"{sorted(reached)[len(reached) // 2]} ({len(reached)}/{seeds})" if reached else f"never (0/{seeds})"
+        table.add_row(c.label, f"{c.lr:g}", *cells, when)
+    console.print(table)
+    for pair in document["paired"]:
+        low, high = pair["ci95"]
+        console.print(
+            f"{pair['other']} − {pair['reference']} at step {steps}: {fmt(pair['mean_difference'])} "
+            f"(95% CI {fmt(low)} … {fmt(high)}); {pair['reference']} better on "
+            f"{pair['reference_better_on']}/{pair['seeds']} seeds"
+        )
+    tuning = document["baseline_lr_tuning"]
+    if tuning:
+        console.print(
+            f"baseline lr tuned on {tuning['on_task']}: best {tuning['best_lr']:g} of "
+            + ", ".join(f"{lr:g}→{fmt(v)}" for lr, v in tuning["final_by_lr"].items())
+        )
+
+
+def curves_csv(curves: list[LossCurves]) -> str:
+    """Every loss's metric per seed and step, one row each."""
+    rows = [
+        {"loss": c.label, "lr": c.lr, "seed_index": seed_index, "step": step, "metric": float(value)}
+        for c in curves
+        for seed_index, row in enumerate(c.per_seed)
+        for step, value in enumerate(row)
+    ]
+    return artifacts.csv_text(rows)

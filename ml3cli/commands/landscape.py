@@ -1,0 +1,178 @@
+"""``ml3 landscape``: one of the three views of :mod:`ml3cli.landscape` for each loss, its figure of merit
+printed, the figure, CSV and JSON written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ml3cli import artifacts, plots
+from ml3cli.commands.options import LandscapeOptions
+from ml3cli.errors import ML3Error
+from ml3cli.landscape import MODES, Landscape1D, function_view, landscape_1d, landscape_2d, pointwise_fn
+from ml3cli.losses import (
+    FALLBACK_LR,
+    artifact_infos,
+    baseline_name,
+    builtin_loss,
+    make_test_task,
+    recorded_test_settings,
+    resolve_losses,
+)
+from ml3cli.runtime import configure, resolve_device
+from ml3cli.tasks import Task
+
+
+def parse_fix(items: Sequence[str]) -> dict[str, float]:
+    """``--fix NAME=NUMBER`` values as a mapping."""
+    fixed = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            fixed[name.strip()] = float(raw)
+        except ValueError:
+            raise ML3Error(f"--fix {item!r}: expected NAME=NUMBER, e.g. --fix x=0.5") from None
+    return fixed
+
+
+def check(options: LandscapeOptions, specs: Sequence[str]) -> None:
+    """Refuse out-of-range options before any work."""
+    if options.mode not in MODES:
+        raise ML3Error(f"--mode {options.mode!r}: expected one of {', '.join(MODES)}")
+    if not specs:
+        raise ML3Error("give at least one --loss (an artifact path or a built-in name such as mse)")
+    if options.points is not None and options.points < 3:
+        raise ML3Error("--points must be at least 3")
+    if options.tasks < 1:
+        raise ML3Error("--tasks must be at least 1")
+    if options.span <= 0:
+        raise ML3Error("--span must be positive")
+
+
+def run(specs: Sequence[str], options: LandscapeOptions, console: Console) -> dict[str, Any]:
+    """Compute the view for each loss (and the task's baseline when none is given), print, write PNG+CSV+JSON."""
+    check(options, specs)
+    configure(options.threads, options.seed)
+    device = resolve_device(options.device)
+    infos = artifact_infos(specs, options.task)
+    name = options.task
+    if name is None:
+        if not infos:
+            raise ML3Error("give --task (no artifact among the --loss values to take it from)")
+        name = infos[0]["test_task"]
+    task = make_test_task(name, recorded_test_settings(infos, name), options.task_options, device)
+
+    resolved = resolve_losses(specs, task, options.lr, device)
+    losses = [r.named for r in resolved]
+    pointwise = {
+        r.named.label: pointwise_fn(r.named, r.module, task.builtin_losses[r.builtin] if r.builtin else None)
+        for r in resolved
+    }
+    baseline = baseline_name(task)
+    if not any(r.builtin for r in resolved):
+        losses.append(builtin_loss(task, baseline, options.lr or FALLBACK_LR))
+        pointwise[baseline] = pointwise_fn(losses[-1], None, task.builtin_losses[baseline])
+
+    function = options.mode == "function"
+    low, high = options.value_range if options.value_range is not None else (None, None)
+    low = low if low is not None else (-1.5 if function else -7.0)
+    high = high if high is not None else (1.5 if function else 7.0)
+    if not low < high:
+        raise ML3Error(f"--range {low:g} {high:g}: expected LOW < HIGH")
+    out = Path(options.out_dir) if options.out_dir else Path("runs") / f"landscape_{task.name}_{options.mode}"
+    summary: dict[str, Any] = {
+        "task": task.name,
+        "task_options": task.options.model_dump(mode="json"),
+        "mode": options.mode,
+        "seed": options.seed,
+        "losses": {loss.label: {"source": loss.source} for loss in losses},
+    }
+
+    if options.mode == "1d":
+        points = options.points or 281
+        view = landscape_1d(task, losses, options.tasks, options.seed, options.param, low, high, points)
+        fractions = view.slope_fractions()
+        summary.update(param=view.param, range=[low, high], points=points, targets=view.targets,
+                       target_source=view.target_source)  # fmt: skip
+        for label, per_task in fractions.items():
+            summary["losses"][label].update(slope_toward_target=per_task, mean=float(np.mean(per_task)))
+        png = plots.landscape_1d_plot(view.values, view.losses, view.targets, view.param, fractions,
+                                      f"{task.name}: loss against {view.param}")  # fmt: skip
+        csv_text = view.to_csv()
+        print_1d(console, task, view, fractions)
+    elif options.mode == "2d":
+        points = options.points or 41
+        center_loss = next((loss for loss in losses if loss.label == baseline), losses[-1])
+        view2 = landscape_2d(task, losses, options.seed, options.span, points, options.center_steps, center_loss)
+        fractions2 = view2.slope_fractions()
+        summary.update(span=options.span, points=points, center=view2.center, target=list(view2.target),
+                       target_source=view2.target_source)  # fmt: skip
+        for label, value in fractions2.items():
+            summary["losses"][label].update(slope_toward_target=value)
+        png = plots.landscape_2d_plot(view2.alphas, view2.betas, view2.grids, view2.target, fractions2,
+                                      f"{task.name}: filter-normalised plane around {view2.center}")  # fmt: skip
+        csv_text = view2.to_csv()
+        console.print(f"[bold]{task.name}[/]: plane around {view2.center}; target: {view2.target_source} "
+                      f"at (α, β) = ({view2.target[0]:.3g}, {view2.target[1]:.3g})")  # fmt: skip
+        for label, value in fractions2.items():
+            console.print(f"  {label}: slope toward target on {value:.3f} of the grid")
+    else:
+        points = options.points or 101
+        axes = function_axes(task, options.axes)
+        view3 = function_view(task, pointwise, axes, low, high, points, parse_fix(options.fix))
+        summary.update(axes=list(axes), range=[low, high], points=points, fixed=view3.fixed)
+        png = plots.function_view_plot(view3.a_values, view3.b_values, view3.grids, view3.axes, view3.fixed,
+                                       f"{task.name}: per-sample loss")  # fmt: skip
+        csv_text = view3.to_csv()
+        fixed_text = ", ".join(f"{k} = {v:g}" for k, v in view3.fixed.items()) or "nothing else"
+        console.print(f"[bold]{task.name}[/]: per-sample loss over {axes[0]} × {axes[1]} in [{low:g}, {high:g}] "
+                      f"with {fixed_text}")  # fmt: skip
+    paths = write_outputs(out, csv_text, png, summary)
+    if options.json_path:
+        artifacts.write_text_atomic(options.json_path, json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    return summary
+
+
+def function_axes(task: Task, axes_text: str | None) -> tuple[str, str]:
+    """The two loss inputs of the function view: ``--axes A,B``, else (y_pred, y_true) or the first two."""
+    names = [item.name for item in task.loss_inputs_spec]
+    if axes_text is None:
+        axes = ("y_pred", "y_true") if {"y_pred", "y_true"} <= set(names) else tuple(names[:2])
+        if len(axes) < 2:
+            raise ML3Error(f"{task.name!r} has a single loss input; there is no 2-D function view")
+    else:
+        axes = tuple(part.strip() for part in axes_text.split(","))
+        if len(axes) != 2:
+            raise ML3Error(f"--axes {axes_text!r}: expected two loss inputs, e.g. y_pred,y_true")
+    return axes  # type: ignore[return-value]
+
+
+def write_outputs(out_dir: Path, csv_text: str, png: bytes, summary: dict[str, Any]) -> list[Path]:
+    """``landscape.csv``, ``landscape.png`` and ``landscape.json`` in ``out_dir``, each written atomically."""
+    paths = [out_dir / "landscape.csv", out_dir / "landscape.png", out_dir / "landscape.json"]
+    artifacts.write_text_atomic(paths[0], csv_text)
+    artifacts.write_bytes_atomic(paths[1], png)
+    artifacts.write_text_atomic(paths[2], json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    return paths
+
+
+def print_1d(console: Console, task: Task, view: Landscape1D, fractions: dict[str, list[float]]) -> None:
+    """The 1-D figure of merit: per target, the share of the grid where the slope points toward it."""
+    table = Table(title=f"{task.name}: share of the grid where the slope points toward the target "
+                        f"({view.param} ∈ [{view.values[0]:g}, {view.values[-1]:g}], target: {view.target_source})")  # fmt: skip
+    table.add_column("loss")
+    for target in view.targets:
+        table.add_column(f"target {target:.3g}", justify="right")
+    table.add_column("mean", justify="right")
+    for label, per_task in fractions.items():
+        table.add_row(label, *(f"{v:.3f}" for v in per_task), f"{float(np.mean(per_task)):.3f}")
+    console.print(table)

@@ -1,0 +1,347 @@
+"""``ml3 meta-train RECIPE``: learn φ, meta-test it, write the artifact with its curves beside it.
+
+Three ways to run, chosen from the options: one run in this process (:func:`run_meta_train`, with checkpoints,
+SIGINT/SIGTERM handling and resume), one run over N local processes (``--nproc``: torchrun starts this command
+again in each), or one run per seed in parallel processes with a table across seeds (``--seeds``, ``--jobs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ml3cli import artifacts, checkpoints, distributed, plots
+from ml3cli.commands.options import MetaTrainOptions, to_argv
+from ml3cli.commands.output import fmt, progress_bar
+from ml3cli.engine import meta_train
+from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
+from ml3cli.evaluate import NamedLoss, evaluate
+from ml3cli.losses import baseline_name, builtin_loss
+from ml3cli.recipes import Recipe, checkpoint_path_for, load_recipe, recipe_to_dict
+from ml3cli.runtime import configure, resolve_device
+from ml3cli.tasks import make_task
+
+
+def run(recipe_path: Path, options: MetaTrainOptions, console: Console) -> None:
+    """The command: load the recipe with the overrides, then run once, over ``--nproc`` processes or per seed."""
+    recipe = load_recipe(recipe_path, options.recipe_overrides(), seed=options.seed)
+
+    def argv(**changes: Any) -> list[str]:
+        """This command's own words with ``changes``, without --nproc/--seeds/--jobs, to start it elsewhere."""
+        again = dataclasses.replace(options, **changes)
+        return ["meta-train", str(recipe_path), *to_argv(again, skip=("nproc", "seeds", "jobs", "resume"))]
+
+    if options.seeds is not None:
+        if options.seed is not None or options.resume is not None or options.nproc is not None:
+            raise ML3Error("--seeds runs whole meta-trainings: it cannot be combined with --seed, --resume or --nproc")
+        run_seed_sweep(
+            recipe, parse_seeds(options.seeds), options.jobs, options.out,
+            lambda seed, path: argv(seed=seed, out=path, quiet=True), console,
+        )  # fmt: skip
+        return
+    if options.nproc is not None and options.nproc > 1 and distributed.world_from_environment()[1] == 1:
+        resume = ["--resume", options.resume] if options.resume is not None else []
+        code = distributed.launch(options.nproc, argv() + resume)
+        if code:
+            raise SystemExit(code)
+        return
+    try:
+        run_meta_train(recipe, options.out, console, quiet=options.quiet, resume=options.resume)
+    except RunInterrupted as err:
+        if err.checkpoint:
+            err.resume_command = shlex.join(["ml3", *argv(), "--resume", err.checkpoint])
+        raise
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """``0-4`` → [0, 1, 2, 3, 4]; ``0,3,7`` → [0, 3, 7]; ranges and lists combine: ``0-2,9``."""
+    found: list[int] = []
+    try:
+        for item in spec.split(","):
+            low, sep, high = item.strip().partition("-")
+            first, last = int(low), int(high) if sep else int(low)
+            if last < first or first < 0:
+                raise ValueError
+            found += [s for s in range(first, last + 1) if s not in found]
+    except ValueError:
+        raise ML3Error(f"--seeds {spec!r}: expected non-negative seeds like 0-4 or 0,3,7") from None
+    if len(found) > 1000:
+        raise ML3Error(f"--seeds {spec!r}: {len(found)} seeds is more than the 1,000 allowed at once")
+    return found
+
+
+# -- one run ------------------------------------------------------------------------------------------------------
+def run_meta_train(
+    recipe: Recipe,
+    out: str | Path | None,
+    console: Console,
+    quiet: bool = False,
+    resume: str | Path | bool | None = None,
+) -> Path:
+    """Learn φ from ``recipe``, meta-test it, write the artifact with its curves beside it; return its path.
+
+    ``resume``: True or "" continues from the checkpoint next to the artifact, a path from that checkpoint.
+    SIGINT/SIGTERM finish the current outer step, write a checkpoint and raise :class:`RunInterrupted`.
+    Under torchrun (several processes, see :mod:`ml3cli.distributed`) every process meta-trains its share of the
+    task batch; rank 0 alone writes checkpoints, the artifact and the meta-test, the others log to
+    ``ARTIFACT.rankN.log``.
+    """
+    stop = _StopRequest()
+    configure(recipe.threads, recipe.seed)
+    device = resolve_device(recipe.device)
+    shard = distributed.join(device)
+    try:
+        with stop.installed(), contextlib.ExitStack() as logs:
+            if shard is not None and not shard.is_main:
+                out_path = Path(out) if out else recipe.artifact_path
+                log = logs.enter_context(open(out_path.with_suffix(f".rank{shard.rank}.log"), "w", encoding="utf-8"))
+                console, quiet = Console(file=log, highlight=False), True
+            return _run_meta_train(recipe, out, console, quiet, resume, stop, device, shard)
+    finally:
+        distributed.leave()
+
+
+def _run_meta_train(
+    recipe: Recipe, out, console: Console, quiet: bool, resume, stop: _StopRequest, device, shard
+) -> Path:
+    main = shard is None or shard.is_main
+    out_path = Path(out) if out else recipe.artifact_path
+    if out_path.suffix != ".safetensors":
+        raise ML3Error(f"--out {out_path}: an artifact path must end in .safetensors")
+    if main:
+        artifacts.check_writable(out_path)
+    task = make_task(recipe.task, recipe.task_options, device)
+    if shard is not None:
+        shard.bounds(recipe.outer.tasks)  # refuse an uneven split before any work
+        console.print(f"process {shard.rank} of {shard.world}: tasks {shard.bounds(recipe.outer.tasks)} of the batch")
+    checkpoint = checkpoint_path_for(out_path)
+    base_info = {"task": recipe.task, "test_task": recipe.meta_test.task, "seed": recipe.seed}
+    base_info["recipe"] = recipe_to_dict(recipe)
+    start = None
+    if resume is not None and resume is not False:
+        resume_path = checkpoint if resume is True or str(resume) == "" else Path(resume)
+        if not resume_path.is_file():
+            raise ML3Error(f"--resume: no checkpoint at {resume_path} (nothing to resume; run without --resume)")
+        loaded = checkpoints.load_checkpoint(resume_path, checkpoints.batch_type_of(task), device)
+        checkpoints.check_resumable(loaded, base_info["recipe"], recipe.outer.steps)
+        checkpoints.validate_state(loaded, recipe, task)
+        start = loaded.state
+        if not quiet:
+            console.print(f"resuming from {resume_path} at outer step {start.step} of {recipe.outer.steps}")
+    elif checkpoint.is_file() and not quiet:
+        console.print(f"note: starting afresh; {checkpoint} of an earlier run will be overwritten (--resume continues)")
+    stop.checkpoint = str(checkpoint)
+
+    with progress_bar(console, quiet) as progress:
+        bar = progress.add_task(f"meta-train {recipe.name}", total=recipe.outer.steps)
+
+        def on_step(step: int, record: dict[str, float] | None) -> None:
+            if record is not None:
+                progress.update(bar, description=f"meta-train {recipe.name}  task loss {record['meta/task_loss']:.4g}")
+            progress.update(bar, completed=step)
+
+        def on_state(step: int, snapshot) -> None:
+            every = recipe.checkpoint_every
+            stopping = stop.signum is not None
+            if shard is not None:  # every process stops after the same step
+                stopping = shard.any(stopping)
+            if main and (stopping or (every and (step % every == 0 or step == recipe.outer.steps))):
+                checkpoints.save_checkpoint(checkpoint, snapshot(), base_info["recipe"], out_path)
+                stop.kept_step = step
+            if stopping:
+                raise RunInterrupted(stop.signum or signal.SIGTERM, step, str(checkpoint))
+
+        if start is not None:
+            progress.update(bar, completed=start.step)
+        try:
+            stop.training = True
+            result = meta_train(recipe, task, on_step=on_step, resume=start, on_state=on_state, shard=shard)
+            stop.training = False
+        except DivergenceError as err:
+            if checkpoint.is_file():
+                raise DivergenceError(err.outer_step, err.what, kept=str(checkpoint)) from None
+            raise
+
+    if not main:
+        console.print(f"process {shard.rank}: meta-training done in {result.seconds:.1f} s; rank 0 writes {out_path}")
+        return out_path
+
+    test = recipe.meta_test
+    test_task = make_task(test.task, test.task_options, device, where="meta_test.task_options")
+    learned = NamedLoss("learned", result.metaloss.as_loss_fn(), recipe.meta_test_lr, str(out_path))
+    baseline = test.baseline or baseline_name(test_task)
+    curves = evaluate(
+        test_task, [learned, builtin_loss(test_task, baseline, recipe.meta_test_lr)], test.tasks, test.seeds,
+        test.steps, recipe.seed,
+    )  # fmt: skip
+    metrics = {
+        "meta_train": {k: v for k, v in result.final.items() if k != "step"} | {"outer_steps": recipe.outer.steps},
+        "meta_train_seconds": round(result.seconds, 3),
+        "meta_test": {
+            "task": test.task,
+            "metric": test_task.metric,
+            "steps": test.steps,
+            "tasks": test.tasks,
+            "seeds": test.seeds,
+            "final": {c.label: float(c.at(test.steps).mean()) for c in curves},
+            "final_per_seed": {c.label: [float(v) for v in c.at(test.steps)] for c in curves},
+            "baseline": baseline,
+        },
+    }
+    artifacts.save_loss(out_path, result.metaloss, base_info | {"metrics": metrics})
+    if not recipe.checkpoint_every:  # no end-of-run checkpoint: one left by an interrupt is spent now
+        checkpoint.unlink(missing_ok=True)
+    curves_path = out_path.with_suffix(".curves.csv")
+    artifacts.write_text_atomic(curves_path, artifacts.csv_text(result.curves))
+    artifacts.write_bytes_atomic(
+        out_path.with_suffix(".curves.png"), plots.meta_train_plot(result.curves, f"meta-train {recipe.name}")
+    )
+
+    final = metrics["meta_test"]["final"]
+    console.print(
+        f"[bold]meta-train {recipe.name}[/]: {recipe.outer.steps} outer steps in {result.seconds:.1f} s; "
+        f"task loss {fmt(result.final['meta/task_loss_before'])} → {fmt(result.final['meta/task_loss'])} "
+        f"over {recipe.inner.steps} inner step(s)"
+    )
+    console.print(
+        f"meta-test on {test.task} ({test.tasks} tasks × {test.seeds} seeds, {test.steps} steps): "
+        f"{test_task.metric} learned {fmt(final['learned'])} vs {baseline} {fmt(final[baseline])}"
+    )
+    console.print(f"wrote {out_path}  (curves: {curves_path})")
+    return out_path
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM during meta-training: the first one lets the current outer step finish and asks for a
+    checkpoint (see ``on_state``); a second one, or one outside the outer loop, stops at once."""
+
+    def __init__(self) -> None:
+        self.checkpoint: str | None = None
+        self.signum: int | None = None
+        self.training = False
+        self.kept_step: int | None = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.training and self.signum is None:
+            self.signum = signum
+            return
+        kept = self.checkpoint if self.checkpoint and Path(self.checkpoint).is_file() else None
+        note = " (the current outer step was dropped)" if self.training else ""
+        raise RunInterrupted(signum, self.kept_step, kept, note)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+# -- several seeds ------------------------------------------------------------------------------------------------
+def seed_artifact_path(base: Path, seed: int) -> Path:
+    """``artifacts/sine.safetensors`` → ``artifacts/sine-seed3.safetensors``."""
+    return base.with_name(f"{base.stem}-seed{seed}{base.suffix}")
+
+
+def run_seed_sweep(
+    recipe: Recipe,
+    seeds: Sequence[int],
+    jobs: int,
+    out: str | Path | None,
+    command_for: Callable[[int, Path], list[str]],
+    console: Console,
+) -> list[Path]:
+    """``ml3 meta-train RECIPE --seeds ... --jobs J``: one meta-training process per seed, J at a time, then a
+    table across seeds. ``command_for(seed, artifact)`` gives the ``ml3`` arguments of one seed's run; each run's
+    output goes to ``ARTIFACT.log``. Raises ML3Error naming the seeds that failed (after all have run)."""
+    base = Path(out) if out else recipe.artifact_path
+    if base.suffix != ".safetensors":
+        raise ML3Error(f"--out {base}: an artifact path must end in .safetensors")
+    paths = {seed: seed_artifact_path(base, seed) for seed in seeds}
+    for path in paths.values():
+        artifacts.check_writable(path)
+    console.print(f"meta-training {recipe.name} for seeds {list(seeds)}, {jobs} at a time (logs: ARTIFACT.log)")
+
+    def one(seed: int) -> tuple[int, int, float]:
+        started = time.perf_counter()
+        log_path = paths[seed].with_suffix(".log")
+        with open(log_path, "w", encoding="utf-8") as log:
+            code = subprocess.call(
+                [sys.executable, "-m", "ml3cli", *command_for(seed, paths[seed])], stdout=log, stderr=subprocess.STDOUT
+            )
+        seconds = time.perf_counter() - started
+        console.print(
+            f"seed {seed}: {'done' if code == 0 else f'FAILED (exit {code})'} in {seconds:.1f} s → {log_path}"
+        )
+        return seed, code, seconds
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(one, seeds))
+    wall = time.perf_counter() - started
+
+    rows: list[dict[str, Any]] = []
+    for seed, code, seconds in results:
+        row: dict[str, Any] = {
+            "seed": seed,
+            "exit": code,
+            "wall_seconds": round(seconds, 2),
+            "artifact": str(paths[seed]),
+        }
+        if code == 0:
+            metrics = artifacts.read_info(paths[seed])["metrics"]
+            test = metrics["meta_test"]
+            row |= {
+                "meta_train_seconds": metrics["meta_train_seconds"],
+                "meta_task_loss": metrics["meta_train"].get("meta/task_loss", math.nan),
+                "learned": test["final"]["learned"],
+                test["baseline"]: test["final"][test["baseline"]],
+            }
+        rows.append(row)
+    done = [row for row in rows if row["exit"] == 0]
+    columns = [k for k in (done[0] if done else {}) if k not in ("seed", "exit", "wall_seconds", "artifact")]
+    table = Table(title=f"{recipe.name}: {len(done)} of {len(rows)} seeds, {wall:.1f} s wall with {jobs} job(s)")
+    table.add_column("seed", justify="right")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in done:
+        table.add_row(str(row["seed"]), *(fmt(float(row[c])) for c in columns))
+    if len(done) > 1:
+        values = {c: np.array([float(row[c]) for row in done]) for c in columns}
+        table.add_row("mean ± sd", *(f"{fmt(v.mean())} ± {fmt(v.std(ddof=1))}" for v in values.values()))
+    console.print(table)
+    summary = base.with_name(f"{base.stem}-seeds.json")
+    artifacts.write_text_atomic(
+        summary, json.dumps({"recipe": recipe.name, "wall_seconds": wall, "runs": rows}, indent=2)
+    )
+    console.print(f"wrote {summary}")
+    failed = [row for row in rows if row["exit"] != 0]
+    if failed:
+        raise ML3Error(
+            "meta-training failed for seed(s) "
+            + ", ".join(
+                f"{row['seed']} (exit {row['exit']}, see {Path(row['artifact']).with_suffix('.log')})" for row in failed
+            )
+        )
+    return [paths[seed] for seed in seeds]

@@ -1,0 +1,166 @@
+"""The options of the ``ml3`` commands, each group defined once as a frozen dataclass.
+
+A field's default is THE default of that option (the CLI shows it, the command receives it); its metadata holds
+the flag names and the help text that :mod:`ml3cli.cli` turns into Typer options. Commands receive one instance
+per group, built by keyword, so reordering or adding a field cannot shift another's value. Torch-free, so that
+``ml3 --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def option(default: Any, *flags: str, help: str, **click: Any) -> Any:
+    """A dataclass field that is also a command-line option: ``flags`` (the first is the canonical one), ``help``,
+    and further Typer settings (``min=1``, ``metavar=...``)."""
+    return dataclasses.field(default=default, metadata={"flags": flags, "help": help, "click": click})
+
+
+class OptionGroup:
+    """Base of the option groups: repeated options arrive as lists and are kept as tuples (hashable, frozen)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+
+
+def flags_of(group: type, name: str) -> tuple[str, ...]:
+    """The flag names of field ``name`` of an option group."""
+    return next(f.metadata["flags"] for f in dataclasses.fields(group) if f.name == name)
+
+
+def to_argv(options: Any, skip: Sequence[str] = ()) -> list[str]:
+    """The command-line words that give ``options`` (fields at their default are left out), in field order: the
+    inverse of parsing, so that a command can start itself again in another process with the same settings."""
+    words: list[str] = []
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if f.name in skip or value == f.default:
+            continue
+        flag = f.metadata["flags"][0]
+        if isinstance(value, bool):
+            words.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                words += [flag, str(item)]
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+# -- options shared by the commands that compute ----------------------------------------------------------------
+SEED_HELP = "the one seed that controls everything"
+DEVICE_HELP = "cpu, cuda, cuda:N or auto"
+THREADS_HELP = "torch intra-op threads"
+QUIET_HELP = "no progress bar"
+
+
+@dataclass(frozen=True)
+class MetaTrainOptions(OptionGroup):
+    """``ml3 meta-train RECIPE``: where to write, what to override, how to run."""
+
+    out: Path | None = option(None, "--out", help="artifact path (default from the recipe)")
+    seed: int | None = option(None, "--seed", help=SEED_HELP + " (default: the recipe's)")
+    overrides: list[str] = option((), "--set", help="override a recipe field: --set outer.lr=3e-4 (repeatable)")
+    device: str | None = option(None, "--device", help=DEVICE_HELP + " (default: the recipe's)")
+    threads: int | None = option(None, "--threads", help=THREADS_HELP + " (default: the recipe's)")
+    quiet: bool = option(False, "--quiet", "-q", help=QUIET_HELP)
+    resume: str | None = option(
+        None,
+        "--resume",
+        metavar="[CHECKPOINT]",
+        help="continue an interrupted run from its checkpoint (default: ARTIFACT.checkpoint.safetensors next to the "
+        "artifact) with the same recipe, --set and --seed; the final artifact is bit-identical to an uninterrupted "
+        "run. Give RECIPE first: `ml3 meta-train RECIPE --resume [CHECKPOINT]`",
+    )
+    nproc: int | None = option(
+        None,
+        "--nproc",
+        min=1,
+        help="meta-train in N local processes (torchrun; each takes an equal share of outer.tasks). For several "
+        "machines run torchrun yourself: `torchrun ... -m ml3cli meta-train RECIPE`",
+    )
+    seeds: str | None = option(
+        None,
+        "--seeds",
+        help="meta-train one artifact per seed, e.g. 0-4 or 0,3,7 (ARTIFACT-seedS.safetensors), then print a table "
+        "across seeds",
+    )
+    jobs: int = option(1, "--jobs", min=1, help="with --seeds: seeds run in parallel processes")
+
+    def recipe_overrides(self) -> list[str]:
+        """The ``--set`` overrides with ``--device`` and ``--threads`` added as recipe fields."""
+        extra = list(self.overrides)
+        extra += [f"device={self.device}"] if self.device is not None else []
+        extra += [f"threads={self.threads}"] if self.threads is not None else []
+        return extra
+
+
+@dataclass(frozen=True)
+class EvalOptions(OptionGroup):
+    """``ml3 meta-test`` and ``ml3 compare``: the meta-test protocol and where its results go. Unset counts come
+    from what the artifact recorded for the task (see :mod:`ml3cli.losses`), else the defaults named here."""
+
+    tasks: int | None = option(None, "--tasks", min=1, help="test tasks per seed (default: the artifact's, else 10)")
+    seeds: int | None = option(None, "--seeds", min=1, help="seeds (default: the artifact's, else 5)")
+    steps: int | None = option(
+        None, "--steps", min=1, help="SGD steps per optimizee (default: the artifact's, else 100)"
+    )
+    lr: float | None = option(None, "--lr", min=0.0, help="SGD learning rate (default: the recipe's)")
+    seed: int = option(0, "--seed", help=SEED_HELP)
+    threshold: float | None = option(
+        None, "--threshold", help="report steps to reach this metric (default: half the initial)"
+    )
+    at: str | None = option(
+        None, "--at", help="steps shown in the tables, e.g. 10,100,500,1000 (default 0,1,10,50,100 and the last)"
+    )
+    tune_baseline_lr: bool = option(
+        False, "--tune-baseline-lr", help="add the baseline at its best lr, chosen on the meta-train task"
+    )
+    task_options: list[str] = option(
+        (),
+        "--task-option",
+        help="KEY=VALUE override of the test task's options (default: those the artifact was meta-tested with), "
+        "e.g. architecture=mlp; repeatable",
+    )
+    json_path: Path | None = option(None, "--json", help="also write the table's numbers as JSON here")
+    out_dir: Path | None = option(None, "--out-dir", help="folder for curves.csv, curves.png, results.json")
+    device: str = option("cpu", "--device", help=DEVICE_HELP)
+    threads: int = option(1, "--threads", help=THREADS_HELP)
+    quiet: bool = option(False, "--quiet", "-q", help=QUIET_HELP)
+
+    #: used where the option is unset and the artifact recorded nothing
+    DEFAULT_TASKS = 10
+    DEFAULT_SEEDS = 5
+    DEFAULT_STEPS = 100
+
+
+@dataclass(frozen=True)
+class LandscapeOptions(OptionGroup):
+    """``ml3 landscape``: which view of which task, on what grid, and where the figure goes."""
+
+    task: str | None = option(None, "--task", help="task family (default: the artifact's)")
+    mode: str = option("1d", "--mode", help="1d (one parameter), 2d (random plane) or function")
+    param: str | None = option(None, "--param", help="1d: parameter NAME or NAME:INDEX")
+    value_range: tuple[float, float] | None = option(
+        None, "--range", help="1d: parameter values (default -7 7); function: input values (-1.5 1.5)"
+    )
+    points: int | None = option(None, "--points", help="grid points per axis")
+    tasks: int = option(4, "--tasks", help="1d: tasks (targets) to draw, one panel each")
+    span: float = option(1.0, "--span", help="2d: α, β ∈ [−span, span]")
+    center_steps: int = option(0, "--center-steps", min=0, help="2d: centre on θ after N SGD steps with the baseline")
+    lr: float | None = option(None, "--lr", min=0.0, help="SGD learning rate (default: the recipe's)")
+    axes: str | None = option(None, "--axes", help="function: two inputs, e.g. y_pred,y_true")
+    fix: list[str] = option((), "--fix", help="function: NAME=VALUE for another input (repeatable)")
+    task_options: list[str] = option((), "--task-option", help="KEY=VALUE task option override (repeatable)")
+    seed: int = option(0, "--seed", help=SEED_HELP)
+    json_path: Path | None = option(None, "--json", help="also write the table's numbers as JSON here")
+    out_dir: Path | None = option(None, "--out-dir", help="folder for landscape.png, .csv, .json")
+    device: str = option("cpu", "--device", help=DEVICE_HELP)
+    threads: int = option(1, "--threads", help=THREADS_HELP)

@@ -1,0 +1,29 @@
+"""Terminal output shared by the commands: number formatting and the progress bar."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def fmt(value: float) -> str:
+    """A number in 4 significant digits, small ones in scientific notation (``0.01234``, ``1.23e-05``)."""
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def progress_bar(console: Console, quiet: bool) -> Progress:
+    """A progress bar with elapsed and remaining time; ``quiet`` hides it."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    )

@@ -144,3 +144,10 @@ def test_unknown_task_option_is_refused():
     for name in TASKS:
         with pytest.raises(ML3Error, match=r"task_options\.foo"):
             make_task(name, {"foo": 1})
+
+
+def test_shipped_catalog_matches_the_task_classes():
+    """`ml3 tasks` lists the shipped catalog without importing any task: it must say what the classes say."""
+    from ml3cli.tasks import catalog_from_classes, read_catalog
+
+    assert read_catalog() == catalog_from_classes(), "the catalog is stale: regenerate with python -m ml3cli.tasks"

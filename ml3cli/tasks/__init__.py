@@ -1,44 +1,73 @@
-"""The registry of task families. A new experiment adds a module here and one line to ``TASKS``."""
+"""The registry of task families. A new experiment adds a module here and one line to :data:`REGISTRY`.
+
+Task modules are imported on first use (they bring torch and the simulators), so that listing the tasks
+(``ml3 tasks``, from the generated :file:`catalog.json`) and the command line's ``--help`` stay instant.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-import torch
-from pydantic import ValidationError
+import importlib
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ml3cli.errors import ML3Error, describe_validation_error
-from ml3cli.tasks.base import Task, TaskOptions
-from ml3cli.tasks.inverse_dynamics import InverseDynamicsReacher, InverseDynamicsSawyer
-from ml3cli.tasks.mbrl import PointmassGoalTask, ReacherGoalTask
-from ml3cli.tasks.mfrl import AntGoal, ReacherGoalMF
-from ml3cli.tasks.mnist import Mnist, MnistBinary
-from ml3cli.tasks.mountain_car import MountainCarTask
-from ml3cli.tasks.reacher_demos import ReacherDemosTask
-from ml3cli.tasks.shaped_sine import SineFrequency
-from ml3cli.tasks.sine import ShiftedSineRegression, SineRegression
 
-TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (SineRegression, ShiftedSineRegression, SineFrequency, MnistBinary, Mnist)
+if TYPE_CHECKING:
+    import torch
+
+    from ml3cli.tasks.base import Task, TaskOptions
+
+#: task name → ``module:Class`` of its family
+REGISTRY: dict[str, str] = {
+    "sine": "ml3cli.tasks.sine:SineRegression",
+    "sine_shifted": "ml3cli.tasks.sine:ShiftedSineRegression",
+    "sine_frequency": "ml3cli.tasks.shaped_sine:SineFrequency",
+    "mnist_binary": "ml3cli.tasks.mnist:MnistBinary",
+    "mnist": "ml3cli.tasks.mnist:Mnist",
+    "mountain_car": "ml3cli.tasks.mountain_car:MountainCarTask",
+    "inverse_dynamics_reacher": "ml3cli.tasks.inverse_dynamics:InverseDynamicsReacher",
+    "inverse_dynamics_sawyer": "ml3cli.tasks.inverse_dynamics:InverseDynamicsSawyer",
+    "reacher_goal_mf": "ml3cli.tasks.mfrl:ReacherGoalMF",
+    "ant_goal": "ml3cli.tasks.mfrl:AntGoal",
+    "pointmass_goal": "ml3cli.tasks.mbrl:PointmassGoalTask",
+    "reacher_goal": "ml3cli.tasks.mbrl:ReacherGoalTask",
+    "reacher_demos": "ml3cli.tasks.reacher_demos:ReacherDemosTask",
 }
-TASKS[MountainCarTask.name] = MountainCarTask
-TASKS.update({cls.name: cls for cls in (InverseDynamicsReacher, InverseDynamicsSawyer)})
-TASKS.update({cls.name: cls for cls in (ReacherGoalMF, AntGoal)})
-TASKS.update({cls.name: cls for cls in (PointmassGoalTask, ReacherGoalTask)})
-TASKS[ReacherDemosTask.name] = ReacherDemosTask
+
+#: what ``ml3 tasks`` lists, generated from the classes by ``python -m ml3cli.tasks`` (a test keeps it current)
+CATALOG = Path(__file__).with_name("catalog.json")
+
+
+class _Registry(Mapping[str, "type[Task]"]):
+    """``TASKS[name]`` imports the family's module when first asked for it."""
+
+    def __getitem__(self, name: str) -> type[Task]:
+        module, _, cls = REGISTRY[name].partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(REGISTRY)
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+
+TASKS: Mapping[str, type[Task]] = _Registry()
 
 
 def task_class(name: str) -> type[Task]:
     """The task family called ``name``; an unknown name is a user error listing the known ones."""
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ML3Error(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+    if name not in REGISTRY:
+        raise ML3Error(f"unknown task {name!r}; known tasks: {', '.join(sorted(REGISTRY))}")
+    return TASKS[name]
 
 
 def make_options(name: str, options: Mapping[str, Any] | None, where: str = "task_options") -> TaskOptions:
     """Validate ``options`` against the task's option model; errors name ``where.<field>``."""
+    from pydantic import ValidationError
+
     cls = task_class(name)
     try:
         return cls.Options(**dict(options or {}))
@@ -56,4 +85,38 @@ def make_task(
     return task_class(name)(make_options(name, options, where), device=device)
 
 
-__all__ = ["TASKS", "Task", "TaskOptions", "make_options", "make_task", "task_class"]
+def describe(cls: type[Task]) -> dict[str, Any]:
+    """What ``ml3 tasks`` shows of a family, as plain data."""
+    return {
+        "summary": cls.summary,
+        "loss_inputs": [[item.name, item.size] for item in cls.loss_inputs_spec],
+        "metric": cls.metric,
+        "builtin_losses": list(cls.builtin_losses),
+        "extra_terms": list(cls.extra_term_names),
+    }
+
+
+def catalog_from_classes() -> dict[str, dict[str, Any]]:
+    """Every registered family described by :func:`describe` (imports them all)."""
+    return {name: describe(TASKS[name]) for name in sorted(REGISTRY)}
+
+
+def read_catalog() -> dict[str, dict[str, Any]]:
+    """The shipped catalog: the same as :func:`catalog_from_classes` without importing any task."""
+    return json.loads(CATALOG.read_text(encoding="utf-8"))
+
+
+def write_catalog() -> Path:
+    """Regenerate :data:`CATALOG` after a task family or its description changes."""
+    from ml3cli.artifacts import write_text_atomic
+
+    return write_text_atomic(CATALOG, json.dumps(catalog_from_classes(), indent=1, ensure_ascii=False) + "\n")
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Task", "TaskOptions", "Theta"):
+        return getattr(importlib.import_module("ml3cli.tasks.base"), name)
+    raise AttributeError(f"module 'ml3cli.tasks' has no attribute {name!r}")
+
+
+__all__ = ["REGISTRY", "TASKS", "Task", "TaskOptions", "make_options", "make_task", "read_catalog", "task_class"]

@@ -243,3 +243,23 @@ def test_compare_at_chooses_the_table_steps(tmp_path, monkeypatch, capsys):
     assert beyond.code == 2 and "--at 40: beyond the 30 steps" in beyond.output
     bad = run_main(monkeypatch, capsys, *args, "--at", "five", cwd=tmp_path)
     assert bad.code == 2 and "--at 'five'" in bad.output
+
+
+def test_meta_test_of_a_builtin_loss_is_its_own_baseline(tmp_path, monkeypatch, capsys):
+    """`ml3 meta-test --loss mse --task sine`: the built-in is tested once, not refused as a duplicate label."""
+    out = tmp_path / "mt"
+    args = ("meta-test", "--loss", "mse", "--task", "sine", "--tasks", "2", "--seeds", "2", "--steps", "3")
+    result = run_main(monkeypatch, capsys, *args, "--out-dir", out, "-q", cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert [loss["name"] for loss in json.loads((out / "results.json").read_text())["losses"]] == ["mse"]
+
+
+def test_the_command_line_starts_without_torch():
+    """`ml3 --help` must answer at once: the CLI module and the option groups import no torch, numpy or task."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ml3cli.cli; print(sorted(m for m in ('torch', 'numpy', 'ml3cli.tasks.sine') if m in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

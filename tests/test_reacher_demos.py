@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ml3cli.baselines import reacher_expert
-from ml3cli.baselines.reacher_expert import ExpertSettings, joint_target, load_or_solve
+from ml3cli.control import reacher_expert
+from ml3cli.control.reacher_expert import ExpertSettings, joint_target, load_or_solve
 from ml3cli.envs.reacher import ReacherArm, fingertip
 from ml3cli.envs.reacher_torch import TorchReacherArm
 from ml3cli.errors import ML3Error

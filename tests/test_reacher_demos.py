@@ -187,7 +187,7 @@ def test_behavioural_cloning_baselines_train_the_policy():
     policy of a batch from its own rollouts toward all meta-train targets."""
     from torch.func import vmap
 
-    from ml3cli.demos_compare import bc_loss_fn, cloning_update, dagger_update
+    from ml3cli.experiments.reacher_demos import bc_loss_fn, cloning_update, dagger_update
 
     task = tiny_demo_task(bc_states="expert")
     bc_loss, demos = bc_loss_fn(task)

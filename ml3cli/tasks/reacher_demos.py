@@ -23,7 +23,7 @@ Data sheet
     collected rollout, the metric of figure 6d. Reported beside it in both cases: ``final_distance``.
     Hand-written loss: ``final_distance`` (as ``reacher_goal``; its gradient is zero without a model, so as a
     baseline it leaves θ₀ unchanged). The behavioural-cloning baseline of figure 6d (a policy cloned from the
-    training demonstrations, run on the test targets) is :mod:`ml3cli.demos_compare`.
+    training demonstrations, run on the test targets) is :mod:`ml3cli.experiments.reacher_demos`.
 """
 
 from __future__ import annotations

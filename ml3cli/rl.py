@@ -49,6 +49,7 @@ class GaussianPolicy(nn.Module):
         self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """(μ_θ(s), σ_θ) for observations ``[..., obs_dim]``, σ broadcast to μ's shape."""
         mu = self.mean(obs)
         return mu, self.log_std.exp().expand_as(mu)
 

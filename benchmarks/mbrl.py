@@ -2,7 +2,7 @@
 
 Meta-test (algorithm 5) of a learned loss from ``ml3 meta-train recipes/mbrl_pointmass.yaml`` (or
 ``mbrl_reacher.yaml``) against the task loss through the dynamics model P from meta-train time (read from the
-meta-train checkpoint beside the artifact). See :mod:`ml3cli.mbrl_compare` for the protocol.
+meta-train checkpoint beside the artifact). See :mod:`ml3cli.experiments.mbrl` for the protocol.
 
     python benchmarks/mbrl.py --loss artifacts/mbrl_pointmass.safetensors --goals 10 --seeds 3 --updates 50 \
         --out runs/mbrl_pointmass
@@ -23,8 +23,15 @@ from rich.console import Console
 from rich.table import Table
 
 from ml3cli.artifacts import load_loss, read_info, write_bytes_atomic, write_json_atomic
-from ml3cli.mbrl_compare import REPORT_STEPS, compare, model_state_from_checkpoint, table_rows, trained_paths
-from ml3cli.plots_mbrl import distance_curves, goal_trajectories
+from ml3cli.experiments.mbrl import (
+    REPORT_STEPS,
+    compare,
+    goal_trajectories,
+    model_state_from_checkpoint,
+    table_rows,
+    trained_paths,
+)
+from ml3cli.plots import distance_curves
 from ml3cli.runtime import configure, generator
 from ml3cli.tasks import make_task
 

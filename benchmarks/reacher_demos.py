@@ -2,7 +2,7 @@
 
 Meta-test of a learned loss from ``ml3 meta-train recipes/reacher_demos.yaml`` against behavioural cloning on the
 meta-train targets' iLQR demonstrations, plain and DAgger-like, each at the learned loss's learning rate and at its
-own rate tuned on the meta-train targets (see :mod:`ml3cli.demos_compare` for the protocol):
+own rate tuned on the meta-train targets (see :mod:`ml3cli.experiments.reacher_demos` for the protocol):
 
     python benchmarks/reacher_demos.py --loss artifacts/reacher_demos.safetensors --seeds 3 --updates 50 \
         --out runs/reacher_demos
@@ -25,9 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ml3cli.artifacts import load_loss, read_info, write_bytes_atomic, write_json_atomic
-from ml3cli.demos_compare import REPORT_STEPS, compare, table_rows, trained_paths
-from ml3cli.plots_demos import targets_figure
-from ml3cli.plots_mbrl import distance_curves
+from ml3cli.experiments.reacher_demos import REPORT_STEPS, compare, table_rows, targets_figure, trained_paths
+from ml3cli.plots import distance_curves
 from ml3cli.runtime import configure
 from ml3cli.tasks import make_task
 

@@ -1,9 +1,15 @@
-"""Plots (matplotlib, headless). Returns PNG bytes; :mod:`ml3cli.artifacts` writes them atomically."""
+"""Plots (matplotlib, headless). Returns PNG bytes; :mod:`ml3cli.artifacts` writes them atomically.
+
+The shared plumbing of every figure (:func:`png_bytes`), the figures of the commands (meta-train, meta-test,
+landscapes) and the curves that several paper experiments draw alike (:func:`distance_curves`). A figure of one
+paper experiment lives in its module of :mod:`ml3cli.experiments`. Importing this module selects matplotlib's
+headless Agg backend.
+"""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -14,7 +20,8 @@ import numpy as np  # noqa: E402
 from ml3cli.evaluate import LossCurves  # noqa: E402
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """The figure as PNG bytes (120 dpi, tight bounding box); closes the figure."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -37,7 +44,7 @@ def meta_test_plot(curves: Sequence[LossCurves], title: str, metric: str) -> byt
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def meta_train_plot(curves: Sequence[dict[str, float]], title: str) -> bytes:
@@ -52,7 +59,24 @@ def meta_train_plot(curves: Sequence[dict[str, float]], title: str) -> bytes:
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return png_bytes(fig)
+
+
+def distance_curves(curves: Mapping[str, np.ndarray], title: str) -> bytes:
+    """Final distance against policy updates (paper, figures 3b–c and 6d); ``curves[label] = [seeds, updates + 1]``
+    (mean over goals per seed), drawn as the mean over seeds with a band of ± one standard deviation."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, values in curves.items():
+        steps = np.arange(values.shape[1])
+        mean, std = values.mean(0), values.std(0)
+        (line,) = ax.plot(steps, mean, label=label)
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("policy updates")
+    ax.set_ylabel("final distance to the goal (real system)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return png_bytes(fig)
 
 
 # -- loss landscapes (ml3 landscape) --------------------------------------------------------------------------
@@ -87,7 +111,7 @@ def landscape_1d_plot(
         axes[k // cols][k % cols].axis("off")
     axes[0][0].set_ylabel("loss (min–max normalised)")
     fig.suptitle(title)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def landscape_2d_plot(
@@ -109,7 +133,7 @@ def landscape_2d_plot(
         ax.set_xlabel("α (direction 1)")
         ax.set_ylabel("β (direction 2)")
     fig.suptitle(title, fontsize=10)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def function_view_plot(
@@ -133,4 +157,4 @@ def function_view_plot(
         ax.set_ylabel(axes_names[1])
     fixed_text = ", ".join(f"{k} = {v:g}" for k, v in fixed.items())
     fig.suptitle(title + (f" ({fixed_text})" if fixed_text else ""), fontsize=10)
-    return _png(fig)
+    return png_bytes(fig)

@@ -17,9 +17,10 @@ from ml3cli.engine import learned_loss_fn, meta_train
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import train_curve
 from ml3cli.recipes import load_recipe, recipe_from_dict
+from ml3cli.rl import gaussian_log_prob, reinforce_surrogate, trajectory_advantage
 from ml3cli.runtime import generator
 from ml3cli.tasks import make_task
-from ml3cli.tasks.mfrl import MFRLBatch, gaussian_log_prob, reinforce_surrogate, trajectory_advantage
+from ml3cli.tasks.mfrl import MFRLBatch
 
 gymnasium = pytest.importorskip("gymnasium")
 

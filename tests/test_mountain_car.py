@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ml3cli.baselines.ilqr import ILQR, box_qp
+from ml3cli.control.ilqr import ILQR, box_qp
 from ml3cli.envs.mountain_car import GOAL, INTERMEDIATE_GOAL, START, MountainCar
 from ml3cli.errors import ML3Error
 from ml3cli.runtime import generator

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ml3cli.baselines import reacher_expert
-from ml3cli.baselines.reacher_expert import ExpertSettings, joint_target, load_or_solve
+from ml3cli.control import reacher_expert
+from ml3cli.control.reacher_expert import ExpertSettings, joint_target, load_or_solve
 from ml3cli.envs.reacher import ReacherArm, fingertip
 from ml3cli.envs.reacher_torch import TorchReacherArm
 from ml3cli.errors import ML3Error
@@ -187,7 +187,7 @@ def test_behavioural_cloning_baselines_train_the_policy():
     policy of a batch from its own rollouts toward all meta-train targets."""
     from torch.func import vmap
 
-    from ml3cli.demos_compare import bc_loss_fn, cloning_update, dagger_update
+    from ml3cli.experiments.reacher_demos import bc_loss_fn, cloning_update, dagger_update
 
     task = tiny_demo_task(bc_states="expert")
     bc_loss, demos = bc_loss_fn(task)

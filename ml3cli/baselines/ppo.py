@@ -31,8 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ml3cli.rl import gaussian_entropy, gaussian_log_prob, performance
 from ml3cli.tasks.base import Theta
-from ml3cli.tasks.mfrl import MFRLBatch, ModelFreeRL, gaussian_entropy, gaussian_log_prob, performance
+from ml3cli.tasks.mfrl import MFRLBatch, ModelFreeRL
 
 
 @dataclass(frozen=True)

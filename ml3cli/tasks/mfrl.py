@@ -4,7 +4,8 @@ Data sheet
     Tasks: ``reacher_goal_mf`` (gymnasium's Reacher-v5, goal per task in a disc of reachable positions) and
     ``ant_goal`` (gymnasium's Ant-v5, goal on a circle around the start); see ``ml3cli/envs/``. A task is a goal g.
     Optimizee: a Gaussian policy π_θ(a|s) = N(μ_θ(s), diag σ_θ²): an MLP mean (tanh, ``hidden``) and a learned,
-    state-independent log σ, initialised as CleanRL's PPO (orthogonal, gain √2, mean head gain 0.01).
+    state-independent log σ, initialised as CleanRL's PPO (orthogonal, gain √2, mean head gain 0.01). The policy,
+    its log-probability, the REINFORCE pieces, the rollouts and the metric are :mod:`ml3cli.rl`'s, shared with PPO.
     Data: ``collect`` rolls out the current policy of every task on the real simulator (``episodes`` episodes of
     ``horizon`` steps; actions a = μ + σ ε, ε from the engine's generator, clipped to [−1, 1] by the simulator).
     Loss inputs (appendix A): per sampled step, the state s, the sampled action a, the policy's μ_θ(s) and σ_θ, and
@@ -30,11 +31,9 @@ Data sheet
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, NamedTuple
 
-import numpy as np
 import torch
 from pydantic import Field, PositiveInt, field_validator, model_validator
 from torch import Tensor, nn
@@ -42,95 +41,24 @@ from torch.func import functional_call, vmap
 
 from ml3cli.errors import ML3Error
 from ml3cli.metaloss import LossInput
+from ml3cli.rl import (
+    AdvantageMode,
+    EnvPool,
+    EnvSpec,
+    GaussianPolicy,
+    Rollout,
+    gaussian_log_prob,
+    magic_box,
+    performance,
+    reinforce_surrogate,
+    trajectory_advantage,
+)
 from ml3cli.tasks.base import Task, TaskOptions, Theta
 
-LOG_2PI = math.log(2 * math.pi)
-
-
-# -- the policy -----------------------------------------------------------------------------------------------
-class GaussianPolicy(nn.Module):
-    """π_θ(a|s) = N(μ_θ(s), diag σ_θ²): MLP mean, state-independent learned log σ (CleanRL's PPO actor).
-
-    ``forward(obs[..., obs_dim])`` returns ``(mu[..., act_dim], sigma[..., act_dim])``.
-    """
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], init_log_std: float = 0.0):
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = obs_dim
-        for h in hidden:
-            linear = nn.Linear(width, h)
-            _orthogonal(linear, math.sqrt(2))
-            layers += [linear, nn.Tanh()]
-            width = h
-        head = nn.Linear(width, act_dim)
-        _orthogonal(head, 0.01)  # near-zero initial mean: every policy starts close to "do nothing"
-        self.mean = nn.Sequential(*layers, head)
-        self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
-
-    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mu = self.mean(obs)
-        return mu, self.log_std.exp().expand_as(mu)
-
-
-def _orthogonal(linear: nn.Linear, gain: float) -> None:
-    with torch.no_grad():
-        nn.init.orthogonal_(linear.weight, gain)
-        linear.bias.zero_()
-
-
-def gaussian_log_prob(action: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
-    """log N(a; μ, diag σ²), summed over the last (action) axis."""
-    return (-0.5 * ((action - mu) / sigma) ** 2 - sigma.log() - 0.5 * LOG_2PI).sum(-1)
-
-
-def gaussian_entropy(sigma: Tensor) -> Tensor:
-    """Entropy of N(·, diag σ²), summed over the last axis."""
-    return (sigma.log() + 0.5 * (1.0 + LOG_2PI)).sum(-1)
-
-
-# -- REINFORCE (equations 7–8) ----------------------------------------------------------------------------------
-AdvantageMode = Literal["return", "baseline", "normalized", "to_go"]
 RewardInput = Literal["none", "return", "to_go"]
 
 
-def trajectory_advantage(returns: Tensor, mode: AdvantageMode) -> Tensor:
-    """A(τ) per episode from the returns R_g(τ) ``[E]``: R, R − mean R, or (R − mean R) / std R (variance reduction;
-    the mean over the same episodes is the usual, slightly biased, batch baseline)."""
-    if mode == "return":
-        return returns
-    centred = returns - returns.mean()
-    if mode == "baseline":
-        return centred
-    return centred / (returns.std(unbiased=False) + 1e-8)
-
-
-def reinforce_surrogate(log_prob: Tensor, advantage: Tensor) -> Tensor:
-    """−mean_τ [A(τ) Σ_t log π(a_t|s_t)] for ``log_prob[E, T]`` and per-episode ``advantage[E]`` (no gradient
-    flows into A): its gradient is the REINFORCE estimator −mean_τ A(τ) Σ_t ∇ log π(a_t|s_t). A per-step
-    ``advantage[E, T]`` (reward-to-go) gives −mean_τ Σ_t A_t log π(a_t|s_t)."""
-    if advantage.shape == log_prob.shape:
-        return -(advantage.detach() * log_prob).sum(-1).mean()
-    return -(advantage.detach() * log_prob.sum(-1)).mean()
-
-
-def magic_box(value: Tensor, surrogate: Tensor) -> Tensor:
-    """A scalar whose value is ``value`` and whose gradient is ∇ ``surrogate``."""
-    return value.detach() + surrogate - surrogate.detach()
-
-
 # -- the environments -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EnvSpec:
-    """What the task needs to know about one goal-conditioned simulator."""
-
-    obs_dim: int
-    act_dim: int
-    make: Callable[[], Any]  # a fresh gymnasium env (no time limit: the collector steps exactly ``horizon``)
-    metric: Literal["neg_distance", "distance_gain"]
-    goal_features: tuple[int, int] = (4, 5)  # where the goal (x, y) sits in the observation (its scale for g)
-
-
 def _reacher_spec(options: Any) -> EnvSpec:
     def make():
         from ml3cli.envs.reacher_goal_mf import ReacherGoalMFEnv
@@ -149,80 +77,6 @@ def _ant_spec(options: Any) -> EnvSpec:
         return AntGoalEnv(goal_radius=radius)
 
     return EnvSpec(31, 8, make, "distance_gain", (29, 30))
-
-
-# -- rollouts -------------------------------------------------------------------------------------------------
-class Rollout(NamedTuple):
-    """Episodes of every task's policy; shapes with the task axis ``n``, ``E`` episodes of ``T`` steps."""
-
-    obs: Tensor  # [n, E, T, obs_dim]  s_t
-    action: Tensor  # [n, E, T, act_dim]  a_t as sampled (before the simulator's clipping)
-    reward: Tensor  # [n, E, T]  R_g(s_{t+1}, a_t)
-    distance: Tensor  # [n, E, T]  d after step t
-    start_distance: Tensor  # [n, E]  d at the reset
-
-
-class EnvPool:
-    """Gymnasium environments for ``n × E`` parallel episodes, stepped together with one batched policy call per
-    time step (gymnasium's vector envs would step them in the same Python loop, without the batching)."""
-
-    def __init__(self, spec: EnvSpec):
-        self.spec = spec
-        self.envs: list[Any] = []
-
-    def rollout(
-        self,
-        policy: Callable[[Tensor], tuple[Tensor, Tensor]],
-        goals: Tensor,
-        episodes: int,
-        horizon: int,
-        gen: torch.Generator,
-    ) -> Rollout:
-        """Roll out ``policy(obs[n, E, obs_dim]) -> (mu, sigma)`` for ``episodes`` episodes per goal ``goals[n, 2]``.
-
-        All randomness comes from ``gen``: one reset seed per episode, then ε ~ N(0, I) per step.
-        """
-        n = goals.shape[0]
-        count = n * episodes
-        while len(self.envs) < count:
-            self.envs.append(self.spec.make())
-        dtype = torch.get_default_dtype()
-        seeds = torch.randint(0, 2**31 - 1, (count,), generator=gen).tolist()
-        goal_np = goals.detach().cpu().double().numpy()
-        obs = np.empty((count, self.spec.obs_dim))
-        start = np.empty(count)
-        for j, env in enumerate(self.envs[:count]):
-            obs[j], info = env.reset(seed=seeds[j], options={"goal": goal_np[j // episodes]})
-            start[j] = info["distance"]
-        observations, actions = [], []
-        rewards = np.empty((count, horizon))
-        distances = np.empty((count, horizon))
-        for t in range(horizon):
-            state = torch.as_tensor(obs, dtype=dtype).reshape(n, episodes, -1)
-            with torch.no_grad():
-                mu, sigma = policy(state)
-                action = mu + sigma * torch.randn(mu.shape, generator=gen, dtype=dtype)
-            observations.append(state)
-            actions.append(action)
-            action_np = action.reshape(count, -1).double().numpy()
-            for j, env in enumerate(self.envs[:count]):
-                obs[j], rewards[j, t], _, _, info = env.step(action_np[j])
-                distances[j, t] = info["distance"]
-        as_tensor = lambda a: torch.as_tensor(a, dtype=dtype).reshape(n, episodes, *a.shape[1:])  # noqa: E731
-        return Rollout(
-            torch.stack(observations, 2),
-            torch.stack(actions, 2),
-            as_tensor(rewards),
-            as_tensor(distances),
-            as_tensor(start),
-        )
-
-
-def performance(distance: Tensor, start_distance: Tensor, metric: str) -> Tensor:
-    """The paper's performance metric per episode (higher is better): Σ_t −d_t, or Σ_t (d_0 − d_t)."""
-    if metric == "neg_distance":
-        return -distance.sum(-1)
-    return (start_distance.unsqueeze(-1) - distance).sum(-1)
 
 
 # -- the task family ------------------------------------------------------------------------------------------

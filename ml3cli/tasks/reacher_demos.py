@@ -13,7 +13,7 @@ Data sheet
     Defaults: the 4 meta-train targets :data:`TRAIN_GOALS`; the recipe meta-tests on the 6 new targets
     :data:`TEST_GOALS` with ``demonstrations: false``.
     Experts (``demonstrations: true``): one iLQR demonstration per target on the real arm
-    (:mod:`ml3cli.baselines.reacher_expert`: states s^E_t, actions u^E_t = π_expert(s^E_t, t) and the feedback
+    (:mod:`ml3cli.control.reacher_expert`: states s^E_t, actions u^E_t = π_expert(s^E_t, t) and the feedback
     gains K_t of π_expert(s, t) = clip(u^E_t + K_t (s − s^E_t)); solved once per target and cached).
     Task loss: with ``demonstrations: true`` (meta-train) the behavioural-cloning objective of the paper,
     L_T(θ') = Σ_t ‖π_θ'(s_t, g) − π_expert(s_t, t)‖² / max_action² (actions in units of max_action) on the
@@ -23,7 +23,7 @@ Data sheet
     collected rollout, the metric of figure 6d. Reported beside it in both cases: ``final_distance``.
     Hand-written loss: ``final_distance`` (as ``reacher_goal``; its gradient is zero without a model, so as a
     baseline it leaves θ₀ unchanged). The behavioural-cloning baseline of figure 6d (a policy cloned from the
-    training demonstrations, run on the test targets) is :mod:`ml3cli.demos_compare`.
+    training demonstrations, run on the test targets) is :mod:`ml3cli.experiments.reacher_demos`.
 """
 
 from __future__ import annotations
@@ -119,14 +119,14 @@ class ReacherDemosTask(ReacherGoalTask):
 
     # -- the experts (meta-train only) ---------------------------------------------------------------------
     def demonstrations(self) -> list:
-        """The :class:`~ml3cli.baselines.reacher_expert.Demonstration` of every target, solved or read once."""
+        """The :class:`~ml3cli.control.reacher_expert.Demonstration` of every target, solved or read once."""
         if not self.options.demonstrations:
             raise ML3Error(
                 f"task {self.name!r} with demonstrations: false has no expert (meta-test trains with the "
                 "learned loss alone)"
             )
         if self._demos is None:
-            from ml3cli.baselines.reacher_expert import default_cache_dir, expert_demonstrations
+            from ml3cli.control.reacher_expert import default_cache_dir, expert_demonstrations
 
             opts = self.options
             cache = None if opts.no_cache else (Path(opts.cache_dir) if opts.cache_dir else default_cache_dir())

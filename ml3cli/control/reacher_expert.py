@@ -1,6 +1,6 @@
 """iLQR experts for ReacherGoal: the demonstrations of the behavioural-cloning experiment (paper, section 4.2.4).
 
-For one goal g and start s₀ the expert is the control-limited iLQR solution (:class:`ml3cli.baselines.ilqr.ILQR`)
+For one goal g and start s₀ the expert is the control-limited iLQR solution (:class:`ml3cli.control.ilqr.ILQR`)
 on the torch arm (:class:`ml3cli.envs.reacher_torch.TorchReacherArm`, MuJoCo's own equations and constants):
 
     q* = the inverse kinematics of g with the elbow on the start's side (θ₂ of the start's sign) and θ₁ unwrapped
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ml3cli.baselines.ilqr import ILQR
+from ml3cli.control.ilqr import ILQR
 from ml3cli.envs import reacher as rc
 from ml3cli.envs.reacher_torch import TorchReacherArm
 from ml3cli.errors import ML3Error

@@ -1,8 +1,10 @@
-"""Meta-test of ML³ shaped by expert demonstrations (paper, section 4.2.4, figure 6c–d): the learned loss against
-behavioural cloning.
+"""Loss shaping with expert demonstrations (paper, section 4.2.4, figure 6c–d): the learned loss against behavioural
+cloning on ReacherGoal (task ``reacher_demos``, recipe ``reacher_demos.yaml``; the table and figures:
+``benchmarks/reacher_demos.py``). The iLQR experts behind the demonstrations are data of the task
+(:mod:`ml3cli.control.reacher_expert`).
 
-Protocol, per evaluation seed s (θ₀ from ``generator(seed + s)`` exactly as :func:`ml3cli.evaluate.evaluate` draws
-them, so every method starts each target from the same θ₀):
+Meta-test protocol, per evaluation seed s (θ₀ from ``generator(seed + s)`` exactly as
+:func:`ml3cli.evaluate.evaluate` draws them, so every method starts each target from the same θ₀):
 
 * **learned**: a fresh policy per target is trained with M_φ only (``reacher_demos`` with ``demonstrations:
   false``: no expert exists); before each update it is rolled out on the real arm and M_φ sees that trajectory.
@@ -17,6 +19,10 @@ them, so every method starts each target from the same θ₀):
   then the policy is run on its test target. Same learning rates.
 
 Every curve is the REAL final fingertip distance ‖p_T − g‖ after 0 … ``updates`` updates, per seed and target.
+
+Figures: 6c, the targets in end-effector space with the experts' and the learned loss's fingertip paths
+(:func:`targets_figure`, paths from :func:`trained_paths`); 6d, the final distance against updates
+(:func:`ml3cli.plots.distance_curves`).
 """
 
 from __future__ import annotations
@@ -26,13 +32,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from ml3cli.engine import LossFn
+from ml3cli.engine import LossFn, sgd_step
+from ml3cli.envs.reacher import LINKS
 from ml3cli.evaluate import NamedLoss, evaluate
+from ml3cli.plots import png_bytes
 from ml3cli.runtime import generator
 from ml3cli.tasks import make_task
 from ml3cli.tasks.base import Theta
@@ -187,8 +196,6 @@ def trained_paths(
     """Real fingertip paths ``[goals, T + 1, 2]`` and their targets ``[goals, 2]`` after ``updates`` updates of the
     evaluation seed ``seed``'s policies, trained with ``loss_fn`` (the learned loss) or, when it is None, with
     ``bc_loss``."""
-    from ml3cli.engine import sgd_step
-
     gen = generator(seed)
     goals = len(task.goal_list)
     batch = task.sample_tasks(goals, gen)
@@ -203,3 +210,49 @@ def trained_paths(
     with torch.no_grad():
         states = task.collect(theta, batch, gen, "task_loss").states
     return task.position(states).numpy(), batch.goal.numpy()
+
+
+# -- figures ------------------------------------------------------------------------------------------------
+def targets_figure(
+    train_goals: np.ndarray, test_goals: np.ndarray, expert_paths: np.ndarray, test_paths: np.ndarray, title: str
+) -> bytes:
+    """Meta-train targets (blue dots, with the experts' fingertip paths) and meta-test targets (orange dots, with
+    the paths of policies trained by the learned loss alone); the arm's reach as a grey circle, its base a cross.
+    Paths are ``[n, T + 1, 2]``, goals ``[n, 2]``."""
+    fig, ax = plt.subplots(figsize=(6, 6.6))
+    reach = np.linspace(0, 2 * np.pi, 200)
+    ax.plot((LINKS[0] + LINKS[1]) * np.cos(reach), (LINKS[0] + LINKS[1]) * np.sin(reach), color="0.8", lw=1)
+    ax.plot(0, 0, "+", color="0.4", markersize=10)
+    for paths, colour, label in (
+        (expert_paths, "tab:blue", "iLQR expert (meta-train)"),
+        (test_paths, "tab:orange", "learned loss only (meta-test)"),
+    ):
+        for i, path in enumerate(paths):
+            ax.plot(path[:, 0], path[:, 1], color=colour, alpha=0.6, lw=1, label=label if i == 0 else None)
+    ax.plot(
+        train_goals[:, 0],
+        train_goals[:, 1],
+        "o",
+        color="tab:blue",
+        markersize=11,
+        markeredgecolor="black",
+        label="meta-train targets (with demonstrations)",
+    )
+    ax.plot(
+        test_goals[:, 0],
+        test_goals[:, 1],
+        "o",
+        color="tab:orange",
+        markersize=11,
+        markeredgecolor="black",
+        label="meta-test targets (no expert)",
+    )
+    start = expert_paths[0, 0]
+    ax.plot(start[0], start[1], "s", color="black", markersize=6, label="fingertip start")
+    ax.set_aspect("equal")
+    ax.set_xlabel("x (m)")
+    ax.set_ylabel("y (m)")
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
+    ax.grid(alpha=0.3)
+    return png_bytes(fig)

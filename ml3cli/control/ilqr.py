@@ -171,6 +171,7 @@ class ILQR:
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def clip(self, u: Tensor) -> Tensor:
+        """``u`` held inside the control limits (element-wise; a missing bound does not clip)."""
         if self.lower is not None:
             u = torch.maximum(u, self.lower)
         if self.upper is not None:
@@ -240,6 +241,8 @@ class ILQR:
         return k, K, d1, d2
 
     def forward_pass(self, x0: Tensor, states: Tensor, controls: Tensor, k: Tensor, K: Tensor, alpha: float):
+        """Roll out u_t = clip(ū_t + α k_t + K_t (x_t − x̄_t)) from ``x0`` along the nominal ``states`` [T+1, n] and
+        ``controls`` [T, m]: the new states, controls and total cost J."""
         new_states = [x0]
         new_controls = []
         cost = x0.new_zeros(())

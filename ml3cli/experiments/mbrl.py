@@ -1,7 +1,8 @@
-"""Meta-test of model-based ML³ (paper, figure 3b–c, algorithm 5): the learned loss against the task loss through
-the learned dynamics model.
+"""Model-based RL (paper, sections 3.2.1 and 4.1.2, figure 3, algorithm 5): the learned loss against the task loss
+through the learned dynamics model, on PointmassGoal and ReacherGoal (tasks ``pointmass_goal`` and ``reacher_goal``,
+recipes ``mbrl_pointmass.yaml`` and ``mbrl_reacher.yaml``; the table and figures: ``benchmarks/mbrl.py``).
 
-Protocol, per evaluation seed s (goals and θ₀ from ``generator(seed + s)``, the same for every loss):
+Meta-test protocol, per evaluation seed s (goals and θ₀ from ``generator(seed + s)``, the same for every loss):
 
 * **learned**: a fresh policy is trained with M_φ only; before each update it is rolled out on the real system
   (``system: real``), the loss inputs are that trajectory's states with the actions recomputed by π_θ; no model.
@@ -12,16 +13,21 @@ Protocol, per evaluation seed s (goals and θ₀ from ``generator(seed + s)``, t
 
 Every curve is the REAL final distance ‖p_T − g‖ of the current policy after 0 … ``updates`` updates, mean over
 the goals, per seed.
+
+Figures: 3a, the real paths of policies trained by the learned loss toward meta-train and meta-test goals
+(:func:`goal_trajectories`); 3b–c, the final distance against updates (:func:`ml3cli.plots.distance_curves`, drawn
+alike for figure 6d).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import Tensor
@@ -30,6 +36,7 @@ from torch.func import vmap
 from ml3cli.engine import LossFn, sgd_step
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import NamedLoss, evaluate
+from ml3cli.plots import png_bytes
 from ml3cli.runtime import generator
 from ml3cli.tasks import make_task
 from ml3cli.tasks.mbrl import GoalReachingTask
@@ -57,6 +64,9 @@ def model_state_from_checkpoint(artifact: str | Path) -> dict[str, Tensor]:
 
 @dataclass
 class MBRLComparison:
+    """What :func:`compare` measured: the curves per loss, the goals of every seed and whether each lies in the
+    meta-train sector, the learning rates, and the baseline's score per candidate rate on the meta-train goals."""
+
     curves: dict[str, np.ndarray]  # label → [seeds, goals, updates + 1] real final distance
     goals: np.ndarray  # [seeds, goals, 2]
     inside: np.ndarray  # [seeds, goals] bool: goal inside the meta-train sector
@@ -144,3 +154,22 @@ def trained_paths(
             theta = step_all(theta, task.collect(theta, batch, gen, "inner"))
         states = task.collect(theta, batch, gen, "task_loss").states
     return task.position(states).numpy()
+
+
+# -- figures ------------------------------------------------------------------------------------------------
+def goal_trajectories(groups: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) -> bytes:
+    """Figure 3a: paths on the plane. ``groups[label] = (paths [n, T + 1, 2], goals [n, 2])``; each group gets one
+    colour (e.g. meta-train goals blue, meta-test goals orange), goals are stars, starts circles."""
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for (label, (paths, goals)), colour in zip(groups.items(), ("tab:blue", "tab:orange", "tab:green"), strict=False):
+        for i, path in enumerate(paths):
+            ax.plot(path[:, 0], path[:, 1], color=colour, alpha=0.8, label=label if i == 0 else None)
+            ax.plot(path[0, 0], path[0, 1], "o", color=colour, markersize=4)
+        ax.plot(goals[:, 0], goals[:, 1], "*", color=colour, markersize=14, markeredgecolor="black")
+    ax.set_aspect("equal")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title(title)
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+    return png_bytes(fig)

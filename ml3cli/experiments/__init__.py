@@ -1,0 +1,17 @@
+"""The paper's experiments: one module per experiment, each the protocol and the figures of one results table.
+
+A module here reads top to bottom: a docstring naming the paper's section and figure, the task and recipes it
+uses and the meta-test protocol; then the code of that protocol (the comparison against the baselines, the
+learning-rate choice, the table rows); then the figures (PNG bytes, drawn with :mod:`ml3cli.plots`'s plumbing).
+The scripts in ``benchmarks/`` parse flags, call these functions and write the results.
+
+Layering: an experiment may use the engine, the tasks, the baselines and the primitives (``envs``, ``control``,
+``rl``, ``metaloss``, ``plots``, ...); nothing in those imports an experiment, and no experiment imports another
+(curves drawn alike by several experiments belong in :mod:`ml3cli.plots`). What does not belong here: a task
+(:mod:`ml3cli.tasks`), a method the learned losses are compared with (:mod:`ml3cli.baselines`), a solver or
+simulator (:mod:`ml3cli.control`, :mod:`ml3cli.envs`), or anything a command of the CLI needs.
+
+Modules: :mod:`~ml3cli.experiments.mbrl` (figure 3), :mod:`~ml3cli.experiments.mountain_car` (figure 6a–b),
+:mod:`~ml3cli.experiments.reacher_demos` (figure 6c–d). The protocols still in ``benchmarks/`` (model-free RL,
+MNIST, inverse dynamics) land here as modules of the same shape.
+"""

@@ -21,6 +21,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,10 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 # -- save -----------------------------------------------------------------------------------------------------
 def architecture_of(metaloss: MetaLoss) -> dict[str, Any]:
     return {
-        "inputs": [{"name": i.name, "size": i.size, "description": i.description} for i in metaloss.inputs],
+        "inputs": [
+            {"name": i.name, "size": i.size, "description": i.description, "groups": list(i.groups)}
+            for i in metaloss.inputs
+        ],
         "hidden": list(metaloss.hidden),
         "activation": metaloss.activation,
         "bias": metaloss.bias,
@@ -218,7 +222,12 @@ def _info_from_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(info["recipe"], dict) or not isinstance(info["metrics"], dict):
             raise ValueError("recipe and metrics must be mappings")
         arch = info["architecture"]
-        inputs = tuple(LossInput(str(i["name"]), int(i["size"]), str(i.get("description", ""))) for i in arch["inputs"])
+        inputs = tuple(
+            LossInput(str(i["name"]), int(i["size"]), str(i.get("description", "")), _groups(i.get("groups", [])))
+            for i in arch["inputs"]
+        )
+        # Artifacts from before group axes were declared say nothing about them (see _legacy_groups).
+        declares_groups = all("groups" in i for i in arch["inputs"])
         hidden = [int(h) for h in arch["hidden"]]
         if arch["activation"] not in ACTIVATIONS or arch["output"] not in OUTPUTS or not isinstance(arch["bias"], bool):
             raise ValueError("unknown activation or output")
@@ -227,34 +236,95 @@ def _info_from_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
             raise ValueError("learned_lr must be true or false")
         if not inputs or any(i.size <= 0 for i in inputs) or any(h <= 0 or h > 1_000_000 for h in hidden):
             raise ValueError("bad sizes")
+        if len({i.groups for i in inputs}) > 1:
+            raise ValueError("the inputs declare different group axes")
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
         raise ML3Error(f"{path}: artifact metadata is missing or malformed ({err})") from None
     info["_inputs"] = inputs
+    info["_declares_groups"] = declares_groups
     info["_sha256"] = meta.get("sha256")
     return info
 
 
-def load_loss(path: str | Path, expect_inputs: tuple[LossInput, ...] | None = None) -> MetaLoss:
-    """Load a learned loss as an ordinary ``torch.nn.Module`` (in eval mode, φ frozen).
+def _groups(value: Any) -> tuple[str, ...]:
+    """An input's declared group axes from the metadata: a list of names."""
+    if not (isinstance(value, list) and all(isinstance(g, str) for g in value)):
+        raise ValueError(f"groups must be a list of axis names, got {value!r}")
+    return tuple(value)
+
+
+def _legacy_groups(
+    inputs: tuple[LossInput, ...], expect_inputs: Sequence[LossInput | str] | None, task: Any
+) -> tuple[LossInput, ...]:
+    """The inputs of an artifact written before group axes were recorded, given the group axes of the inputs it
+    is expected to serve, else of the task it was learned on, where those match it by name and size."""
+    specs: list[Sequence[LossInput | str]] = [expect_inputs] if expect_inputs is not None else []
+    if isinstance(task, str):
+        from ml3cli.tasks import TASKS  # only for such old files: the registry imports the simulators
+
+        if task in TASKS:
+            specs.append(TASKS[task].loss_inputs_spec)
+    for spec in specs:
+        if len(spec) == len(inputs) and all(
+            isinstance(e, LossInput) and (e.name, e.size) == (i.name, i.size) for i, e in zip(inputs, spec, strict=True)
+        ):
+            return tuple(
+                replace(i, groups=e.groups) for i, e in zip(inputs, spec, strict=True) if isinstance(e, LossInput)
+            )
+    return inputs
+
+
+def _matches(inputs: tuple[LossInput, ...], expect_inputs: Sequence[LossInput | str]) -> bool:
+    """Whether ``inputs`` are ``expect_inputs`` in order: a name compares names; a LossInput also size and groups."""
+    if len(inputs) != len(expect_inputs):
+        return False
+    return all(
+        i.name == e if isinstance(e, str) else (i.name, i.size, i.groups) == (e.name, e.size, e.groups)
+        for i, e in zip(inputs, expect_inputs, strict=True)
+    )
+
+
+def load_loss(path: str | Path, expect_inputs: Sequence[LossInput | str] | None = None) -> MetaLoss:
+    """Load a learned loss as an ordinary ``torch.nn.Module`` (a :class:`~ml3cli.metaloss.MetaLoss`, in eval
+    mode, φ frozen, in the dtype it was stored in, on the CPU).
 
     Args:
-        path: an artifact written by ``ml3 meta-train``.
-        expect_inputs: the loss inputs of the task it will train; a mismatch is refused with a clear message.
+        path: an artifact written by ``ml3 meta-train`` (or :func:`save_loss`).
+        expect_inputs: the loss inputs the caller will pass, in order: input names (``("y_pred", "y_true")``,
+            compared by name and order) or :class:`~ml3cli.metaloss.LossInput` objects (also compared by size and
+            group axes, e.g. a task's ``loss_inputs_spec``); a mismatch is refused with an ML3Error naming both.
+
+    Returns:
+        A :class:`~ml3cli.metaloss.MetaLoss` whose docstring is the contract: call ``loss_fn(*inputs)`` with the
+        inputs in ``loss_fn.inputs`` order (or by name), ``[batch, size]`` each (``[batch, C, size]`` for inputs
+        with a class axis); it returns ``mean_i Σ_c M_φ(x_{i,c})``, computed in φ's dtype and returned in the
+        inputs' dtype, on φ's device (``loss_fn.to(device)``). ``loss_fn.info`` holds the artifact's metadata
+        and ``loss_fn.meta_trained_lr`` the SGD learning rate it was meta-trained for: train with
+        ``torch.optim.SGD`` at that rate (with Adam a loss meta-trained for SGD can lose to MSE).
 
     Example::
 
-        loss_fn = load_loss("artifacts/sine.safetensors")
-        loss = loss_fn(y_pred, y_true); loss.backward()
+        loss_fn = load_loss("artifacts/sine.safetensors", expect_inputs=("y_pred", "y_true"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=loss_fn.meta_trained_lr)
+        loss = loss_fn(model(x), y); loss.backward(); optimizer.step()
     """
     path = Path(path)
     data, header = _read_checked(path)
     info = _info_from_header(path, header)
     inputs = info["_inputs"]
-    if expect_inputs is not None and tuple((i.name, i.size) for i in inputs) != tuple(
-        (i.name, i.size) for i in expect_inputs
-    ):
-        got = ", ".join(f"{i.name}[{i.size}]" for i in inputs)
-        want = ", ".join(f"{i.name}[{i.size}]" for i in expect_inputs)
+    if expect_inputs is not None:
+        if isinstance(expect_inputs, (str, LossInput)) or not all(
+            isinstance(e, (str, LossInput)) for e in expect_inputs
+        ):
+            raise ML3Error(
+                f"expect_inputs must be a sequence of input names or LossInput objects, got {expect_inputs!r}"
+            )
+        expect_inputs = tuple(expect_inputs)
+    if not info["_declares_groups"]:
+        inputs = _legacy_groups(inputs, expect_inputs, info.get("task"))
+    if expect_inputs is not None and not _matches(inputs, expect_inputs):
+        got = ", ".join(i.label for i in inputs)
+        want = ", ".join(e if isinstance(e, str) else e.label for e in expect_inputs)
         raise ML3Error(
             f"{path}: this loss was learned for task {info.get('task')!r} with inputs ({got}); "
             f"the task here needs inputs ({want})"
@@ -284,5 +354,5 @@ def load_loss(path: str | Path, expect_inputs: tuple[LossInput, ...] | None = No
     metaloss.load_state_dict(tensors)
     metaloss.requires_grad_(False)
     metaloss.eval()
-    metaloss.info = {k: v for k, v in info.items() if not k.startswith("_")}  # type: ignore[attr-defined]
+    metaloss.info = {k: v for k, v in info.items() if not k.startswith("_")}
     return metaloss

@@ -18,11 +18,6 @@ from ml3cli.engine import LossFn, sgd_step
 from ml3cli.runtime import generator
 from ml3cli.tasks.base import Task
 
-#: t_{0.975, df} for df = 1 … 30 (two-sided 95% intervals); above 30 the normal quantile is close enough.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]  # fmt: skip
-
 
 #: learning rates tried when a baseline's rate is tuned (on tasks the test never sees).
 BASELINE_LR_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -184,13 +179,24 @@ class PairedDifference:
     seeds: int
 
 
+def t_quantile_975(df: int) -> float:
+    """Student's t quantile t_{0.975, df}: the half-width factor of a two-sided 95% confidence interval."""
+    # scipy is imported here, not at the top, so that `import ml3cli` (and the loss alone) stays light.
+    from scipy.stats import t
+
+    if df < 1:
+        raise ValueError(f"a t quantile needs at least 1 degree of freedom, got {df}")
+    return float(t.ppf(0.975, df))
+
+
 def paired_difference(reference: LossCurves, other: LossCurves, step: int) -> PairedDifference:
+    """``other − reference`` of the mean metric at ``step``, paired by seed, with a two-sided 95% Student-t
+    confidence interval of the mean difference (NaN bounds for a single seed)."""
     diff = other.at(step) - reference.at(step)
     n = diff.size
     mean = float(diff.mean())
     if n > 1:
-        t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
-        half = t * float(diff.std(ddof=1)) / math.sqrt(n)
+        half = t_quantile_975(n - 1) * float(diff.std(ddof=1)) / math.sqrt(n)
     else:
         half = math.nan
     wins = int((reference.at(step) < other.at(step)).sum())

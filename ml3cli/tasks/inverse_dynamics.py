@@ -281,8 +281,8 @@ class InverseDynamicsOptions(TaskOptions):
 
 
 INPUTS = (
-    LossInput("u_pred", 1, "predicted torque û_j of one joint (one row per joint)"),
-    LossInput("u_true", 1, "simulated torque u_j of that joint"),
+    LossInput("u_pred", 1, "predicted torque û_j of one joint (one row per joint)", groups=("joint",)),
+    LossInput("u_true", 1, "simulated torque u_j of that joint", groups=("joint",)),
 )
 
 

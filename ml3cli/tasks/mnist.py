@@ -157,8 +157,8 @@ def brier_joint(log_prob: Tensor, onehot: Tensor) -> Tensor:
 
 
 CLASSWISE_INPUTS = (
-    LossInput("prob", 1, "softmax probability p_c of class c (one row per class)"),
-    LossInput("onehot", 1, "y_c: 1 for the true class, 0 otherwise (one row per class)"),
+    LossInput("prob", 1, "softmax probability p_c of class c (one row per class)", groups=("class",)),
+    LossInput("onehot", 1, "y_c: 1 for the true class, 0 otherwise (one row per class)", groups=("class",)),
 )
 
 

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ml3cli.artifacts import load_loss, read_info, write_bytes_atomic, write_json_atomic
+from ml3cli.artifacts import load_loss, read_info
 from ml3cli.experiments.mbrl import (
     REPORT_STEPS,
     compare,
@@ -31,6 +31,7 @@ from ml3cli.experiments.mbrl import (
     table_rows,
     trained_paths,
 )
+from ml3cli.files import write_bytes_atomic, write_json_atomic
 from ml3cli.plots import distance_curves
 from ml3cli.runtime import configure, generator
 from ml3cli.tasks import make_task

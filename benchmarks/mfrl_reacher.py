@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ml3cli.artifacts import load_loss, read_info, write_json_atomic
+from ml3cli.artifacts import load_loss, read_info
 from ml3cli.baselines.ppo import PPOConfig, train_ppo
 from ml3cli.evaluate import train_curve
+from ml3cli.files import write_json_atomic
 from ml3cli.runtime import generator
 from ml3cli.tasks import make_task
 

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ml3cli.artifacts import load_loss, write_bytes_atomic, write_json_atomic
+from ml3cli.artifacts import load_loss
 from ml3cli.control.ilqr import ILQR, ILQRResult
 from ml3cli.engine import sgd_step
 from ml3cli.evaluate import NamedLoss, evaluate
 from ml3cli.experiments.mountain_car import car_trajectories, final_distance_curves
+from ml3cli.files import write_bytes_atomic, write_json_atomic
 from ml3cli.runtime import generator
 from ml3cli.tasks import make_task
 from ml3cli.tasks.mountain_car import MountainCarTask

@@ -12,7 +12,7 @@ Layout of a checkpoint (``ARTIFACT.checkpoint.safetensors``; never pickle):
   document: versions, outer step, ``age``, elapsed seconds, curves so far, Adam's param_groups and non-tensor
   state, the batch's field names, the effective recipe and the artifact the run will write.
 
-Written atomically (temp file, fsync, rename) by :func:`ml3cli.artifacts.write_bytes_atomic`, read with the same
+Written atomically (temp file, fsync, rename) by :func:`ml3cli.files.write_bytes_atomic`, read with the same
 bounded-memory checks as loss artifacts.
 """
 
@@ -32,7 +32,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from ml3cli import artifacts
+from ml3cli import artifacts, files
 from ml3cli.errors import ML3Error
 
 FORMAT = "ml3-checkpoint"
@@ -239,7 +239,7 @@ def save_checkpoint(path: str | Path, state: MetaTrainState, recipe: dict[str, A
         "sha256": artifacts.tensors_sha256(tensors),
         "ml3": text,
     }
-    return artifacts.write_bytes_atomic(path, st_save(tensors, metadata=metadata))
+    return files.write_bytes_atomic(path, st_save(tensors, metadata=metadata))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from ml3cli.engine import LossFn, sgd_step
 from ml3cli.runtime import generator
 from ml3cli.tasks.base import Task
 
-
 #: learning rates tried when a baseline's rate is tuned (on tasks the test never sees).
 BASELINE_LR_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 #: tuning draws its tasks from seeds this far from the test seeds, so that it never sees a test task.

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from ml3cli import artifacts
+from ml3cli import files
 from ml3cli.engine import LossFn, loss_value, sgd_step
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import NamedLoss
@@ -161,7 +161,7 @@ class Landscape1D:
                 if self.task_losses is not None:
                     row["task_loss"] = float(self.task_losses[k, g])
                 rows.append(row)
-        return artifacts.csv_text(rows)
+        return files.csv_text(rows)
 
 
 def landscape_1d(
@@ -266,7 +266,7 @@ class Landscape2D:
                 if self.task_loss is not None:
                     row["task_loss"] = float(self.task_loss[i, j])
                 rows.append(row)
-        return artifacts.csv_text(rows)
+        return files.csv_text(rows)
 
 
 def plane_values(task: Task, fn, theta: Theta, d1: Theta, d2: Theta, alphas: Tensor, betas: Tensor) -> np.ndarray:
@@ -337,7 +337,7 @@ class FunctionView:
                 row.update({k: v for k, v in self.fixed.items()})
                 row.update({label: float(g[i, j]) for label, g in self.grids.items()})
                 rows.append(row)
-        return artifacts.csv_text(rows)
+        return files.csv_text(rows)
 
 
 def pointwise_fn(loss: NamedLoss, module: MetaLoss | None, builtin) -> Any:

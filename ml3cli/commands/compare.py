@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ml3cli import artifacts, plots
+from ml3cli import files, plots
 from ml3cli.commands.options import EvalOptions
 from ml3cli.commands.output import fmt, progress_bar
 from ml3cli.errors import ML3Error
@@ -106,13 +106,11 @@ def run(
         print_task_report(console, task, report, tasks * seeds)
 
     out = Path(options.out_dir) if options.out_dir else Path("runs") / f"{command}_{task_name}"
-    artifacts.write_json_atomic(out / "results.json", document)
-    artifacts.write_text_atomic(out / "curves.csv", curves_csv(curves))
-    artifacts.write_bytes_atomic(
-        out / "curves.png", plots.meta_test_plot(curves, f"{command} on {task_name}", task.metric)
-    )
+    files.write_json_atomic(out / "results.json", document)
+    files.write_text_atomic(out / "curves.csv", curves_csv(curves))
+    files.write_bytes_atomic(out / "curves.png", plots.meta_test_plot(curves, f"{command} on {task_name}", task.metric))
     if options.json_path:
-        artifacts.write_json_atomic(options.json_path, document)
+        files.write_json_atomic(options.json_path, document)
     console.print(f"wrote {out / 'results.json'}, {out / 'curves.csv'}, {out / 'curves.png'}")
     return document
 
@@ -208,4 +206,4 @@ def curves_csv(curves: list[LossCurves]) -> str:
         for seed_index, row in enumerate(c.per_seed)
         for step, value in enumerate(row)
     ]
-    return artifacts.csv_text(rows)
+    return files.csv_text(rows)

@@ -12,7 +12,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from ml3cli import artifacts, plots
+from ml3cli import files, plots
 from ml3cli.commands.options import LandscapeOptions
 from ml3cli.errors import ML3Error
 from ml3cli.landscape import MODES, Landscape1D, function_view, landscape_1d, landscape_2d, pointwise_fn
@@ -137,7 +137,7 @@ def run(specs: Sequence[str], options: LandscapeOptions, console: Console) -> di
                       f"with {fixed_text}")  # fmt: skip
     paths = write_outputs(out, csv_text, png, summary)
     if options.json_path:
-        artifacts.write_text_atomic(options.json_path, json.dumps(summary, indent=2, allow_nan=True) + "\n")
+        files.write_text_atomic(options.json_path, json.dumps(summary, indent=2, allow_nan=True) + "\n")
     console.print("wrote " + ", ".join(str(p) for p in paths))
     return summary
 
@@ -159,9 +159,9 @@ def function_axes(task: Task, axes_text: str | None) -> tuple[str, str]:
 def write_outputs(out_dir: Path, csv_text: str, png: bytes, summary: dict[str, Any]) -> list[Path]:
     """``landscape.csv``, ``landscape.png`` and ``landscape.json`` in ``out_dir``, each written atomically."""
     paths = [out_dir / "landscape.csv", out_dir / "landscape.png", out_dir / "landscape.json"]
-    artifacts.write_text_atomic(paths[0], csv_text)
-    artifacts.write_bytes_atomic(paths[1], png)
-    artifacts.write_text_atomic(paths[2], json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    files.write_text_atomic(paths[0], csv_text)
+    files.write_bytes_atomic(paths[1], png)
+    files.write_text_atomic(paths[2], json.dumps(summary, indent=2, allow_nan=True) + "\n")
     return paths
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from ml3cli import artifacts, checkpoints, distributed, plots
+from ml3cli import artifacts, checkpoints, distributed, files, plots
 from ml3cli.commands.options import MetaTrainOptions, to_argv
 from ml3cli.commands.output import fmt, progress_bar
 from ml3cli.engine import meta_train
@@ -125,7 +125,7 @@ def _run_meta_train(
     if out_path.suffix != ".safetensors":
         raise ML3Error(f"--out {out_path}: an artifact path must end in .safetensors")
     if main:
-        artifacts.check_writable(out_path)
+        files.check_writable(out_path)
     task = make_task(recipe.task, recipe.task_options, device)
     if shard is not None:
         shard.bounds(recipe.outer.tasks)  # refuse an uneven split before any work
@@ -208,8 +208,8 @@ def _run_meta_train(
     if not recipe.checkpoint_every:  # no end-of-run checkpoint: one left by an interrupt is spent now
         checkpoint.unlink(missing_ok=True)
     curves_path = out_path.with_suffix(".curves.csv")
-    artifacts.write_text_atomic(curves_path, artifacts.csv_text(result.curves))
-    artifacts.write_bytes_atomic(
+    files.write_text_atomic(curves_path, files.csv_text(result.curves))
+    files.write_bytes_atomic(
         out_path.with_suffix(".curves.png"), plots.meta_train_plot(result.curves, f"meta-train {recipe.name}")
     )
 
@@ -280,7 +280,7 @@ def run_seed_sweep(
         raise ML3Error(f"--out {base}: an artifact path must end in .safetensors")
     paths = {seed: seed_artifact_path(base, seed) for seed in seeds}
     for path in paths.values():
-        artifacts.check_writable(path)
+        files.check_writable(path)
     console.print(f"meta-training {recipe.name} for seeds {list(seeds)}, {jobs} at a time (logs: ARTIFACT.log)")
 
     def one(seed: int) -> tuple[int, int, float]:
@@ -332,9 +332,7 @@ def run_seed_sweep(
         table.add_row("mean ± sd", *(f"{fmt(v.mean())} ± {fmt(v.std(ddof=1))}" for v in values.values()))
     console.print(table)
     summary = base.with_name(f"{base.stem}-seeds.json")
-    artifacts.write_text_atomic(
-        summary, json.dumps({"recipe": recipe.name, "wall_seconds": wall, "runs": rows}, indent=2)
-    )
+    files.write_text_atomic(summary, json.dumps({"recipe": recipe.name, "wall_seconds": wall, "runs": rows}, indent=2))
     console.print(f"wrote {summary}")
     failed = [row for row in rows if row["exit"] != 0]
     if failed:

@@ -202,7 +202,7 @@ def load_or_solve(settings: ExpertSettings, cache_dir: Path | None) -> Demonstra
         seconds=np.array(demo.seconds),
         **{k: getattr(demo, k) for k in _ARRAYS},
     )
-    from ml3cli.artifacts import write_bytes_atomic
+    from ml3cli.files import write_bytes_atomic
 
     try:
         write_bytes_atomic(path, buffer.getvalue())

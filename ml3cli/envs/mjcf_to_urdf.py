@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model = mujoco.MjModel.from_xml_path(str(args.mjcf))
     check_root_at_origin(model)
-    from ml3cli.artifacts import write_text_atomic
+    from ml3cli.files import write_text_atomic
 
     write_text_atomic(args.urdf, model_to_urdf(model, header=HEADER))
     print(f"wrote {args.urdf}")

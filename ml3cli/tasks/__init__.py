@@ -108,7 +108,7 @@ def read_catalog() -> dict[str, dict[str, Any]]:
 
 def write_catalog() -> Path:
     """Regenerate :data:`CATALOG` after a task family or its description changes."""
-    from ml3cli.artifacts import write_text_atomic
+    from ml3cli.files import write_text_atomic
 
     return write_text_atomic(CATALOG, json.dumps(catalog_from_classes(), indent=1, ensure_ascii=False) + "\n")
 

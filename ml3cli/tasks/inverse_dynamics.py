@@ -167,7 +167,7 @@ def load_or_generate(settings: TrajectorySettings, cache_dir: Path | None) -> di
     data = generate(settings)
     buffer = io.BytesIO()
     np.savez(buffer, settings=np.array(expected), **data)
-    from ml3cli.artifacts import write_bytes_atomic
+    from ml3cli.files import write_bytes_atomic
 
     try:
         write_bytes_atomic(path, buffer.getvalue())

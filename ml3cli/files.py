@@ -1,0 +1,83 @@
+"""Every file ml3 writes goes through here: atomically (a temp file in the same folder, fsync, rename), so that a
+path only ever holds a complete file, even if the process is killed mid-write."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ml3cli.errors import ML3Error
+
+
+# -- atomic writes --------------------------------------------------------------------------------------------
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that the final name only ever holds a complete file."""
+    path = Path(path)
+
+    def failure(err: OSError) -> ML3Error:
+        kept = "the previous file there is unchanged" if path.is_file() else "nothing was written there"
+        return ML3Error(f"cannot write {path}: {err.strerror or err}; {kept}")
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise failure(err) from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)  # mkstemp creates 0600; give the file the mode an ordinary open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise failure(err) from None
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """:func:`write_bytes_atomic` of ``text`` in UTF-8."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows of equal keys as CSV text (header from the first row); empty text for no rows."""
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """``obj`` as indented JSON (NaN and infinities allowed), written atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail early (before minutes of work) when ``path``'s folder cannot be created or written."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ml3-write-test-"):
+            pass
+    except OSError as err:
+        raise ML3Error(f"cannot write to {folder}: {err.strerror or err}") from None

@@ -38,6 +38,7 @@ MAX_HEADER_BYTES = 16 * 2**20
 
 # -- checksums ------------------------------------------------------------------------------------------------
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (the artifact's checksum)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -48,6 +49,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 # -- save -----------------------------------------------------------------------------------------------------
 def architecture_of(metaloss: MetaLoss) -> dict[str, Any]:
+    """What rebuilds M_φ from its tensors: inputs, hidden sizes, activation, bias, output, learned_lr."""
     return {
         "inputs": [
             {"name": i.name, "size": i.size, "description": i.description, "groups": list(i.groups)}

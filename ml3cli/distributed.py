@@ -119,6 +119,7 @@ def join(device: torch.device) -> Shard | None:
 
 
 def leave() -> None:
+    """Close the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

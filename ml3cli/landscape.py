@@ -44,6 +44,7 @@ def task_slice(batch: Any, i: int) -> Any:
 
 
 def theta_slice(theta: Theta, i: int) -> Theta:
+    """θ of task ``i`` of a batch, without the task axis."""
     return {name: value[i] for name, value in theta.items()}
 
 
@@ -129,6 +130,7 @@ def sweep_1d(
 
 
 def task_loss_1d(task: Task, theta: Theta, batch: Any, name: str, index: int, values: Tensor) -> np.ndarray:
+    """The task loss with entry ``index`` of parameter ``name`` set to each of ``values`` (the rest at θ)."""
     with torch.no_grad():
         out = vmap(lambda v: task.task_loss(_with_entry(theta, name, index, v), batch))(values)
     return out.cpu().double().numpy()

@@ -173,6 +173,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The recipe file's mapping; a missing, unreadable or non-mapping file is one ML3Error naming it."""
     if not path.is_file():
         raise ML3Error(f"recipe file not found: {path}")
     try:
@@ -240,4 +241,5 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, seed: int 
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The effective recipe as plain JSON-ready data (what artifacts and checkpoints record)."""
     return recipe.model_dump(mode="json")

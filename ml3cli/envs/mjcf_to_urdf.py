@@ -186,6 +186,7 @@ fixed (their bodies' mass stays attached). Damping/armature of the MJCF are not 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: convert an MJCF file to the URDF PyBullet loads."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mjcf", type=Path, help="the MuJoCo model file (e.g. gym-sawyer's reacherenv_default.xml)")
     parser.add_argument("urdf", type=Path, help="where to write the URDF")

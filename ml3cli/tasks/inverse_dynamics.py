@@ -68,6 +68,7 @@ def robot_dynamics(robot: Robot):
 
 
 def robot_dof(robot: Robot) -> int:
+    """The number of joints of ``robot``."""
     return {"reacher": 2, "sawyer": 7}[robot]
 
 
@@ -146,6 +147,7 @@ def generate(settings: TrajectorySettings) -> dict[str, np.ndarray]:
 
 
 def cache_key(settings: TrajectorySettings) -> str:
+    """A short hash of the data format and the trajectory settings: the name of their cache file."""
     text = json.dumps({"format": DATA_FORMAT, **settings._asdict()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 

@@ -163,6 +163,7 @@ CLASSWISE_INPUTS = (
 
 
 def joint_inputs(classes: int) -> tuple[LossInput, ...]:
+    """The joint loss inputs over all ``classes`` at once: log-probabilities and the one-hot target."""
     return (
         LossInput("log_prob", classes, "log-softmax of the optimizee's logits, all classes"),
         LossInput("onehot", classes, "one-hot vector of the true class"),

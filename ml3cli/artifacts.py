@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING, Any
 
 from ml3cli.errors import ML3Error
 from ml3cli.files import write_bytes_atomic
-from ml3cli.metaloss import ACTIVATIONS, OUTPUTS, LossInput, MetaLoss
+from ml3cli.loss_inputs import ACTIVATION_NAMES, OUTPUT_NAMES, LossInput
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so that reading metadata (ml3 inspect) needs none
+    import torch
+
+    from ml3cli.metaloss import MetaLoss
 
 FORMAT = "ml3-loss"
 FORMAT_VERSION = 1
@@ -39,6 +40,8 @@ MAX_HEADER_BYTES = 16 * 2**20
 # -- checksums ------------------------------------------------------------------------------------------------
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (the artifact's checksum)."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -65,6 +68,9 @@ def architecture_of(metaloss: MetaLoss) -> dict[str, Any]:
 
 def save_loss(path: str | Path, metaloss: MetaLoss, info: dict[str, Any]) -> Path:
     """Write M_φ and ``info`` (task, recipe, seed, metrics …) as an artifact at ``path``, atomically."""
+    import torch
+    from safetensors.torch import save
+
     import ml3cli
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in metaloss.state_dict().items()}
@@ -81,7 +87,7 @@ def save_loss(path: str | Path, metaloss: MetaLoss, info: dict[str, Any]) -> Pat
         "sha256": tensors_sha256(tensors),
         "ml3": json.dumps(document, allow_nan=True),
     }
-    return write_bytes_atomic(path, st_save(tensors, metadata=metadata))
+    return write_bytes_atomic(path, save(tensors, metadata=metadata))
 
 
 # -- load -----------------------------------------------------------------------------------------------------
@@ -123,6 +129,42 @@ def read_info(path: str | Path) -> dict[str, Any]:
     return _info_from_header(path, header)
 
 
+#: safetensors dtype codes → torch's names for them (:func:`tensors_sha256` hashes torch's name)
+TORCH_DTYPE_NAMES = {
+    "F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16",
+    "I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8", "U8": "torch.uint8",
+    "BOOL": "torch.bool",
+}  # fmt: skip
+
+
+def file_sha256(path: Path, data: bytes, header: dict[str, Any]) -> str:
+    """:func:`tensors_sha256` computed from the file's bytes, without loading a tensor (or torch)."""
+    body = data[8 + struct.unpack("<Q", data[:8])[0] :]
+    digest = hashlib.sha256()
+    for name in sorted(k for k in header if k != "__metadata__"):
+        entry = header[name]
+        dtype = TORCH_DTYPE_NAMES.get(entry.get("dtype"))
+        shape = entry.get("shape")
+        if dtype is None or not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise ML3Error(f"{path}: corrupt entry for tensor {name!r} (dtype {entry.get('dtype')!r}, shape {shape!r})")
+        start, end = entry["data_offsets"]
+        digest.update(f"{name}|{dtype}|{tuple(shape)}|".encode())
+        digest.update(body[start:end])
+    return digest.hexdigest()
+
+
+def verified_info(path: str | Path) -> tuple[dict[str, Any], int]:
+    """The artifact's metadata and its number of parameters, after the checks of a load that need no tensors: sizes,
+    format, version, metadata and checksum (what ``ml3 inspect`` shows, without torch)."""
+    path = Path(path)
+    data, header = _read_checked(path)
+    info = _info_from_header(path, header)
+    if info["_sha256"] != file_sha256(path, data, header):
+        raise ML3Error(f"{path}: checksum mismatch: the tensors were modified or corrupted")
+    count = sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+    return {k: v for k, v in info.items() if not k.startswith("_")}, count
+
+
 def check_format(path: Path, meta: Any, name: str, version: int, what: str) -> None:
     """Refuse a file whose safetensors metadata is not format ``name`` at a version up to ``version``."""
     got = meta.get("format") if isinstance(meta, dict) else None
@@ -162,7 +204,11 @@ def _info_from_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         # Artifacts from before group axes were declared say nothing about them (see _legacy_groups).
         declares_groups = all("groups" in i for i in arch["inputs"])
         hidden = [int(h) for h in arch["hidden"]]
-        if arch["activation"] not in ACTIVATIONS or arch["output"] not in OUTPUTS or not isinstance(arch["bias"], bool):
+        if (
+            arch["activation"] not in ACTIVATION_NAMES
+            or arch["output"] not in OUTPUT_NAMES
+            or not isinstance(arch["bias"], bool)
+        ):
             raise ValueError("unknown activation or output")
         arch.setdefault("learned_lr", False)  # artifacts from before the switch existed
         if not isinstance(arch["learned_lr"], bool):
@@ -241,6 +287,10 @@ def load_loss(path: str | Path, expect_inputs: Sequence[LossInput | str] | None 
         optimizer = torch.optim.SGD(model.parameters(), lr=loss_fn.meta_trained_lr)
         loss = loss_fn(model(x), y); loss.backward(); optimizer.step()
     """
+    import safetensors.torch
+
+    from ml3cli.metaloss import MetaLoss
+
     path = Path(path)
     data, header = _read_checked(path)
     info = _info_from_header(path, header)
@@ -263,8 +313,8 @@ def load_loss(path: str | Path, expect_inputs: Sequence[LossInput | str] | None 
             f"the task here needs inputs ({want})"
         )
     try:
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as err:
+        tensors = safetensors.torch.load(data)
+    except (safetensors.SafetensorError, ValueError, RuntimeError) as err:
         raise ML3Error(f"{path}: corrupt tensor data ({err})") from None
     if info["_sha256"] != tensors_sha256(tensors):
         raise ML3Error(f"{path}: checksum mismatch: the tensors were modified or corrupted")

@@ -24,15 +24,14 @@ contract a user can rely on there.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ml3cli.errors import ML3Error
 from ml3cli.functional import sequential_function
+from ml3cli.loss_inputs import ACTIVATION_NAMES, OUTPUT_NAMES, LossInput, LossInputError
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -45,42 +44,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
 }
 OUTPUTS: dict[str, Callable[[], nn.Module]] = {"softplus": nn.Softplus, "linear": nn.Identity}
-
-
-class LossInputError(ML3Error, ValueError):
-    """Loss inputs of the wrong shape, kind or device: the message names the input, what was expected and what
-    was given. A ``ValueError`` too, so code that caught the earlier ``ValueError`` keeps working."""
-
-
-@dataclass(frozen=True)
-class LossInput:
-    """One named input of a loss: ``size`` features per row.
-
-    ``groups`` names the axes between the batch axis and the features, e.g. ``("class",)`` for class-wise inputs
-    (one row per class, summed over by :class:`MetaLoss`); empty (the default) for plain ``[batch, size]`` inputs.
-    All inputs of one loss declare the same groups.
-    """
-
-    name: str
-    size: int
-    description: str = ""
-    groups: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        # a list (as read from JSON) would make the frozen dataclass unhashable and unequal to the tuple form
-        object.__setattr__(self, "groups", tuple(str(g) for g in self.groups))
-
-    @property
-    def label(self) -> str:
-        """``name[groups…, size]``, e.g. ``y_pred[1]`` or ``prob[class, 1]`` (for messages)."""
-        return f"{self.name}[{', '.join((*self.groups, str(self.size)))}]"
-
-    def shapes(self) -> str:
-        """The shapes this input accepts, in words, e.g. ``[batch, class, 1] or [batch, class]``."""
-        full = ", ".join(("batch", *self.groups, str(self.size)))
-        if self.size != 1:
-            return f"[{full}]"
-        return f"[{full}] or [{', '.join(('batch', *self.groups))}]"
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES and tuple(OUTPUTS) == OUTPUT_NAMES  # one list of names, two uses
 
 
 def _named(spec: Sequence[LossInput], args: Sequence[Tensor], kwargs: dict[str, Tensor]) -> dict[str, Tensor]:

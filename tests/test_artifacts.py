@@ -309,3 +309,35 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["loss.safetensors"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_checksum_from_the_file_bytes_equals_the_tensor_checksum(tmp_path, dtype):
+    """`ml3 inspect` checks the checksum from the raw bytes, without torch: it must equal the one written."""
+    path = save_loss(tmp_path / "l.safetensors", trained_like_loss().to(dtype), {"task": "sine"})
+    info, count = artifacts.verified_info(path)
+    assert info["task"] == "sine" and count == sum(p.numel() for p in load_loss(path).parameters())
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    assert artifacts.file_sha256(path, data, header) == header["__metadata__"]["sha256"]
+
+
+def test_inspect_refuses_a_flipped_byte_without_loading_torch(artifact, tmp_path):
+    """The torch-free reader still catches damaged tensor data, and `ml3 inspect` never imports torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom ml3cli.cli import app\ntry:\n    app(['inspect', sys.argv[1]])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    ok = subprocess.run([sys.executable, "-c", code, str(artifact)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip().endswith("False"), ok.stdout
+    data = bytearray(artifact.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    data[8 + n + (len(data) - 8 - n) // 2] ^= 0x01
+    artifact.write_bytes(bytes(data))
+    with pytest.raises(ML3Error, match="checksum"):
+        artifacts.verified_info(artifact)

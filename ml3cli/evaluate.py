@@ -15,7 +15,7 @@ import torch
 from torch.func import vmap
 
 from ml3cli.engine import LossFn, sgd_step
-from ml3cli.runtime import generator
+from ml3cli.runtime import generator, stream_seed
 from ml3cli.tasks.base import Task
 
 #: learning rates tried when a baseline's rate is tuned (on tasks the test never sees).
@@ -115,8 +115,11 @@ def evaluate(
     steps: int,
     seed: int = 0,
     on_seed: Callable[[int], None] | None = None,
+    stream: str = "test",
 ) -> list[LossCurves]:
-    """Meta-test every loss on ``tasks`` test tasks × ``seeds`` seeds (seed s uses ``seed + s``).
+    """Meta-test every loss on ``tasks`` test tasks × ``seeds`` seeds: seed s draws its tasks and θ₀ from the
+    random stream ``stream`` of ``seed + s`` (:func:`ml3cli.runtime.stream_seed`: never the draws of
+    meta-training, and ``validation`` never those of ``test``).
 
     ``on_seed(done)`` is called after each seed (for progress bars).
     """
@@ -124,7 +127,7 @@ def evaluate(
     extras: dict[str, dict[str, list[np.ndarray]]] = {loss.label: {} for loss in losses}
     report = has_report_metrics(task)
     for s in range(seeds):
-        gen = generator(seed + s)
+        gen = generator(stream_seed(stream, seed + s))
         batch = task.sample_tasks(tasks, gen)
         theta = task.init_theta(tasks, gen)
         after_draws = gen.get_state()
@@ -153,12 +156,14 @@ def tune_lr(
 ) -> tuple[float, dict[float, float]]:
     """The learning rate from ``lrs`` with the lowest mean final metric of ``loss`` on ``task``.
 
-    Call it with the META-TRAIN task family so that the choice never sees the test tasks. Diverging rates
+    The tasks come from the ``validation`` random stream, so the choice never sees a test task. Diverging rates
     score +inf.
     """
     candidates = [NamedLoss(f"{loss.label}@{lr:g}", loss.fn, lr, loss.source) for lr in lrs]
     scores: dict[float, float] = {}
-    for candidate, curves in zip(candidates, evaluate(task, candidates, tasks, seeds, steps, seed), strict=True):
+    for candidate, curves in zip(
+        candidates, evaluate(task, candidates, tasks, seeds, steps, seed, stream="validation"), strict=True
+    ):
         final = float(curves.at(steps).mean())
         scores[candidate.lr] = final if math.isfinite(final) else math.inf
     best = min(scores, key=lambda lr: scores[lr])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import random
 import sys
 
@@ -68,6 +69,26 @@ def configure(threads: int, seed: int | None = None) -> None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+
+
+#: the independent random streams of one seed: meta-training draws, validation draws (choosing learning rates) and
+#: test draws (the reported numbers)
+STREAMS = ("meta_train", "validation", "test")
+
+
+def stream_seed(purpose: str, seed: int) -> int:
+    """The seed of the random stream ``purpose`` (one of :data:`STREAMS`) for the run seed ``seed``.
+
+    The meta-train stream is ``seed`` itself (what recipes record); validation and test seeds are 62-bit hashes of
+    (purpose, seed), so a test task is never drawn from the stream that meta-training drew from, nor from the
+    validation stream that chose a learning rate.
+    """
+    if purpose not in STREAMS:
+        raise ValueError(f"unknown random stream {purpose!r}; expected one of {STREAMS}")
+    if purpose == "meta_train":
+        return seed
+    digest = hashlib.sha256(f"ml3/{purpose}/{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
 
 
 def generator(seed: int) -> torch.Generator:

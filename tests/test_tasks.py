@@ -151,3 +151,27 @@ def test_shipped_catalog_matches_the_task_classes():
     from ml3cli.tasks import catalog_from_classes, read_catalog
 
     assert read_catalog() == catalog_from_classes(), "the catalog is stale: regenerate with python -m ml3cli.tasks"
+
+
+def test_test_tasks_are_never_meta_train_or_validation_tasks(task):
+    """Meta-train, validation and test draws come from separate random streams: over 3 run seeds, no task of a
+    test batch equals a task of a meta-train or validation batch. (A family that draws from a short fixed list of
+    targets is split by its options instead: reacher_demos' TRAIN_GOALS / TEST_GOALS.)"""
+    from ml3cli.runtime import stream_seed
+
+    def tasks_of(purpose: str) -> list[bytes]:
+        keys = []
+        for seed in range(3):
+            batch = task.sample_tasks(N, generator(stream_seed(purpose, seed)))
+            for i in range(N):
+                keys.append(b"|".join(t[i].detach().cpu().contiguous().numpy().tobytes() for t in batch))
+        return keys
+
+    if task.name == "reacher_demos":  # its targets come from a short list: meta-train and test lists are disjoint
+        from ml3cli.tasks.reacher_demos import TEST_GOALS, TRAIN_GOALS
+
+        assert not set(map(tuple, TRAIN_GOALS)) & set(map(tuple, TEST_GOALS))
+        return
+    meta_train = tasks_of("meta_train")
+    seen = set(meta_train) | set(tasks_of("validation"))
+    assert not seen & set(tasks_of("test"))

@@ -18,7 +18,7 @@ from ml3cli import files, plots
 from ml3cli.commands.options import EvalOptions
 from ml3cli.commands.output import fmt, progress_bar
 from ml3cli.errors import ML3Error
-from ml3cli.evaluate import BASELINE_LR_SWEEP, TUNING_SEED_OFFSET, LossCurves, evaluate, paired_difference, tune_lr
+from ml3cli.evaluate import BASELINE_LR_SWEEP, LossCurves, evaluate, paired_difference, tune_lr
 from ml3cli.losses import (
     LossSpec,
     artifact_infos,
@@ -30,7 +30,7 @@ from ml3cli.losses import (
 )
 from ml3cli.report_metrics import print_task_report, report_from_curves
 from ml3cli.runtime import configure, resolve_device
-from ml3cli.tasks import TASKS, Task, make_task, task_class
+from ml3cli.tasks import Task, task_class
 
 
 def meta_test(loss: str, task_name: str, baseline: str | None, options: EvalOptions, console: Console) -> dict:
@@ -74,20 +74,13 @@ def run(
     losses = [r.named for r in resolve_losses(loss_specs, task, options.lr or recorded.lr, device)]
 
     tuning = None
-    if options.tune_baseline_lr:
-        if not infos:
-            raise ML3Error("--tune-baseline-lr chooses the rate on an artifact's meta-train task: give an artifact")
-        info = infos[0]
-        if info["task"] not in TASKS:
-            raise ML3Error(f"--tune-baseline-lr: the artifact records no known meta-train task ({info['task']!r})")
-        train_task = make_task(info["task"], info["recipe"].get("task_options"), device)
+    if options.tune_baseline_lr:  # on validation tasks of the test family: never a test task
         name = baseline_name(task)
         best, scores = tune_lr(
-            train_task, builtin_loss(train_task, name, 1.0), BASELINE_LR_SWEEP, tasks, seeds, steps,
-            options.seed + TUNING_SEED_OFFSET,
-        )  # fmt: skip
+            task, builtin_loss(task, name, 1.0), BASELINE_LR_SWEEP, tasks, seeds, steps, options.seed
+        )
         losses.append(builtin_loss(task, name, best, f"{name} (tuned lr)"))
-        tuning = {"loss": name, "on_task": info["task"], "best_lr": best, "final_by_lr": scores}
+        tuning = {"loss": name, "on_task": task.name, "stream": "validation", "best_lr": best, "final_by_lr": scores}
 
     with progress_bar(console, options.quiet) as progress:
         bar = progress.add_task(f"{command} {task_name}: {len(losses)} losses, seed", total=seeds)
@@ -193,7 +186,7 @@ def print_results(console, task, curves: list[LossCurves], steps, seeds, tasks, 
     tuning = document["baseline_lr_tuning"]
     if tuning:
         console.print(
-            f"baseline lr tuned on {tuning['on_task']}: best {tuning['best_lr']:g} of "
+            f"baseline lr tuned on validation tasks of {tuning['on_task']}: best {tuning['best_lr']:g} of "
             + ", ".join(f"{lr:g}→{fmt(v)}" for lr, v in tuning["final_by_lr"].items())
         )
 

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ml3cli.commands.options import EvalOptions, LandscapeOptions, MetaTrainOptions
+from ml3cli.commands.options import EvalOptions, LandscapeOptions, MetaTrainOptions, ReproduceOptions
 from ml3cli.errors import ML3Error, RunInterrupted
 
 app = typer.Typer(
@@ -145,6 +145,29 @@ def tasks_command() -> None:
     from ml3cli.commands import tasks
 
     tasks.run(_console())
+
+
+@app.command("reproduce")
+@with_options(options=ReproduceOptions)
+def reproduce_command(
+    names: Annotated[list[str] | None, typer.Argument(help="experiment name(s), or all")] = None,
+    *,
+    options: ReproduceOptions,
+) -> None:
+    """Reproduce a paper experiment end to end: meta-train every seed, compare tuned against tuned, judge, plot."""
+    from ml3cli.commands import reproduce
+
+    reproduce.run(list(names or []), options, _console())
+
+
+@app.command("report")
+def report_command(
+    check: Annotated[bool, typer.Option("--check", help="only check that the committed pages are current")] = False,
+) -> None:
+    """Regenerate docs/results.md (and the README's status table) from results/*/results.json."""
+    from ml3cli.commands import report
+
+    report.run(_console(), check=check)
 
 
 def _bare_resume(args: list[str]) -> list[str]:

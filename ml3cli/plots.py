@@ -79,6 +79,36 @@ def distance_curves(curves: Mapping[str, np.ndarray], title: str) -> bytes:
     return png_bytes(fig)
 
 
+def comparison_figure(comparisons: Sequence[Mapping], title: str) -> bytes:
+    """One panel per comparison of ``ml3 reproduce``: the metric against SGD steps for the baseline and the learned
+    losses, each at the fixed and at its tuned rate; learned curves are the mean over meta-train seeds with a band of
+    ± one standard deviation."""
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(6.4 * len(comparisons), 4.2), squeeze=False)
+    for ax, comparison in zip(axes[0], comparisons, strict=True):
+        curves = comparison["curves"]
+        steps = [int(s) for s in curves["baseline@fixed"]]
+        for kind, style in (("fixed", "-"), ("tuned", "--")):
+            base = curves[f"baseline@{kind}"]
+            ax.plot(
+                steps, [base[str(s)] for s in steps], style, color="C0", label=f"{comparison['baseline']} @ {kind} lr"
+            )
+            learned = np.array(
+                [[curves[f"learned{m}@{kind}"][str(s)] for s in steps] for m in comparison["meta_seeds"]]
+            )
+            mean, std = learned.mean(0), learned.std(0)
+            ax.plot(steps, mean, style, color="C1", label=f"learned @ {kind} lr ({len(learned)} meta-train seeds)")
+            ax.fill_between(steps, mean - std, mean + std, color="C1", alpha=0.15)
+        ax.set_xlabel(f"SGD steps on held-out {comparison['task']} tasks")
+        ax.set_ylabel(comparison["metric"])
+        if all(v > 0 for c in curves.values() for v in c.values()):
+            ax.set_yscale("log")
+        ax.set_title(f"{comparison['recipe']}: {comparison['verdict']['verdict']}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return png_bytes(fig)
+
+
 # -- loss landscapes (ml3 landscape) --------------------------------------------------------------------------
 def _normalised(values: np.ndarray) -> np.ndarray:
     low, high = float(np.min(values)), float(np.max(values))

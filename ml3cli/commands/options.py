@@ -121,7 +121,9 @@ class EvalOptions(OptionGroup):
         None, "--at", help="steps shown in the tables, e.g. 10,100,500,1000 (default 0,1,10,50,100 and the last)"
     )
     tune_baseline_lr: bool = option(
-        False, "--tune-baseline-lr", help="add the baseline at its best lr, chosen on the meta-train task"
+        False,
+        "--tune-baseline-lr",
+        help="add the baseline at its best lr, chosen on validation tasks of the test family (never the test tasks)",
     )
     task_options: list[str] = option(
         (),
@@ -164,3 +166,18 @@ class LandscapeOptions(OptionGroup):
     out_dir: Path | None = option(None, "--out-dir", help="folder for landscape.png, .csv, .json")
     device: str = option("cpu", "--device", help=DEVICE_HELP)
     threads: int = option(1, "--threads", help=THREADS_HELP)
+
+
+@dataclass(frozen=True)
+class ReproduceOptions(OptionGroup):
+    """``ml3 reproduce``: which mode, how many meta-train seeds, how many processes, where the results go."""
+
+    list: bool = option(False, "--list", help="list the experiments (paper section, recipes, measured time) and exit")
+    quick: bool = option(False, "--quick", help="tiny settings: a smoke run of the whole protocol in minutes")
+    meta_seeds: int | None = option(
+        None, "--meta-seeds", min=1, help="meta-train seeds 0 … N−1 (default: the experiment's, 2 with --quick)"
+    )
+    jobs: int = option(1, "--jobs", min=1, help="meta-trainings run in parallel processes")
+    out: Path | None = option(
+        None, "--out", help="results folder (default results/NAME, or runs/reproduce/NAME-quick with --quick)"
+    )

@@ -15,3 +15,23 @@ Modules: :mod:`~ml3cli.experiments.mbrl` (figure 3), :mod:`~ml3cli.experiments.m
 :mod:`~ml3cli.experiments.reacher_demos` (figure 6c–d). The protocols still in ``benchmarks/`` (model-free RL,
 MNIST, inverse dynamics) land here as modules of the same shape.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ml3cli.experiments.protocol import Experiment
+
+#: what ``ml3 reproduce`` runs: experiment name → its module (which declares ``EXPERIMENT``), in the paper's order
+REPRODUCIBLE: dict[str, str] = {
+    "sine": "ml3cli.experiments.sine",
+    "sine_reference": "ml3cli.experiments.sine_reference",
+    "shaped_sine": "ml3cli.experiments.shaped_sine",
+}
+
+
+def experiment(name: str) -> Experiment:
+    """The declared experiment ``name`` (imports its module)."""
+    return importlib.import_module(REPRODUCIBLE[name]).EXPERIMENT

@@ -1,0 +1,357 @@
+"""What every reproduced experiment shares: its declaration, the meta-training plan with artifact reuse, the fair
+comparison (tuned against tuned), paired statistics over meta-train × test seeds, the verdict and its provenance.
+
+The fair comparison, for one recipe (a learned loss from each meta-train seed against the task's baseline):
+
+1. Every loss runs at the recipe's fixed meta-test learning rate (the paper's own comparison) AND at its own rate,
+   chosen on a validation split: tasks of the TEST family drawn from the ``validation`` random stream (never a test
+   task; :func:`ml3cli.runtime.stream_seed`). The grid is a log grid around the fixed rate, widened until the
+   choice is interior (:func:`tune_interior`); each learned loss (one per meta-train seed) gets its own rate.
+2. Every loss is then trained on the same test tasks (the ``test`` stream) from the same θ₀, and the final metric
+   is paired by test seed: learned(meta-train seed m) − baseline for every (m, test seed) pair, with a 95% interval
+   (Student t over all pairs).
+3. The verdict (:func:`verdict`) compares tuned against tuned; the same-rate numbers stay beside it. A learned loss
+   that wins only at the baseline's untuned rate has learned a step size, and the verdict says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml3cli import artifacts
+from ml3cli.errors import ML3Error
+from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, t_quantile_975
+from ml3cli.losses import LossSpec, baseline_name, builtin_loss
+from ml3cli.recipes import Recipe, load_recipe, recipe_to_dict
+from ml3cli.tasks import make_task
+
+#: where the recipes of the experiments live (the repository's ``recipes/``)
+RECIPES = Path("recipes")
+#: the three verdicts an experiment can reach
+VERDICTS = ("reproduced", "partly", "not reproduced")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One paper experiment, declared: what it claims, what it meta-trains, how it is judged.
+
+    ``run(context)`` is the protocol after meta-training: it returns the comparisons (one dict per compared
+    recipe, see :func:`compare_losses`); the command writes them with the verdict and the provenance.
+    """
+
+    name: str
+    paper: str  # section and figure, e.g. "4.1.1, figure 2"
+    claim: str  # the paper's claim in one sentence
+    recipes: tuple[str, ...]  # recipe names under recipes/
+    run: Callable[[Context], list[dict[str, Any]]]
+    meta_seeds: int = 3
+    quick: tuple[str, ...] = ()  # --set overrides of every recipe for a smoke run (--quick)
+    quick_eval: dict[str, int] = field(default_factory=lambda: {"tasks": 4, "seeds": 2})
+    cost: str = ""  # measured wall time of the full run on the reference machine, in words
+
+
+@dataclass
+class Context:
+    """What the protocol of an experiment gets: the effective recipes, the meta-trained artifacts, the mode."""
+
+    experiment: Experiment
+    quick: bool
+    meta_seeds: list[int]
+    overrides: dict[str, list[str]]  # recipe name → --set overrides in force
+    artifact_paths: dict[str, dict[int, Path]]  # recipe name → meta-train seed → artifact
+
+    def recipe(self, name: str, seed: int | None = None) -> Recipe:
+        """The effective recipe ``name`` (with the mode's overrides), for meta-train seed ``seed``."""
+        return load_recipe(RECIPES / f"{name}.yaml", self.overrides[name], seed=seed)
+
+
+# -- meta-training --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MetaTrainJob:
+    """One artifact of the plan: a recipe at a meta-train seed, with the overrides in force."""
+
+    recipe: str
+    seed: int
+    overrides: tuple[str, ...]
+    artifact: Path
+
+    def command(self) -> list[str]:
+        """The ``ml3`` command line that writes the artifact."""
+        sets = [word for item in self.overrides for word in ("--set", item)]
+        path = RECIPES / f"{self.recipe}.yaml"
+        return ["meta-train", str(path), "--seed", str(self.seed), "--out", str(self.artifact), "--quiet", *sets]
+
+    def effective_recipe(self) -> dict[str, Any]:
+        """The recipe as the artifact must record it, without the output path."""
+        recipe = recipe_to_dict(load_recipe(RECIPES / f"{self.recipe}.yaml", list(self.overrides), seed=self.seed))
+        recipe.pop("artifact", None)
+        return recipe
+
+    def reusable(self) -> bool:
+        """Whether the artifact exists and was meta-trained by exactly this recipe and seed."""
+        if not self.artifact.is_file():
+            return False
+        try:
+            recorded = dict(artifacts.read_info(self.artifact)["recipe"])
+        except ML3Error:
+            return False
+        recorded.pop("artifact", None)
+        return recorded == self.effective_recipe()
+
+
+def meta_train_all(jobs: Sequence[MetaTrainJob], workers: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Meta-train every job whose artifact is not reusable, ``workers`` processes at a time; one record per job
+    (seed, artifact, reused, wall seconds, meta-train seconds). Raises ML3Error naming the failed runs and logs."""
+    todo = [job for job in jobs if not job.reusable()]
+    for job in jobs:
+        if job not in todo:
+            say(f"reusing {job.artifact} ({job.recipe}, seed {job.seed}: same recipe)")
+
+    def one(job: MetaTrainJob) -> tuple[MetaTrainJob, int, float]:
+        job.artifact.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        with open(job.artifact.with_suffix(".log"), "w", encoding="utf-8") as log:
+            code = subprocess.call(
+                [sys.executable, "-m", "ml3cli", *job.command()], stdout=log, stderr=subprocess.STDOUT
+            )
+        seconds = time.perf_counter() - started
+        say(
+            f"meta-trained {job.recipe} seed {job.seed} in {seconds:.1f} s"
+            if code == 0
+            else f"FAILED: {job.recipe} seed {job.seed}"
+        )
+        return job, code, seconds
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        done = {job: (code, seconds) for job, code, seconds in pool.map(one, todo)}
+    failed = [job for job, (code, _) in done.items() if code != 0]
+    if failed:
+        raise ML3Error(
+            "meta-training failed for "
+            + ", ".join(f"{job.recipe} seed {job.seed} (see {job.artifact.with_suffix('.log')})" for job in failed)
+        )
+    records = []
+    for job in jobs:
+        info = artifacts.read_info(job.artifact)
+        records.append(
+            {
+                "recipe": job.recipe,
+                "seed": job.seed,
+                "artifact": str(job.artifact),
+                "reused": job not in done,
+                "wall_seconds": round(done[job][1], 2) if job in done else None,
+                "meta_train_seconds": info["metrics"].get("meta_train_seconds"),
+            }
+        )
+    return records
+
+
+# -- the fair comparison --------------------------------------------------------------------------------------------
+def lr_grid(center: float, half_width: int = 4) -> list[float]:
+    """A log grid of learning rates around ``center``, half a decade apart: center × 10^(k/2), |k| ≤ half_width."""
+    return [center * 10 ** (k / 2) for k in range(-half_width, half_width + 1)]
+
+
+def validation_scores(
+    task, loss: NamedLoss, lrs: Sequence[float], tasks: int, seeds: int, steps: int, metric: str | None = None
+) -> dict[float, float]:
+    """The final metric of ``loss`` at each rate, on tasks of the ``validation`` stream (diverging: +inf)."""
+    candidates = [dataclasses.replace(loss, lr=lr, label=f"lr {lr!r}") for lr in lrs]
+    scores = {}
+    for lr, curves in zip(
+        lrs, evaluate(task, candidates, tasks, seeds, steps, seed=0, stream="validation"), strict=True
+    ):
+        value = float(metric_at(curves, steps, metric).mean())
+        scores[lr] = value if math.isfinite(value) else math.inf
+    return scores
+
+
+def tune_interior(
+    task, loss: NamedLoss, center: float, tasks: int, seeds: int, steps: int, metric: str | None = None,
+    max_widenings: int = 3,
+) -> tuple[float, dict[float, float]]:  # fmt: skip
+    """The rate with the lowest final validation metric, on a grid widened (by two half-decades at the edge that
+    won) until the choice is interior or ``max_widenings`` are spent. Returns the rate and every score."""
+    grid = lr_grid(center)
+    scores: dict[float, float] = {}
+    for _ in range(max_widenings + 1):
+        todo = [lr for lr in grid if lr not in scores]
+        if todo:
+            scores.update(validation_scores(task, loss, todo, tasks, seeds, steps, metric))
+        ordered = sorted(scores)
+        best = min(ordered, key=lambda lr: scores[lr])
+        if best == ordered[0]:
+            grid = [ordered[0] / 10 ** (k / 2) for k in (1, 2)]
+        elif best == ordered[-1]:
+            grid = [ordered[-1] * 10 ** (k / 2) for k in (1, 2)]
+        else:
+            break
+    return best, dict(sorted(scores.items()))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """learned − baseline of the final metric over every (meta-train seed, test seed) pair (lower is better)."""
+
+    mean: float
+    low: float
+    high: float
+    learned_better_on: int
+    pairs: int
+
+    @classmethod
+    def of(cls, learned: np.ndarray, baseline: np.ndarray) -> Paired:
+        """``learned[m, s]`` against ``baseline[s]`` (broadcast over meta-train seeds m)."""
+        diff = (learned - baseline[None, :]).reshape(-1)
+        n = diff.size
+        half = t_quantile_975(n - 1) * float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+        mean = float(diff.mean())
+        return cls(mean, mean - half, mean + half, int((diff < 0).sum()), n)
+
+    @property
+    def significant(self) -> bool:
+        """The whole 95% interval lies below 0: the learned loss is better."""
+        return self.high < 0
+
+
+def compare_losses(
+    context: Context, recipe_name: str, metric: str | None = None, report_steps: Sequence[int] = (0, 1, 10, 50, 100)
+) -> dict[str, Any]:
+    """The fair comparison of one recipe's learned losses (one per meta-train seed) against its baseline, on the
+    task's metric (its task loss), or on one of its report metrics (``metric``, e.g. ``|θ−ν|``), lower is better.
+    The learning rates are chosen on the same metric."""
+    recipe = context.recipe(recipe_name, seed=context.meta_seeds[0])
+    test = recipe.meta_test
+    task = make_task(test.task, test.task_options, where="meta_test.task_options")
+    tasks, seeds = test.tasks, test.seeds
+    if context.quick:
+        tasks, seeds = context.experiment.quick_eval["tasks"], context.experiment.quick_eval["seeds"]
+    steps, fixed = test.steps, recipe.meta_test_lr
+    base = test.baseline or baseline_name(task)
+
+    started = time.perf_counter()
+    base_tuned, base_scores = tune_interior(task, builtin_loss(task, base, fixed), fixed, tasks, seeds, steps, metric)
+    learned: dict[int, NamedLoss] = {}
+    learned_tuned: dict[int, tuple[float, dict[float, float]]] = {}
+    for m, path in context.artifact_paths[recipe_name].items():
+        learned[m] = LossSpec(str(path)).resolve(task, fixed, task.device).named
+        learned_tuned[m] = tune_interior(task, learned[m], fixed, tasks, seeds, steps, metric)
+    tuning_seconds = time.perf_counter() - started
+
+    def at(loss: NamedLoss, lr: float, label: str) -> NamedLoss:
+        return dataclasses.replace(loss, lr=lr, label=label)
+
+    candidates = [
+        builtin_loss(task, base, fixed, "baseline@fixed"),
+        builtin_loss(task, base, base_tuned, "baseline@tuned"),
+    ]
+    for m, loss in learned.items():
+        candidates += [at(loss, fixed, f"learned{m}@fixed"), at(loss, learned_tuned[m][0], f"learned{m}@tuned")]
+    started = time.perf_counter()
+    curves = {c.label: c for c in evaluate(task, candidates, tasks, seeds, steps, seed=0)}
+    test_seconds = time.perf_counter() - started
+
+    def final(label: str) -> np.ndarray:
+        return metric_at(curves[label], steps, metric)
+
+    def stack(kind: str) -> np.ndarray:
+        return np.stack([final(f"learned{m}@{kind}") for m in learned])
+
+    same = Paired.of(stack("fixed"), final("baseline@fixed"))
+    tuned = Paired.of(stack("tuned"), final("baseline@tuned"))
+    shown = [s for s in report_steps if s <= steps] + ([steps] if steps not in report_steps else [])
+    return {
+        "recipe": f"recipes/{recipe_name}.yaml",
+        "task": test.task,
+        "metric": metric or task.metric,
+        "baseline": base,
+        "steps": steps,
+        "tasks": tasks,
+        "test_seeds": seeds,
+        "meta_seeds": list(learned),
+        "lr": {
+            "fixed": fixed,
+            "baseline_tuned": base_tuned,
+            "baseline_scores": base_scores,
+            "learned_tuned": {str(m): lr for m, (lr, _) in learned_tuned.items()},
+            "learned_scores": {str(m): scores for m, (_, scores) in learned_tuned.items()},
+        },
+        "final": {  # [meta-train seed][test seed] for the learned losses, [test seed] for the baseline
+            "learned_fixed": stack("fixed").tolist(),
+            "learned_tuned": stack("tuned").tolist(),
+            "baseline_fixed": final("baseline@fixed").tolist(),
+            "baseline_tuned": final("baseline@tuned").tolist(),
+        },
+        "curves": {
+            label: {str(s): float(metric_at(c, s, metric).mean()) for s in shown} for label, c in curves.items()
+        },
+        "same_lr": dataclasses.asdict(same),
+        "tuned": dataclasses.asdict(tuned),
+        "verdict": verdict(same, tuned),
+        "seconds": {"tuning": round(tuning_seconds, 2), "test": round(test_seconds, 2)},
+    }
+
+
+def metric_at(curves: LossCurves, step: int, metric: str | None = None) -> np.ndarray:
+    """Per test seed, the mean over its tasks of the task metric (or the report metric ``metric``) at ``step``."""
+    return curves.at(step) if metric is None else curves.extras[metric][:, :, step].mean(axis=1)
+
+
+def verdict(same: Paired, tuned: Paired) -> dict[str, str]:
+    """Tuned against tuned decides; the same-rate comparison explains a partial result."""
+    if tuned.significant:
+        return {"verdict": "reproduced", "why": "better than the baseline at both tuned rates (95% interval below 0)"}
+    if same.significant and tuned.mean >= 0:
+        why = "better only at the baseline's untuned rate: the learned loss has learned a step size"
+        return {"verdict": "partly", "why": why}
+    if same.significant or tuned.mean < 0:
+        return {"verdict": "partly", "why": "better on average, but the tuned 95% interval includes 0"}
+    return {"verdict": "not reproduced", "why": "not better than the baseline at tuned rates"}
+
+
+def overall_verdict(comparisons: Sequence[dict[str, Any]]) -> str:
+    """All comparisons reproduced → reproduced; none better in any sense → not reproduced; else partly."""
+    found = [c["verdict"]["verdict"] for c in comparisons]
+    if found and all(v == "reproduced" for v in found):
+        return "reproduced"
+    if all(v == "not reproduced" for v in found):
+        return "not reproduced"
+    return "partly"
+
+
+# -- provenance -----------------------------------------------------------------------------------------------------
+def provenance() -> dict[str, Any]:
+    """Where and with what the numbers were made: commit (and whether the tree was dirty), versions, machine."""
+    import torch
+
+    import ml3cli
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(status) if status is not None else None,
+        "ml3_version": ml3cli.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "machine": f"{platform.machine()}, {platform.system()}, {__import__('os').cpu_count()} CPUs",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

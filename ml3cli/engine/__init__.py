@@ -20,6 +20,8 @@ from ml3cli.engine.estimators import (
     MetaGradient,
     MetaStep,
     TruncatedBackprop,
+    check_optimizee,
+    check_task_axis,
     estimator_for,
     meta_gradient,
 )
@@ -57,6 +59,8 @@ __all__ = [
     "TaskData",
     "TruncatedBackprop",
     "build_metaloss",
+    "check_optimizee",
+    "check_task_axis",
     "detached",
     "diagnose",
     "estimator_for",

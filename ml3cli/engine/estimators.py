@@ -13,6 +13,10 @@ an Adam step on φ. Two estimators, chosen once from the recipe by :func:`estima
 * :class:`TruncatedBackprop` (``inner.truncate``): the gradient of step k is taken at a detached θ_k, so
   dθ_{k+1}/dφ = dθ_k/dφ − α ∂²M/∂θ∂φ: the θ–θ Hessian chain is dropped and the mixed term kept. (Dropping the mixed
   term too would make the meta-gradient exactly zero: ML³ has no first-order shortcut.)
+
+Both ``vmap`` over the tasks, which is exact only if every leaf of θ carries the task axis and the optimizee keeps
+no state outside θ (batch norm's running statistics would be shared by all tasks and updated in place):
+:func:`check_optimizee` and :func:`check_task_axis` refuse anything else.
 """
 
 from __future__ import annotations
@@ -44,6 +48,39 @@ class MetaGradient:
     gradient: Phi  #: ∇_φ of the mean of L_T over the tasks, named as φ
     task_loss: Tensor  #: [n]  L_T after the K inner steps (mean over them with ``task_loss_at: every``)
     theta: Theta  #: θ_K, detached
+
+
+# -- the checks, once per estimator or run --------------------------------------------------------------------
+def check_optimizee(task: Task) -> None:
+    """Refuse an optimizee that keeps state outside θ: persistent buffers such as batch norm's running statistics.
+
+    θ holds the optimizee's parameters only, so such buffers would be one tensor shared by every task of a batch,
+    and the inner steps would update them in place. Non-persistent buffers (constants of the architecture: scales,
+    index maps) are read, never written, and are fine.
+    """
+    optimizee = task.optimizee
+    if next(optimizee.buffers(), None) is None:
+        return
+    parameters = {name for name, _ in optimizee.named_parameters()}
+    state = [name for name in optimizee.state_dict() if name not in parameters]
+    if state:
+        raise ML3Error(
+            f"task {task.name!r}: the optimizee keeps state outside θ in buffer(s) {state[:4]} (e.g. batch norm's "
+            "running statistics), which every task of a batch would share and the inner steps would overwrite; "
+            "use layers without running statistics (nn.LayerNorm, or BatchNorm with track_running_stats=False), "
+            "or register constants with register_buffer(..., persistent=False)"
+        )
+
+
+def check_task_axis(theta: Theta, batch: Any) -> None:
+    """Refuse a θ leaf whose leading dimension is not the number of tasks in ``batch``."""
+    n = task_count(batch)
+    for name, value in theta.items():
+        if value.ndim == 0 or value.shape[0] != n:
+            raise ML3Error(
+                f"θ leaf {name!r} has shape {list(value.shape)} but the task batch holds {n} tasks: every leaf of θ "
+                f"needs the task axis first ([{n}, ...]); draw θ with task.init_theta({n}, generator)"
+            )
 
 
 def _phi_leaves(phi: Phi) -> Phi:
@@ -79,6 +116,7 @@ class FullBackprop:
     def __post_init__(self) -> None:
         if self.inner.truncate:
             raise ValueError("FullBackprop does not truncate; build the estimator with estimator_for(inner, ...)")
+        check_optimizee(self.task)
 
     def estimate(
         self,
@@ -147,6 +185,7 @@ class TruncatedBackprop:
                 "current θ between inner steps (rollouts), while truncation replays the inner steps on fixed data; "
                 "set inner.truncate: false (the full second-order meta-gradient)"
             )
+        check_optimizee(self.task)
 
     def estimate(
         self,
@@ -241,7 +280,8 @@ class Estimator(Protocol):
 def estimator_for(inner: InnerConfig, task: Task, objective: Objective, single_task_path: bool = True) -> Estimator:
     """The estimator the recipe's ``inner`` section asks for, checked against ``task`` once, here.
 
-    Raises :class:`~ml3cli.errors.ML3Error` for ``inner.truncate`` with a task that collects data.
+    Raises :class:`~ml3cli.errors.ML3Error` for ``inner.truncate`` with a task that collects data, and for an
+    optimizee with state outside θ (:func:`check_optimizee`).
     """
     if inner.truncate:
         return TruncatedBackprop(task, inner, objective)
@@ -277,11 +317,12 @@ def meta_gradient(
     """∇_φ of the mean task loss over a batch of tasks after K inner steps, and what the step saw.
 
     Builds the estimator from ``inner`` (:func:`estimator_for`) unless one is given (then ``inner``, ``objective``
-    and ``single_task_path`` are its own) and estimates. A task that ``collects_data`` draws its data from ``gen``.
-    ``diagnostics`` adds L_T and M_φ at θ₀ (:mod:`~.diagnostics`), a collecting task's data again from ``gen``.
-    With a ``shard`` (one of several processes) ``theta`` and ``batch`` are the WHOLE batch and this process
-    differentiates its share (:mod:`~.data`).
+    and ``single_task_path`` are its own), checks that ``theta`` carries the task axis, and estimates. A task that
+    ``collects_data`` draws its data from ``gen``. ``diagnostics`` adds L_T and M_φ at θ₀ (:mod:`~.diagnostics`),
+    a collecting task's data again from ``gen``. With a ``shard`` (one of several processes) ``theta`` and ``batch`` are the WHOLE batch and this process differentiates its
+    share (:mod:`~.data`).
     """
+    check_task_axis(theta, batch)
     if estimator is None:
         estimator = estimator_for(inner, task, objective, single_task_path)
     estimate = estimator.estimate(metaloss, phi, theta, batch, gen, shard)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ml3cli.engine.diagnostics import Diagnostics, diagnose
-from ml3cli.engine.estimators import MetaGradient, estimator_for
+from ml3cli.engine.estimators import MetaGradient, check_task_axis, estimator_for
 from ml3cli.engine.state import MetaTrainState
 from ml3cli.engine.unroll import Phi, task_objective
 from ml3cli.errors import DivergenceError
@@ -175,6 +175,8 @@ def meta_train(
             batch = task.sample_tasks(outer.tasks, gen)
             theta = task.init_theta(outer.tasks, gen)
             age = 0
+        if step == first:  # θ keeps its layout from one redraw to the next
+            check_task_axis(theta, batch)
         phi = {name: p.detach() for name, p in metaloss.named_parameters()}
         logging = step % recipe.log_every == 0 or step == outer.steps or step == 1
 

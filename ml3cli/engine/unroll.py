@@ -108,7 +108,8 @@ def sgd_step_autograd(
     update and the same second-order graph, outside ``vmap``, and cheaper (torch.func's grad transform costs more
     per operation than the work of these small networks). For ONE task, or with ``batched`` for a batch of tasks
     (leading axis) whose forward passes run in one ``vmap``: the gradient of the SUM of the per-task losses with
-    respect to the stacked θ is every task's own gradient, because θ_i enters only loss_i.
+    respect to the stacked θ is every task's own gradient, because θ_i enters only loss_i. That holds only when
+    every leaf of θ carries the task axis and the optimizee keeps no state outside θ (the estimators check both).
     """
     at = {
         name: value if value.requires_grad and not truncate else value.detach().requires_grad_()

@@ -278,3 +278,38 @@ def test_no_recipe_truncates_a_task_that_collects_data():
     for path in paths:
         recipe = load_recipe(path)
         assert not (recipe.inner.truncate and task_class(recipe.task).collects_data), path.name
+
+
+def logged_phi(task_cls, log_every: int):
+    data = copy.deepcopy(TINY_RECIPE)
+    data["outer"].update(steps=5, tasks=2)
+    data["inner"]["steps"] = 2
+    data["log_every"] = log_every
+    result = meta_train(recipe_from_dict(data), task_cls(OPTIONS))
+    return result.metaloss.state_dict(), result.curves
+
+
+def test_diagnostics_do_not_change_phi_of_a_task_that_collects_data():
+    """The curves' L_T and M_φ at θ₀ need rollouts of their own; they come from a generator of the seed and the
+    outer step, not from the training generator, so logging every step or only at the first and last gives
+    bit-identical φ, and the rows both runs log are identical."""
+    every_step, often = logged_phi(FreshPointsSine, 1)
+    rarely, seldom = logged_phi(FreshPointsSine, 1000)
+    for name, value in every_step.items():
+        assert torch.equal(value, rarely[name]), name
+    assert [row["step"] for row in often] == [1, 2, 3, 4, 5] and [row["step"] for row in seldom] == [1, 5]
+    strip = lambda row: {k: v for k, v in row.items() if k != "time/seconds"}  # noqa: E731
+    assert [strip(often[0]), strip(often[-1])] == [strip(row) for row in seldom]
+
+
+def test_diagnostics_leave_the_gradient_and_the_generator_alone():
+    """meta_gradient with and without diagnostics: the same meta-gradient, and ``gen`` drawn exactly as far."""
+    task, metaloss, phi, theta, batch = setup(FreshPointsSine, 2)
+    inner, objective = InnerConfig(lr=0.3, steps=2), task_objective(task, TaskLossConfig())
+    gens = generator(4), generator(4)
+    with_diagnostics, seen = meta_gradient(metaloss, phi, task, theta, batch, inner, objective, gen=gens[0])
+    without, _ = meta_gradient(metaloss, phi, task, theta, batch, inner, objective, diagnostics=False, gen=gens[1])
+    for k in without:
+        assert torch.equal(with_diagnostics[k], without[k]), k
+    assert torch.equal(gens[0].get_state(), gens[1].get_state())
+    assert seen.task_loss_before.shape == seen.learned_loss.shape == (2,)

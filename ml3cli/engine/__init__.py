@@ -7,13 +7,13 @@ are out of place, and a batch of tasks is one ``vmap``. One concern per module:
 * :mod:`~ml3cli.engine.unroll`: pure inner steps, θ' = θ − α·scale·∇_θ M_φ, and L_T;
 * :mod:`~ml3cli.engine.data`: the data of an unroll (the task batch, or rollouts with the current θ; sharding);
 * :mod:`~ml3cli.engine.estimators`: ∇_φ L_T, by full or truncated backpropagation, chosen once from the recipe;
-* :mod:`~ml3cli.engine.diagnostics`: L_T and M_φ at θ₀ for the curves;
+* :mod:`~ml3cli.engine.diagnostics`: L_T and M_φ at θ₀ for the curves, on a random stream of their own;
 * :mod:`~ml3cli.engine.outer`: the outer loop, Adam on φ;
 * :mod:`~ml3cli.engine.state`: the outer loop's state between steps (what a checkpoint holds).
 """
 
 from ml3cli.engine.data import TaskData, share, task_count
-from ml3cli.engine.diagnostics import Diagnostics, diagnose
+from ml3cli.engine.diagnostics import Diagnostics, diagnose, diagnostics_generator
 from ml3cli.engine.estimators import (
     Estimator,
     FullBackprop,
@@ -63,6 +63,7 @@ __all__ = [
     "check_task_axis",
     "detached",
     "diagnose",
+    "diagnostics_generator",
     "estimator_for",
     "inner_gradient",
     "inner_loss",

@@ -1,10 +1,13 @@
 """What the curves report besides the post-update task loss: L_T and M_φ at θ₀ of an outer step.
 
-Two forward passes without a gradient, on logging steps only; a task that collects data rolls out for them.
+Two forward passes without a gradient, on logging steps only. For a task that collects data they need rollouts
+of their own, drawn from a generator of their own (:func:`diagnostics_generator`): drawing them from the training
+generator would shift every later training draw, so φ would depend on how often the run logs.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +18,7 @@ from torch.func import vmap
 from ml3cli.engine.data import share
 from ml3cli.engine.unroll import Objective, Phi, learned_loss_fn, loss_value
 from ml3cli.metaloss import MetaLoss
+from ml3cli.runtime import generator
 from ml3cli.tasks.base import Task, Theta
 
 if TYPE_CHECKING:
@@ -29,6 +33,23 @@ class Diagnostics:
     learned_loss: Tensor  #: M_φ at θ₀: the inner loss the first inner step descends
 
 
+def diagnostics_generator(seed: int, outer_step: int) -> torch.Generator:
+    """The generator of the diagnostics' rollouts at ``outer_step`` of the run with ``seed``.
+
+    A function of the seed and the step alone, so it needs no saved state: a resumed run draws the same numbers,
+    and every process of a sharded run too. (Hashing keeps the streams of neighbouring seeds and steps apart.)
+    """
+    digest = hashlib.blake2b(f"ml3 diagnostics {seed} {outer_step}".encode(), digest_size=8).digest()
+    return generator(int.from_bytes(digest, "little") >> 1)
+
+
+def side_generator(gen: torch.Generator) -> torch.Generator:
+    """A generator seeded from ``gen``'s next draw without advancing ``gen`` itself."""
+    copy = torch.Generator(device=gen.device)
+    copy.set_state(gen.get_state())
+    return generator(int(torch.randint(0, 2**62, (), generator=copy)))
+
+
 def diagnose(
     metaloss: MetaLoss,
     phi: Phi,
@@ -41,8 +62,8 @@ def diagnose(
 ) -> Diagnostics:
     """L_T and M_φ at ``theta`` (θ₀, leading task axis) for this process's share of the tasks.
 
-    A task that collects data gathers one batch for L_T and one for M_φ (in that order) from ``gen``; other tasks
-    use ``batch`` and ignore ``gen``.
+    A task that collects data gathers one batch for L_T and one for M_φ (in that order) from ``gen``, which must
+    not be the training generator (see the module docstring); other tasks use ``batch`` and ignore ``gen``.
     """
     loss_fn = learned_loss_fn(metaloss, phi)
     with torch.no_grad():

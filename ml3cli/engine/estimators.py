@@ -30,7 +30,7 @@ from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from ml3cli.engine.data import TaskData, share, task_count
-from ml3cli.engine.diagnostics import diagnose
+from ml3cli.engine.diagnostics import diagnose, side_generator
 from ml3cli.engine.unroll import LossFn, Objective, Phi, detached, learned_loss_fn, sgd_step, sgd_step_autograd
 from ml3cli.errors import ML3Error
 from ml3cli.metaloss import MetaLoss
@@ -313,21 +313,26 @@ def meta_gradient(
     shard: Shard | None = None,
     *,
     estimator: Estimator | None = None,
+    diagnostics_gen: torch.Generator | None = None,
 ) -> tuple[Phi, MetaStep]:
     """∇_φ of the mean task loss over a batch of tasks after K inner steps, and what the step saw.
 
     Builds the estimator from ``inner`` (:func:`estimator_for`) unless one is given (then ``inner``, ``objective``
     and ``single_task_path`` are its own), checks that ``theta`` carries the task axis, and estimates. A task that
-    ``collects_data`` draws its data from ``gen``. ``diagnostics`` adds L_T and M_φ at θ₀ (:mod:`~.diagnostics`),
-    a collecting task's data again from ``gen``. With a ``shard`` (one of several processes) ``theta`` and ``batch`` are the WHOLE batch and this process differentiates its
+    ``collects_data`` draws its data from ``gen``. ``diagnostics`` adds L_T and M_φ at θ₀ (:mod:`~.diagnostics`);
+    a collecting task draws their data from ``diagnostics_gen``, by default from a generator seeded off ``gen``
+    without advancing it, so that ``diagnostics`` never changes the gradient or ``gen``'s stream. With a ``shard``
+    (one of several processes) ``theta`` and ``batch`` are the WHOLE batch and this process differentiates its
     share (:mod:`~.data`).
     """
     check_task_axis(theta, batch)
     if estimator is None:
         estimator = estimator_for(inner, task, objective, single_task_path)
+    if diagnostics and task.collects_data and diagnostics_gen is None and gen is not None:
+        diagnostics_gen = side_generator(gen)
     estimate = estimator.estimate(metaloss, phi, theta, batch, gen, shard)
     before = learned = None
     if diagnostics:
-        seen = diagnose(metaloss, phi, estimator.task, theta, batch, estimator.objective, gen, shard)
+        seen = diagnose(metaloss, phi, estimator.task, theta, batch, estimator.objective, diagnostics_gen, shard)
         before, learned = seen.task_loss_before, seen.learned_loss
     return estimate.gradient, MetaStep(estimate.task_loss, estimate.theta, before, learned)

@@ -2,8 +2,8 @@
 
 Per outer step: the task may update its state (``begin_outer_step``), θ₀ and the tasks are redrawn every
 ``inner.reset_period`` inner steps, the estimator chosen from the recipe gives ∇_φ L_T, and Adam (with the recipe's
-schedule and clipping) updates φ. Everything random is drawn from one generator seeded by ``recipe.seed``, so that
-φ does not depend on interruptions.
+schedule and clipping) updates φ. Everything random is drawn from one generator seeded by ``recipe.seed``, except
+the logging diagnostics (:mod:`~.diagnostics`), so that φ depends neither on ``log_every`` nor on interruptions.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ml3cli.engine.diagnostics import Diagnostics, diagnose
+from ml3cli.engine.diagnostics import Diagnostics, diagnose, diagnostics_generator
 from ml3cli.engine.estimators import MetaGradient, check_task_axis, estimator_for
 from ml3cli.engine.state import MetaTrainState
 from ml3cli.engine.unroll import Phi, task_objective
@@ -183,7 +183,8 @@ def meta_train(
         estimate = estimator.estimate(metaloss, phi, theta, batch, gen, shard)
         seen = None
         if logging:
-            seen = diagnose(metaloss, phi, task, theta, batch, objective, gen, shard)
+            own_stream = diagnostics_generator(recipe.seed, step)
+            seen = diagnose(metaloss, phi, task, theta, batch, objective, own_stream, shard)
         if shard is not None:
             estimate, seen = combined(shard, estimate, seen)
 

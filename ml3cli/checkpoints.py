@@ -1,7 +1,7 @@
 """Meta-training checkpoints: the full state of the outer loop, so that an interrupted run resumes bit for bit.
 
-:class:`MetaTrainState` is a plain in-memory record (no file I/O): the engine captures it after an outer step
-and restores it before the next one. :func:`save_checkpoint` / :func:`load_checkpoint` turn it into a file.
+:class:`~ml3cli.engine.MetaTrainState` is a plain in-memory record (no file I/O) that the engine captures after an
+outer step and restores before the next one. :func:`save_checkpoint` / :func:`load_checkpoint` turn it into a file.
 
 Layout of a checkpoint (``ARTIFACT.checkpoint.safetensors``; never pickle):
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from ml3cli import artifacts, files
+from ml3cli.engine import MetaTrainState, build_metaloss
 from ml3cli.errors import ML3Error
 
 FORMAT = "ml3-checkpoint"
@@ -41,173 +42,108 @@ FORMAT_VERSION = 1
 RESUMABLE_DIFFERENCES = frozenset({"artifact", "checkpoint_every"})
 
 
-@dataclass(frozen=True)
-class MetaTrainState:
-    """Everything the outer loop of :func:`ml3cli.engine.meta_train` carries from one step to the next.
+# -- the record as tensors + JSON ----------------------------------------------------------------------------
+def state_to_tensors(state: MetaTrainState) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The record as flat safetensors-ready tensors and a JSON-ready document."""
+    tensors: dict[str, Tensor] = {f"phi/{k}": v for k, v in state.phi.items()}
+    tensors["generator"] = state.generator
+    optim_state: dict[str, dict[str, Any]] = {}
+    for index, entry in state.optimizer["state"].items():
+        scalars = {}
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim/{index}/{key}"] = value
+            else:
+                scalars[key] = value
+        optim_state[str(index)] = scalars
+    if state.theta is not None:
+        tensors.update({f"theta/{k}": v for k, v in state.theta.items()})
+    if state.batch is not None:
+        tensors.update({f"batch/{k}": v for k, v in zip(state.batch._fields, state.batch, strict=True)})
+    tensors.update({f"task/{k}": v for k, v in state.task_state.items()})
+    document = {
+        "step": state.step,
+        "age": state.age,
+        "seconds": state.seconds,
+        "curves": state.curves,
+        "optimizer": {"param_groups": state.optimizer["param_groups"], "state": optim_state},
+        "optimizer_tensors": {
+            str(i): sorted(k for k, v in e.items() if isinstance(v, Tensor))
+            for i, e in state.optimizer["state"].items()
+        },
+        "theta": None if state.theta is None else list(state.theta),
+        "batch": None
+        if state.batch is None
+        else {"type": type(state.batch).__name__, "fields": list(state.batch._fields)},
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return tensors, document
 
-    ``step`` outer steps are done; the next one is ``step + 1``. ``theta`` and ``batch`` are None before the
-    first step. Tensors are detached copies, owned by the record.
-    """
 
-    step: int
-    phi: dict[str, Tensor]
-    optimizer: dict[str, Any]  # torch.optim.Optimizer.state_dict()
-    generator: Tensor  # torch.Generator.get_state()
-    theta: dict[str, Tensor] | None
-    batch: Any  # the task's NamedTuple of tensors, or None
-    age: int
-    curves: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
-    #: what a stateful task carries between outer steps (e.g. a learned dynamics model): Task.state_tensors()
-    task_state: dict[str, Tensor] = field(default_factory=dict)
+def state_from_tensors(
+    tensors: dict[str, Tensor],
+    document: dict[str, Any],
+    batch_type: type | None,
+    device: torch.device | str = "cpu",
+) -> MetaTrainState:
+    """Rebuild the record; ``batch_type`` is the task's batch NamedTuple. Raises KeyError/TypeError/ValueError
+    on a malformed document (the loader turns them into one ML3Error)."""
+    device = torch.device(device)
 
-    @classmethod
-    def capture(
-        cls,
-        step: int,
-        metaloss: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        gen: torch.Generator,
-        theta: dict[str, Tensor] | None,
-        batch: Any,
-        age: int,
-        curves: list[dict[str, float]],
-        seconds: float,
-        task_state: dict[str, Tensor] | None = None,
-    ) -> MetaTrainState:
-        """A snapshot that later steps cannot alter (tensors cloned, the curves copied)."""
-        return cls(
-            step=step,
-            phi={k: v.detach().clone() for k, v in metaloss.state_dict().items()},
-            optimizer=_clone_tree(optimizer.state_dict()),
-            generator=gen.get_state().clone(),
-            theta=None if theta is None else {k: v.detach().clone() for k, v in theta.items()},
-            batch=None if batch is None else type(batch)(*(t.detach().clone() for t in batch)),
-            age=age,
-            curves=[dict(row) for row in curves],
-            seconds=seconds,
-            task_state={k: v.detach().clone() for k, v in (task_state or {}).items()},
-        )
+    def take(prefix: str) -> dict[str, Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    def restore(self, metaloss: torch.nn.Module, optimizer: torch.optim.Optimizer, gen: torch.Generator) -> None:
-        """Put φ, Adam's state and the generator back (θ, batch, age and curves are read from the record)."""
-        metaloss.load_state_dict(self.phi)
-        optimizer.load_state_dict(self.optimizer)
-        gen.set_state(self.generator)
-
-    # -- tensors + JSON ------------------------------------------------------------------------------------
-    def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """The record as flat safetensors-ready tensors and a JSON-ready document."""
-        tensors: dict[str, Tensor] = {f"phi/{k}": v for k, v in self.phi.items()}
-        tensors["generator"] = self.generator
-        optim_state: dict[str, dict[str, Any]] = {}
-        for index, entry in self.optimizer["state"].items():
-            scalars = {}
-            for key, value in entry.items():
-                if isinstance(value, Tensor):
-                    tensors[f"optim/{index}/{key}"] = value
-                else:
-                    scalars[key] = value
-            optim_state[str(index)] = scalars
-        if self.theta is not None:
-            tensors.update({f"theta/{k}": v for k, v in self.theta.items()})
-        if self.batch is not None:
-            tensors.update({f"batch/{k}": v for k, v in zip(self.batch._fields, self.batch, strict=True)})
-        tensors.update({f"task/{k}": v for k, v in self.task_state.items()})
-        document = {
-            "step": self.step,
-            "age": self.age,
-            "seconds": self.seconds,
-            "curves": self.curves,
-            "optimizer": {"param_groups": self.optimizer["param_groups"], "state": optim_state},
-            "optimizer_tensors": {
-                str(i): sorted(k for k, v in e.items() if isinstance(v, Tensor))
-                for i, e in self.optimizer["state"].items()
-            },
-            "theta": None if self.theta is None else list(self.theta),
-            "batch": None
-            if self.batch is None
-            else {"type": type(self.batch).__name__, "fields": list(self.batch._fields)},
-        }
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        return tensors, document
-
-    @classmethod
-    def from_tensors(
-        cls,
-        tensors: dict[str, Tensor],
-        document: dict[str, Any],
-        batch_type: type | None,
-        device: torch.device | str = "cpu",
-    ) -> MetaTrainState:
-        """Rebuild the record; ``batch_type`` is the task's batch NamedTuple. Raises KeyError/TypeError/ValueError
-        on a malformed document (the loader turns them into one ML3Error)."""
-        device = torch.device(device)
-
-        def take(prefix: str) -> dict[str, Tensor]:
-            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        step, age, seconds = document["step"], document["age"], document["seconds"]
-        if not (_is_int(step) and step >= 0 and _is_int(age) and age >= 0):
-            raise ValueError("step and age must be non-negative integers")
-        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds)):
-            raise ValueError("seconds must be a finite number")
-        curves = document["curves"]
-        if not (isinstance(curves, list) and all(isinstance(row, dict) for row in curves)):
-            raise ValueError("curves must be a list of rows")
-        generator = tensors["generator"]
-        if generator.dtype != torch.uint8 or generator.ndim != 1:
-            raise ValueError("the generator state must be a 1-D uint8 tensor")
-        optim_doc = document["optimizer"]
-        groups = optim_doc["param_groups"]
-        if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
-            raise ValueError("optimizer.param_groups must be a list of mappings")
-        state: dict[int, dict[str, Any]] = {}
-        for index, scalars in optim_doc["state"].items():
-            if not isinstance(scalars, dict):
-                raise ValueError("optimizer.state entries must be mappings")
-            entry = dict(scalars)
-            for key in document["optimizer_tensors"][index]:
-                entry[key] = tensors[f"optim/{index}/{key}"]
-            state[int(index)] = entry
-        theta = None
-        if document["theta"] is not None:
-            theta = {name: tensors[f"theta/{name}"].to(device) for name in document["theta"]}
-        batch = None
-        if document["batch"] is not None:
-            fields = list(document["batch"]["fields"])
-            if batch_type is None:  # reading without a task (e.g. to see the step): a generic NamedTuple
-                batch_type = collections.namedtuple("Batch", fields)  # ValueError on odd names
-            if list(getattr(batch_type, "_fields", ())) != fields:
-                have = list(getattr(batch_type, "_fields", ()))
-                raise ValueError(f"the task batch has fields {fields} but this task's batches have {have}")
-            batch = batch_type(*(tensors[f"batch/{name}"].to(device) for name in fields))
-        return cls(
-            step=step,
-            phi=take("phi/"),
-            optimizer={"state": state, "param_groups": groups},
-            generator=generator,
-            theta=theta,
-            batch=batch,
-            age=age,
-            curves=curves,
-            seconds=float(seconds),
-            task_state={k: v.to(device) for k, v in take("task/").items()},
-        )
+    step, age, seconds = document["step"], document["age"], document["seconds"]
+    if not (_is_int(step) and step >= 0 and _is_int(age) and age >= 0):
+        raise ValueError("step and age must be non-negative integers")
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds)):
+        raise ValueError("seconds must be a finite number")
+    curves = document["curves"]
+    if not (isinstance(curves, list) and all(isinstance(row, dict) for row in curves)):
+        raise ValueError("curves must be a list of rows")
+    generator = tensors["generator"]
+    if generator.dtype != torch.uint8 or generator.ndim != 1:
+        raise ValueError("the generator state must be a 1-D uint8 tensor")
+    optim_doc = document["optimizer"]
+    groups = optim_doc["param_groups"]
+    if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
+        raise ValueError("optimizer.param_groups must be a list of mappings")
+    state: dict[int, dict[str, Any]] = {}
+    for index, scalars in optim_doc["state"].items():
+        if not isinstance(scalars, dict):
+            raise ValueError("optimizer.state entries must be mappings")
+        entry = dict(scalars)
+        for key in document["optimizer_tensors"][index]:
+            entry[key] = tensors[f"optim/{index}/{key}"]
+        state[int(index)] = entry
+    theta = None
+    if document["theta"] is not None:
+        theta = {name: tensors[f"theta/{name}"].to(device) for name in document["theta"]}
+    batch = None
+    if document["batch"] is not None:
+        fields = list(document["batch"]["fields"])
+        if batch_type is None:  # reading without a task (e.g. to see the step): a generic NamedTuple
+            batch_type = collections.namedtuple("Batch", fields)  # ValueError on odd names
+        if list(getattr(batch_type, "_fields", ())) != fields:
+            have = list(getattr(batch_type, "_fields", ()))
+            raise ValueError(f"the task batch has fields {fields} but this task's batches have {have}")
+        batch = batch_type(*(tensors[f"batch/{name}"].to(device) for name in fields))
+    return MetaTrainState(
+        step=step,
+        phi=take("phi/"),
+        optimizer={"state": state, "param_groups": groups},
+        generator=generator,
+        theta=theta,
+        batch=batch,
+        age=age,
+        curves=curves,
+        seconds=float(seconds),
+        task_state={k: v.to(device) for k, v in take("task/").items()},
+    )
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _clone_tree(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _clone_tree(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clone_tree(v) for v in value]
-    return value
 
 
 def batch_type_of(task: Any) -> type:
@@ -220,7 +156,7 @@ def save_checkpoint(path: str | Path, state: MetaTrainState, recipe: dict[str, A
     """Write ``state`` with the effective ``recipe`` at ``path``, atomically."""
     import ml3cli
 
-    tensors, document = state.to_tensors()
+    tensors, document = state_to_tensors(state)
     document = {
         "ml3_version": ml3cli.__version__,
         "torch_version": torch.__version__,
@@ -283,7 +219,7 @@ def load_checkpoint(path: str | Path, batch_type: type | None, device: torch.dev
         recipe = document["recipe"]
         if not isinstance(recipe, dict):
             raise ValueError("the recipe is not a mapping")
-        state = MetaTrainState.from_tensors(tensors, document, batch_type, device)
+        state = state_from_tensors(tensors, document, batch_type, device)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
         raise ML3Error(f"{path}: checkpoint metadata is missing or malformed ({err!s:.200})") from None
     return Checkpoint(path, state, recipe, document)
@@ -327,7 +263,6 @@ def validate_state(checkpoint: Checkpoint, recipe: Any, task: Any) -> None:
 
     The reference shapes come from a fresh M_φ, Adam, θ₀ and task batch drawn from a private generator.
     """
-    from ml3cli.engine import build_metaloss
     from ml3cli.runtime import generator
 
     state, path = checkpoint.state, checkpoint.path

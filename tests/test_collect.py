@@ -12,9 +12,10 @@ import copy
 import pytest
 import torch
 from helpers import TINY_RECIPE
+from torch.func import vmap
 
 from ml3cli.checkpoints import MetaTrainState, batch_type_of, load_checkpoint, save_checkpoint, validate_state
-from ml3cli.engine import meta_gradient, meta_train, task_objective
+from ml3cli.engine import learned_loss_fn, meta_gradient, meta_train, sgd_step_autograd, task_objective
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import NamedLoss, evaluate, train_curve
 from ml3cli.metaloss import MetaLoss, mse
@@ -213,21 +214,102 @@ def test_a_task_without_state_refuses_a_checkpoint_with_state(tmp_path):
         validate_state(loaded, recipe, SineRegression(OPTIONS))
 
 
+def graph_keeping_truncation(metaloss, phi, task, theta, batch, inner, objective):
+    """The truncated meta-gradient the memory-hungry way: every inner step takes its gradient at a detached θ and
+    keeps its graph, and one reverse pass goes through all of them."""
+    leaf = {k: v.detach().requires_grad_() for k, v in phi.items()}
+    loss_fn = learned_loss_fn(metaloss, leaf)
+    every = inner.task_loss_at == "every"
+    theta_k, total = theta, 0.0
+    for k in range(inner.steps):
+        theta_k = sgd_step_autograd(task, loss_fn, theta_k, batch, inner.lr, truncate=True, batched=True)
+        if every or k == inner.steps - 1:
+            total = total + vmap(objective)(theta_k, batch)
+    after = total / inner.steps if every else total
+    grads = torch.autograd.grad(after.mean(), list(leaf.values()))
+    return dict(zip(leaf, grads, strict=True)), after.detach(), {k: v.detach() for k, v in theta_k.items()}
+
+
 @pytest.mark.parametrize("task_loss_at", ["last", "every"])
 @pytest.mark.parametrize("n_tasks", [1, 3])
 def test_memory_light_truncation_equals_the_graph_keeping_one(float64, n_tasks, task_loss_at):
-    """``truncate`` rebuilds one inner step's graph at a time (engine.truncated_meta_gradient); a collecting task
-    that returns the same data takes the graph-keeping path with detached inner gradients: both must agree."""
-    task, metaloss, phi, theta, batch = setup(SameDataSine, n_tasks)
-    plain = SineRegression(OPTIONS)
+    """``truncate`` rebuilds one inner step's graph at a time (TruncatedBackprop); it must agree with keeping the
+    graph of every detached-gradient inner step, and differ from the full meta-gradient."""
+    task, metaloss, phi, theta, batch = setup(SineRegression, n_tasks)
     inner = InnerConfig(lr=0.3, steps=4, truncate=True, task_loss_at=task_loss_at)
-    objective = task_objective(plain, TaskLossConfig(extra={}))
-    kept, kept_seen = meta_gradient(metaloss, phi, task, theta, batch, inner, objective, gen=generator(0))
-    light, light_seen = meta_gradient(metaloss, phi, plain, theta, batch, inner, objective)
+    objective = task_objective(task, TaskLossConfig(extra={}))
+    kept, kept_loss, kept_theta = graph_keeping_truncation(metaloss, phi, task, theta, batch, inner, objective)
+    light, light_seen = meta_gradient(metaloss, phi, task, theta, batch, inner, objective)
     for k in kept:
         torch.testing.assert_close(light[k], kept[k], rtol=1e-9, atol=1e-13)
-    torch.testing.assert_close(light_seen.task_loss, kept_seen.task_loss)
-    for k in kept_seen.theta:
-        torch.testing.assert_close(light_seen.theta[k], kept_seen.theta[k])
-    full, _ = meta_gradient(metaloss, phi, plain, theta, batch, inner.model_copy(update={"truncate": False}), objective)
+    torch.testing.assert_close(light_seen.task_loss, kept_loss)
+    for k in kept_theta:
+        torch.testing.assert_close(light_seen.theta[k], kept_theta[k])
+    full, _ = meta_gradient(metaloss, phi, task, theta, batch, inner.model_copy(update={"truncate": False}), objective)
     assert any(not torch.allclose(full[k], light[k]) for k in full)
+
+
+def test_truncation_is_refused_for_a_task_that_collects_data():
+    """Truncation replays the inner steps on fixed data, which a task that collects new data between inner steps
+    does not have: meta_gradient and meta_train refuse it naming the field and the fix, before any rollout or
+    outer step (instead of silently computing the full meta-gradient)."""
+    task, metaloss, phi, theta, batch = setup(FreshPointsSine, 2)
+    inner = InnerConfig(lr=0.3, steps=2, truncate=True)
+    objective = task_objective(task, TaskLossConfig())
+    with pytest.raises(ML3Error, match=r"^inner\.truncate: true cannot be used with task 'sine', which collects .*"
+                       r"set inner\.truncate: false"):  # fmt: skip
+        meta_gradient(metaloss, phi, task, theta, batch, inner, objective, gen=generator(0))
+    assert task.purposes == []
+    recipe = drifting_recipe(3).model_copy(update={"inner": inner})
+    steps = []
+    with pytest.raises(ML3Error, match="inner.truncate"):
+        meta_train(recipe, task, on_step=lambda step, record: steps.append(step))
+    assert steps == [] and task.purposes == []
+
+
+def test_no_recipe_truncates_a_task_that_collects_data():
+    from helpers import REPO
+
+    from ml3cli.recipes import load_recipe
+    from ml3cli.tasks import task_class
+
+    paths = sorted((REPO / "recipes").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        recipe = load_recipe(path)
+        assert not (recipe.inner.truncate and task_class(recipe.task).collects_data), path.name
+
+
+def logged_phi(task_cls, log_every: int):
+    data = copy.deepcopy(TINY_RECIPE)
+    data["outer"].update(steps=5, tasks=2)
+    data["inner"]["steps"] = 2
+    data["log_every"] = log_every
+    result = meta_train(recipe_from_dict(data), task_cls(OPTIONS))
+    return result.metaloss.state_dict(), result.curves
+
+
+def test_diagnostics_do_not_change_phi_of_a_task_that_collects_data():
+    """The curves' L_T and M_φ at θ₀ need rollouts of their own; they come from a generator of the seed and the
+    outer step, not from the training generator, so logging every step or only at the first and last gives
+    bit-identical φ, and the rows both runs log are identical."""
+    every_step, often = logged_phi(FreshPointsSine, 1)
+    rarely, seldom = logged_phi(FreshPointsSine, 1000)
+    for name, value in every_step.items():
+        assert torch.equal(value, rarely[name]), name
+    assert [row["step"] for row in often] == [1, 2, 3, 4, 5] and [row["step"] for row in seldom] == [1, 5]
+    strip = lambda row: {k: v for k, v in row.items() if k != "time/seconds"}  # noqa: E731
+    assert [strip(often[0]), strip(often[-1])] == [strip(row) for row in seldom]
+
+
+def test_diagnostics_leave_the_gradient_and_the_generator_alone():
+    """meta_gradient with and without diagnostics: the same meta-gradient, and ``gen`` drawn exactly as far."""
+    task, metaloss, phi, theta, batch = setup(FreshPointsSine, 2)
+    inner, objective = InnerConfig(lr=0.3, steps=2), task_objective(task, TaskLossConfig())
+    gens = generator(4), generator(4)
+    with_diagnostics, seen = meta_gradient(metaloss, phi, task, theta, batch, inner, objective, gen=gens[0])
+    without, _ = meta_gradient(metaloss, phi, task, theta, batch, inner, objective, diagnostics=False, gen=gens[1])
+    for k in without:
+        assert torch.equal(with_diagnostics[k], without[k]), k
+    assert torch.equal(gens[0].get_state(), gens[1].get_state())
+    assert seen.task_loss_before.shape == seen.learned_loss.shape == (2,)

@@ -17,6 +17,7 @@ from ml3cli.metaloss import MetaLoss
 from ml3cli.recipes import InnerConfig, TaskLossConfig, recipe_from_dict
 from ml3cli.runtime import generator
 from ml3cli.tasks import make_task
+from ml3cli.tasks.sine import SineOptions, SineRegression
 
 SMOOTH_SINE = {"hidden": [8, 8], "points": 16, "query_points": 16, "activation": "tanh"}
 INNER_LR = 0.3
@@ -203,6 +204,100 @@ def test_meta_gradient_is_finite_and_non_zero():
     assert sum(float(g.abs().sum()) for g in gradient.values()) > 0
     assert torch.isfinite(seen.task_loss).all() and seen.task_loss.shape == (3,)
     assert any(not torch.equal(seen.theta[k], theta[k]) for k in theta)
+
+
+# -- what vmap over tasks needs ---------------------------------------------------------------------------------
+class NormalizedSine(SineRegression):
+    """The sine task with batch norm in the optimizee: running statistics are state outside θ."""
+
+    def build_optimizee(self) -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        )
+
+
+class ScaledSine(SineRegression):
+    """A constant registered as a non-persistent buffer (as the mountain-car and inverse-dynamics optimizees do)."""
+
+    def build_optimizee(self) -> torch.nn.Module:
+        module = super().build_optimizee()
+        module.register_buffer("gain", torch.tensor(1.0), persistent=False)
+        return module
+
+
+class UnstackedSine(SineRegression):
+    """Draws one first-layer weight shared by all tasks: a θ leaf without the task axis."""
+
+    def init_theta(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        theta = super().init_theta(n, generator)
+        return theta | {"0.weight": theta["0.weight"][0]}
+
+
+def guard_setup(task: SineRegression, n_tasks: int):
+    metaloss = MetaLoss(task.loss_inputs_spec, hidden=(8,))
+    gen = generator(0)
+    batch, theta = task.sample_tasks(n_tasks, gen), task.init_theta(n_tasks, gen)
+    return metaloss, {k: p.detach() for k, p in metaloss.named_parameters()}, theta, batch
+
+
+def refused_run(tiny_recipe, task, match: str, **inner) -> None:
+    """meta_train on ``task`` raises an ML3Error matching ``match`` before it finishes any outer step."""
+    tiny_recipe["inner"].update(inner)
+    done: list[int] = []
+    with pytest.raises(ML3Error, match=match):
+        meta_train(recipe_from_dict(tiny_recipe), task, on_step=lambda step, record: done.append(step))
+    assert done == []
+
+
+@pytest.mark.parametrize("truncate", [False, True], ids=["full", "truncated"])
+@pytest.mark.parametrize("n_tasks", [1, 2], ids=["one-task-path", "vmap-path"])
+def test_an_optimizee_with_running_statistics_is_refused(tiny_recipe, n_tasks, truncate):
+    """θ holds parameters only: batch norm's running statistics would be shared by the tasks of a batch and
+    overwritten by the inner steps (silently on the one-task path). The estimator refuses such an optimizee,
+    naming the buffers and the fix, before any step; the statistics stay untouched."""
+    options = SineOptions(points=8, query_points=8)
+    task = NormalizedSine(options)
+    metaloss, phi, theta, batch = guard_setup(task, n_tasks)
+    inner = InnerConfig(lr=0.1, steps=2, truncate=truncate)
+    expected = r"task 'sine': the optimizee keeps state outside θ in buffer\(s\) \['1.running_mean', '1.running_var'"
+    with pytest.raises(ML3Error, match=expected + r".*track_running_stats=False"):
+        meta_gradient(metaloss, phi, task, theta, batch, inner, task_objective(task, TaskLossConfig()))
+    assert torch.equal(task.optimizee[1].running_mean, torch.zeros(8))
+    assert int(task.optimizee[1].num_batches_tracked) == 0
+    refused_run(tiny_recipe, NormalizedSine(options), expected, truncate=truncate)
+
+
+def test_constant_buffers_are_allowed():
+    """A non-persistent buffer is a constant of the architecture, read and never written: no refusal, and the
+    meta-gradient is that of the same network without it."""
+    options = SineOptions(points=8, query_points=8, hidden=[8])
+    scaled, plain = ScaledSine(options), SineRegression(options)
+    metaloss, phi, theta, batch = guard_setup(scaled, 2)
+    inner = InnerConfig(lr=0.1, steps=2)
+    got, _ = meta_gradient(metaloss, phi, scaled, theta, batch, inner, task_objective(scaled, TaskLossConfig()))
+    want, _ = meta_gradient(metaloss, phi, plain, theta, batch, inner, task_objective(plain, TaskLossConfig()))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("truncate", [False, True], ids=["full", "truncated"])
+@pytest.mark.parametrize("n_tasks", [1, 2], ids=["one-task-path", "vmap-path"])
+def test_a_theta_leaf_without_the_task_axis_is_refused(tiny_recipe, n_tasks, truncate):
+    """Every leaf of θ must lead with the task axis (vmap maps it, the one-task path slices it): a leaf without it,
+    or θ of another number of tasks than the batch, is refused naming the leaf, by meta_gradient and by meta_train
+    at its first step."""
+    task = SineRegression(SineOptions(points=8, query_points=8))
+    metaloss, phi, theta, batch = guard_setup(task, n_tasks)
+    inner = InnerConfig(lr=0.1, steps=2, truncate=truncate)
+    objective = task_objective(task, TaskLossConfig())
+    unstacked = theta | {"0.weight": theta["0.weight"][0]}
+    with pytest.raises(ML3Error, match=rf"θ leaf '0.weight' has shape \[40, 1\] but the task batch holds {n_tasks} "):
+        meta_gradient(metaloss, phi, task, unstacked, batch, inner, objective)
+    more = task.init_theta(n_tasks + 1, generator(1))
+    with pytest.raises(ML3Error, match=rf"θ leaf '0.weight' has shape \[{n_tasks + 1}, 40, 1\]"):
+        meta_gradient(metaloss, phi, task, more, batch, inner, objective)
+    tiny_recipe["outer"]["tasks"] = n_tasks
+    unstacked_task = UnstackedSine(SineOptions(points=16, query_points=16, hidden=[8, 8]))
+    refused_run(tiny_recipe, unstacked_task, "θ leaf '0.weight'.*task.init_theta", truncate=truncate)
 
 
 # -- meta_train -----------------------------------------------------------------------------------------------

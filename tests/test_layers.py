@@ -1,7 +1,9 @@
 """The package's import layering, read from the source with ``ast`` (imports inside functions count).
 
 cli → commands → experiments → (engine, tasks, baselines) → primitives (envs, control, rl, metaloss, ...): imports
-point down only. :data:`FORBIDDEN` lists, per part of the package, the parts it must never import.
+point down only. :data:`LAYERS` places every module of the package (a new module must be given a place), a module
+imports only from its own layer or below, and no two modules import each other, directly or round a longer cycle.
+:data:`FORBIDDEN` spells out the rules that matter most by name.
 """
 
 from __future__ import annotations
@@ -20,6 +22,25 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "ml3cli.tasks": ("ml3cli.baselines", "ml3cli.experiments"),
     "ml3cli.baselines": ("ml3cli.experiments",),
 }
+
+
+#: the package's layers, top first: a module may import from its own layer and the layers below it
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("ml3cli.__main__",),
+    ("ml3cli.cli",),
+    ("ml3cli.commands",),
+    ("ml3cli.experiments",),
+    ("ml3cli.baselines",),
+    ("ml3cli.losses", "ml3cli.landscape", "ml3cli.report_metrics", "ml3cli.plots", "ml3cli.checkpoints"),
+    ("ml3cli.artifacts",),
+    ("ml3cli.evaluate", "ml3cli.engine"),
+    ("ml3cli.recipes",),
+    ("ml3cli.tasks",),
+    ("ml3cli.envs", "ml3cli.control", "ml3cli.rl", "ml3cli.distributed"),
+    ("ml3cli.files", "ml3cli.metaloss", "ml3cli.loss_inputs", "ml3cli.functional", "ml3cli.runtime", "ml3cli.errors"),
+)
+#: the package root only re-exports public names, lazily; every layer may name it
+ROOT = "ml3cli"
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -78,6 +99,75 @@ def violations(graph: Mapping[str, set[str]], forbidden: Mapping[str, Sequence[s
         for banned in refused
         if within(name, banned)
     )
+
+
+def layer_of(module: str) -> int | None:
+    """The index in :data:`LAYERS` of the part that holds ``module`` (None: the root or unplaced)."""
+    return next((i for i, parts in enumerate(LAYERS) for part in parts if within(module, part)), None)
+
+
+def upward_imports(graph: Mapping[str, set[str]]) -> list[str]:
+    """Every import of a module of the package from a layer above the importer's."""
+    return sorted(
+        f"{module} (layer {layer_of(module)}) imports {name} (layer {layer_of(name)})"
+        for module, names in graph.items()
+        for name in names
+        if module != ROOT and name in graph and name != ROOT and layer_of(name) < layer_of(module)  # type: ignore[operator]
+    )
+
+
+def cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
+    """The import cycles among the package's modules (strongly connected components of more than one module,
+    and modules that import themselves), by Tarjan's algorithm."""
+    edges = {
+        module: sorted(name for name in names if name in graph and name != ROOT) for module, names in graph.items()
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for name in edges[module]:
+            if name not in index:
+                visit(name)
+                low[module] = min(low[module], low[name])
+            elif name in stack:
+                low[module] = min(low[module], index[name])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1 or module in edges[module]:
+                found.append(sorted(component))
+
+    for module in sorted(edges):
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_every_module_has_a_layer_and_imports_point_down():
+    graph = import_graph(REPO / "ml3cli")
+    assert [m for m in graph if m != ROOT and layer_of(m) is None] == [], "give each new module a place in LAYERS"
+    assert upward_imports(graph) == []
+
+
+def test_the_package_has_no_import_cycles():
+    assert cycles(import_graph(REPO / "ml3cli")) == []
+
+
+def test_the_layer_and_cycle_checks_catch_planted_imports():
+    graph = {"ml3cli.tasks.a": {"ml3cli.engine.outer"}, "ml3cli.engine.outer": {"ml3cli.tasks.a", "ml3cli.errors"}}
+    graph["ml3cli.errors"] = set()
+    assert upward_imports(graph) == ["ml3cli.tasks.a (layer 9) imports ml3cli.engine.outer (layer 7)"]
+    assert cycles(graph) == [["ml3cli.engine.outer", "ml3cli.tasks.a"]]
+    assert cycles({"ml3cli.errors": {"ml3cli.errors"}}) == [["ml3cli.errors"]]
 
 
 def test_the_package_keeps_its_layers():

@@ -271,3 +271,17 @@ def test_meta_training_resumes_bit_for_bit(tmp_path):
     resumed = meta_train(recipe, task, resume=loaded.state)
     for name, value in full.metaloss.state_dict().items():
         assert torch.equal(value, resumed.metaloss.state_dict()[name]), name
+
+
+def test_phi_does_not_depend_on_how_often_the_run_logs():
+    """The logged L_T and M_φ at θ₀ roll out from a generator of the seed and the outer step, not from the
+    training generator: logging every outer step or only the first and last gives bit-identical φ."""
+    data = copy.deepcopy(TINY_MFRL)
+    data["task_options"] |= {"hidden": [8], "horizon": 5, "episodes": 1, "task_loss_episodes": 2}
+    data["outer"] |= {"steps": 4, "tasks": 2}
+    phis = []
+    for log_every in (1, 1000):
+        recipe = recipe_from_dict(data | {"log_every": log_every})
+        phis.append(meta_train(recipe, make_task(recipe.task, recipe.task_options)).metaloss.state_dict())
+    for name, value in phis[0].items():
+        assert torch.equal(value, phis[1][name]), name

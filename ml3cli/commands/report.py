@@ -19,6 +19,7 @@ from ml3cli.commands.output import fmt
 from ml3cli.commands.reproduce import RESULTS, measured, summarize
 from ml3cli.errors import ML3Error
 from ml3cli.experiments import REPRODUCIBLE
+from ml3cli.experiments.protocol import validate_results
 
 PAGE = Path("docs") / "results.md"
 README = Path("README.md")
@@ -55,8 +56,11 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
     for name in REPRODUCIBLE:
         path = folder / name / "results.json"
         if path.is_file():
-            document = json.loads(path.read_text(encoding="utf-8"))
-            if not document.get("quick"):
+            try:
+                document = validate_results(json.loads(path.read_text(encoding="utf-8")), str(path))
+            except json.JSONDecodeError as err:
+                raise ML3Error(f"{path}: not valid JSON ({err})") from None
+            if not document["quick"]:
                 found.append(document)
     return found
 

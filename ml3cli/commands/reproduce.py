@@ -20,7 +20,15 @@ from ml3cli.commands.options import ReproduceOptions
 from ml3cli.commands.output import fmt
 from ml3cli.errors import ML3Error
 from ml3cli.experiments import REPRODUCIBLE, experiment
-from ml3cli.experiments.protocol import Context, Experiment, MetaTrainJob, meta_train_all, overall_verdict, provenance
+from ml3cli.experiments.protocol import (
+    Context,
+    Experiment,
+    MetaTrainJob,
+    meta_train_all,
+    overall_verdict,
+    provenance,
+    validate_results,
+)
 
 #: where full results live, one folder per experiment
 RESULTS = Path("results")
@@ -87,7 +95,7 @@ def reproduce(exp: Experiment, options: ReproduceOptions, console: Console) -> d
         "environment_samples": {"meta_train": 0, "meta_test": 0},  # supervised experiments simulate nothing
         "provenance": provenance(),
     }
-    files.write_json_atomic(out / "results.json", document)
+    files.write_json_atomic(out / "results.json", validate_results(document, str(out / "results.json")))
     files.write_bytes_atomic(
         out / "figure.png", plots.comparison_figure(comparisons, f"{exp.name} (paper {exp.paper})")
     )

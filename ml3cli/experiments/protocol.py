@@ -27,9 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from ml3cli import artifacts
 from ml3cli.errors import ML3Error
@@ -355,3 +356,75 @@ def provenance() -> dict[str, Any]:
         "machine": f"{platform.machine()}, {platform.system()}, {__import__('os').cpu_count()} CPUs",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+# -- the schema of results.json -------------------------------------------------------------------------------------
+class PairedRecord(BaseModel):
+    """A :class:`Paired` as stored."""
+
+    mean: float
+    low: float
+    high: float
+    learned_better_on: int
+    pairs: int
+
+
+class VerdictRecord(BaseModel):
+    """A verdict and the reason for it."""
+
+    verdict: Literal["reproduced", "partly", "not reproduced"]
+    why: str
+
+
+class ComparisonRecord(BaseModel):
+    """One comparison of :func:`compare_losses`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: str
+    task: str
+    metric: str
+    baseline: str
+    steps: int
+    tasks: int
+    test_seeds: int
+    meta_seeds: list[int]
+    lr: dict[str, Any]
+    final: dict[Literal["learned_fixed", "learned_tuned", "baseline_fixed", "baseline_tuned"], list]
+    curves: dict[str, dict[str, float]]
+    same_lr: PairedRecord
+    tuned: PairedRecord
+    verdict: VerdictRecord
+    seconds: dict[str, float]
+
+
+class ResultsRecord(BaseModel):
+    """The whole of ``results/NAME/results.json``, as ``ml3 reproduce`` writes it and ``ml3 report`` reads it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str
+    paper: str
+    claim: str
+    quick: bool
+    command: str
+    verdict: Literal["reproduced", "partly", "not reproduced"]
+    comparisons: list[ComparisonRecord]
+    meta_train: list[dict[str, Any]]
+    wall_seconds: dict[str, float]
+    jobs: int
+    environment_samples: dict[str, int]
+    provenance: dict[str, Any]
+
+
+def validate_results(document: Any, source: str) -> dict[str, Any]:
+    """``document`` checked against :class:`ResultsRecord`; a malformed one is an ML3Error naming ``source``."""
+    from pydantic import ValidationError
+
+    from ml3cli.errors import describe_validation_error
+
+    try:
+        ResultsRecord.model_validate(document)
+    except ValidationError as err:
+        raise ML3Error(f"{source}: {describe_validation_error(err)}") from None
+    return document

@@ -1,0 +1,106 @@
+"""``ml3 reproduce`` and ``ml3 report``: a tiny end-to-end run, artifact reuse, the verdict rule, the schema, and the
+committed results page being what the committed JSON gives."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from helpers import REPO, run_main
+from rich.console import Console
+
+from ml3cli.commands import report
+from ml3cli.commands.options import ReproduceOptions
+from ml3cli.commands.reproduce import reproduce
+from ml3cli.errors import ML3Error
+from ml3cli.experiments import REPRODUCIBLE, experiment
+from ml3cli.experiments.protocol import VERDICTS, Paired, validate_results, verdict
+
+#: sine_reference shrunk to seconds: 3 outer steps, a small optimizee, 5 SGD steps at meta-test
+TINY = (
+    "outer.steps=3",
+    "task_options.hidden=[8]",
+    "meta_test.task_options.hidden=[8]",
+    "meta_test.steps=5",
+    "meta_loss.hidden=[8]",
+)
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path, monkeypatch):
+    """The sine_reference experiment with tiny settings, run from a folder that has the repository's recipes."""
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    monkeypatch.chdir(tmp_path)
+    exp = dataclasses.replace(experiment("sine_reference"), quick=TINY, quick_eval={"tasks": 2, "seeds": 2})
+    return exp, ReproduceOptions(quick=True, meta_seeds=2, jobs=2, out=tmp_path / "out")
+
+
+def test_quick_reproduction_writes_valid_results_and_reuses_its_artifacts(tiny_experiment, tmp_path, capsys):
+    exp, options = tiny_experiment
+    console = Console(width=120)
+    document = reproduce(exp, options, console)
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written == json.loads(json.dumps(document))  # what was returned is what was written
+    validate_results(written, "results.json")
+    assert written["verdict"] in VERDICTS and written["quick"] is True
+    (comparison,) = written["comparisons"]
+    assert np.array(comparison["final"]["learned_tuned"]).shape == (2, 2)  # meta-train seeds × test seeds
+    assert comparison["same_lr"]["pairs"] == comparison["tuned"]["pairs"] == 4
+    scores = comparison["lr"]["baseline_scores"]
+    chosen = comparison["lr"]["baseline_tuned"]
+    assert min(scores, key=lambda lr: scores[lr]) == str(chosen) or float(min(scores, key=scores.get)) == chosen
+    assert (tmp_path / "out" / "figure.png").read_bytes()[:4] == b"\x89PNG"
+    assert not any(record["reused"] for record in written["meta_train"])
+
+    capsys.readouterr()
+    again = reproduce(exp, options, console)
+    assert all(record["reused"] for record in again["meta_train"])
+    assert "no meta-training needed" in capsys.readouterr().out
+    assert again["comparisons"][0]["final"] == comparison["final"]  # same artifacts, same streams: same numbers
+
+
+def test_a_changed_recipe_is_meta_trained_again(tiny_experiment):
+    exp, options = tiny_experiment
+    reproduce(exp, dataclasses.replace(options, meta_seeds=1), Console(quiet=True))
+    changed = dataclasses.replace(exp, quick=(*TINY, "outer.lr=0.01"))
+    document = reproduce(changed, dataclasses.replace(options, meta_seeds=1), Console(quiet=True))
+    assert [record["reused"] for record in document["meta_train"]] == [False]
+
+
+def test_the_verdict_compares_tuned_against_tuned():
+    better = Paired(-1.0, -1.5, -0.5, 10, 10)
+    worse = Paired(0.5, 0.1, 0.9, 0, 10)
+    unclear = Paired(-0.1, -0.5, 0.3, 6, 10)
+    assert verdict(same=worse, tuned=better)["verdict"] == "reproduced"
+    step_size = verdict(same=better, tuned=worse)
+    assert step_size["verdict"] == "partly" and "step size" in step_size["why"]
+    assert verdict(same=worse, tuned=unclear)["verdict"] == "partly"
+    assert verdict(same=worse, tuned=worse)["verdict"] == "not reproduced"
+
+
+def test_paired_intervals_use_every_meta_train_and_test_seed_pair():
+    learned = np.array([[1.0, 2.0, 3.0], [1.5, 2.5, 3.5]])
+    baseline = np.array([2.0, 3.0, 4.0])
+    paired = Paired.of(learned, baseline)
+    assert paired.pairs == 6 and paired.learned_better_on == 6
+    assert paired.mean == pytest.approx(-0.75) and paired.low < paired.mean < paired.high < 0
+
+
+def test_a_malformed_results_file_names_the_field():
+    with pytest.raises(ML3Error, match=r"results.json: missing required field `paper`"):
+        validate_results({"experiment": "sine"}, "results.json")
+
+
+def test_reproduce_list_and_unknown_names(tmp_path, monkeypatch, capsys):
+    result = run_main(monkeypatch, capsys, "reproduce", "--list", cwd=tmp_path)
+    assert result.code == 0 and all(name in result.stdout for name in REPRODUCIBLE)
+    result = run_main(monkeypatch, capsys, "reproduce", "sinus", cwd=tmp_path)
+    assert result.code == 2 and "unknown experiment 'sinus'" in result.stderr
+
+
+def test_the_committed_results_page_is_what_the_committed_json_gives(monkeypatch):
+    """docs/results.md and the README's status table are generated by `ml3 report`: never edited by hand."""
+    monkeypatch.chdir(REPO)
+    report.run(Console(quiet=True), check=True)

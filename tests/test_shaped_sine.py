@@ -16,7 +16,7 @@ from ml3cli.evaluate import NamedLoss, evaluate
 from ml3cli.metaloss import MetaLoss
 from ml3cli.recipes import InnerConfig, TaskLossConfig, load_recipe, recipe_from_dict
 from ml3cli.report_metrics import task_report
-from ml3cli.runtime import generator
+from ml3cli.runtime import generator, stream_seed
 from ml3cli.tasks import TASKS, make_task
 
 TINY_OPTIONS = {"points": 16, "query_points": 16}
@@ -163,7 +163,7 @@ def test_task_report_matches_a_direct_computation():
     report = task_report(task, [mse], tasks=4, seeds=2, steps=[0, 3], seed=7)
     errors = []
     for s in range(2):
-        gen = generator(7 + s)
+        gen = generator(stream_seed("test", 7 + s))  # evaluation draws from the test stream
         batch = task.sample_tasks(4, gen)
         theta = task.init_theta(4, gen)
         for _ in range(3):

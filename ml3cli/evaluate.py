@@ -111,20 +111,22 @@ def evaluate(
     task: Task,
     losses: Sequence[NamedLoss],
     tasks: int,
-    seeds: int,
+    seeds: int | Sequence[int],
     steps: int,
     seed: int = 0,
     on_seed: Callable[[int], None] | None = None,
 ) -> list[LossCurves]:
-    """Meta-test every loss on ``tasks`` test tasks × ``seeds`` seeds (seed s uses ``seed + s``).
+    """Meta-test every loss on ``tasks`` test tasks for each seed: ``seeds`` the seeds themselves, or a count of
+    seeds from ``seed`` on (``seed``, ``seed + 1``, …).
 
     ``on_seed(done)`` is called after each seed (for progress bars).
     """
     values: dict[str, list[np.ndarray]] = {loss.label: [] for loss in losses}
     extras: dict[str, dict[str, list[np.ndarray]]] = {loss.label: {} for loss in losses}
     report = has_report_metrics(task)
-    for s in range(seeds):
-        gen = generator(seed + s)
+    chosen = range(seed, seed + seeds) if isinstance(seeds, int) else seeds
+    for s, one_seed in enumerate(chosen):
+        gen = generator(one_seed)
         batch = task.sample_tasks(tasks, gen)
         theta = task.init_theta(tasks, gen)
         after_draws = gen.get_state()
@@ -149,7 +151,13 @@ def evaluate(
 
 
 def tune_lr(
-    task: Task, loss: NamedLoss, lrs: Sequence[float], tasks: int, seeds: int, steps: int, seed: int = 0
+    task: Task,
+    loss: NamedLoss,
+    lrs: Sequence[float],
+    tasks: int,
+    seeds: int | Sequence[int],
+    steps: int,
+    seed: int = 0,
 ) -> tuple[float, dict[float, float]]:
     """The learning rate from ``lrs`` with the lowest mean final metric of ``loss`` on ``task``.
 

@@ -3,7 +3,6 @@ checks a load does."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +11,19 @@ from rich.console import Console
 
 from ml3cli import artifacts
 from ml3cli.commands.output import fmt
+from ml3cli.commands.runs import write_json
 
 
-def run(path: str | Path, console: Console, as_json: bool = False) -> dict[str, Any]:
-    """Print the artifact's metadata (as JSON with ``as_json``) and return it."""
+def run(path: str | Path, console: Console, json_path: str | Path | None = None) -> dict[str, Any]:
+    """Print the artifact's metadata and return it; with ``json_path`` write it as JSON there instead (``-``:
+    standard output)."""
     module = artifacts.load_loss(path)
     info = module.info
-    if as_json:
-        console.print_json(json.dumps(info))
+    if json_path is not None:
+        document = {k: v for k, v in info.items() if not k.startswith("_")}
+        written = write_json(Path(json_path), document)
+        if written is not None:
+            console.print(f"wrote {written}")
         return info
     arch = info["architecture"]
     inputs = ", ".join(f"{i['name']}[{i['size']}]" for i in arch["inputs"])

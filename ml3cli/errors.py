@@ -56,12 +56,12 @@ def simulators_needed(what: str) -> Iterator[None]:
         raise MissingExtra(what, "mujoco", "sim") from None
 
 
-def one_of(word: str, choices: Iterable[str]) -> str:
+def one_of(word: str, choices: Iterable[str], known: str = "known") -> str:
     """``; did you mean 'sine'? known: a, b, c``: what a refusal of ``word`` appends (a close match first)."""
     choices = sorted(choices)
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ";"
-    return f"{hint} known: {', '.join(choices)}"
+    return f"{hint} {known}: {', '.join(choices)}"
 
 
 class DivergenceError(ML3Error):

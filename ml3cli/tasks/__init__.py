@@ -60,7 +60,7 @@ TASKS: Mapping[str, type[Task]] = _Registry()
 def task_class(name: str) -> type[Task]:
     """The task family called ``name``; an unknown name is a user error listing the known ones."""
     if name not in REGISTRY:
-        raise ML3Error(f"unknown task {name!r}{one_of(name, REGISTRY)} (see `ml3 tasks`)")
+        raise ML3Error(f"unknown task {name!r}{one_of(name, REGISTRY, 'known tasks')} (see `ml3 tasks`)")
     try:
         return TASKS[name]
     except MissingExtra as err:  # a simulator the family imports when its module loads

@@ -12,6 +12,7 @@ checks sizes before it allocates, the format version, the checksum and the archi
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -102,6 +103,8 @@ def _read_checked(path: Path) -> tuple[bytes, dict[str, Any]]:
     if len(data) < 8:
         raise ML3Error(f"{path}: not a safetensors file (too short: {len(data)} bytes); truncated?")
     (header_len,) = struct.unpack("<Q", data[:8])
+    if data[8:9] != b"{":  # a safetensors header is JSON right after the length: this is some other file
+        raise ML3Error(f"{path}: not an ml3 loss artifact (not a safetensors file{_kind_of(data)})")
     if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
         raise ML3Error(f"{path}: corrupt or truncated safetensors header (declares {header_len} bytes)")
     try:
@@ -120,6 +123,29 @@ def _read_checked(path: Path) -> tuple[bytes, dict[str, Any]]:
         if not 0 <= offsets[0] <= offsets[1] <= body:
             raise ML3Error(f"{path}: tensor {name!r} lies outside the file; truncated?")
     return data, header
+
+
+#: leading bytes of files people mistake for artifacts
+_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"PK\x03\x04": "a zip archive, e.g. a torch.save file",
+    b"\x80": "a pickle",
+    b"%PDF": "a PDF",
+    b"\x1f\x8b": "a gzip file",
+    b"\x7fELF": "an executable",
+}
+
+
+def _kind_of(data: bytes) -> str:
+    """``: it looks like a PNG image`` (or like text), for the message that refuses a file; empty if unknown."""
+    kind = next((what for magic, what in _MAGIC.items() if data.startswith(magic)), None)
+    if kind is None:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(data[:4096])  # a character cut at the end is fine
+            kind = "text"
+        except UnicodeDecodeError:
+            return ""
+    return f"; it looks like {kind}"
 
 
 def read_info(path: str | Path) -> dict[str, Any]:

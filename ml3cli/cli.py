@@ -25,11 +25,41 @@ from ml3cli.errors import ML3Error, RunInterrupted
 
 app = typer.Typer(
     name="ml3",
-    help="Meta-learn loss functions (ML³) and train new models with them.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        import ml3cli
+
+        try:
+            torch = f"torch {metadata.version('torch')}"
+        except metadata.PackageNotFoundError:
+            torch = "torch not installed"
+        typer.echo(f"ml3 {ml3cli.__version__} ({torch}, Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version of ml3 and exit."),
+    ] = False,
+) -> None:
+    """Meta-learn loss functions (ML³) and train new models with them.
+
+    Flags mean the same in every command: --seed one seed, --seeds a list or range of seeds (0-4 or 0,3,7), --num-seeds a count of seeds.
+
+    --out is a file, --out-dir a folder; --json PATH writes JSON to PATH, --json - to standard output.
+
+    Results are never replaced silently: without --out-dir each run gets a new runs/COMMAND/TASK/TIMESTAMP/ folder with settings.json beside the results; an --out-dir that holds results needs --overwrite.
+    """
 
 
 def with_options(**groups: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -67,8 +97,9 @@ def with_options(**groups: type) -> Callable[[Callable[..., Any]], Callable[...,
     return decorate
 
 
-def _console() -> Console:
-    return Console(highlight=False)
+def _console(json_path: Path | None = None) -> Console:
+    """The console for a command's human output: stdout, or stderr when ``--json -`` keeps stdout for the JSON."""
+    return Console(highlight=False, stderr=json_path is not None and str(json_path) == "-")
 
 
 @app.command("meta-train")
@@ -98,7 +129,7 @@ def meta_test_command(
     """Train fresh optimizees on TASK with the learned loss only, next to the task's hand-written baseline."""
     from ml3cli.commands import compare
 
-    compare.meta_test(loss, task, baseline, options, _console())
+    compare.meta_test(loss, task, baseline, options, _console(options.json_path))
 
 
 @app.command("compare")
@@ -113,7 +144,7 @@ def compare_command(
     """Compare any number of losses on one task family: same seeds, same initialisations, paired statistics."""
     from ml3cli.commands import compare
 
-    compare.run(task, losses, options, _console())
+    compare.run(task, losses, options, _console(options.json_path))
 
 
 @app.command("landscape")
@@ -125,18 +156,23 @@ def landscape_command(
     """Plot loss landscapes (1-D sweep, 2-D filter-normalised plane, or the loss as a function of its inputs)."""
     from ml3cli.commands import landscape
 
-    landscape.run(losses, options, _console())
+    landscape.run(losses, options, _console(options.json_path))
 
 
 @app.command("inspect")
 def inspect_command(
     artifact: Annotated[Path, typer.Argument(help="a learned-loss artifact")],
-    as_json: Annotated[bool, typer.Option("--json", help="print the metadata as JSON")] = False,
+    json_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--json", metavar="PATH", help="write the metadata as JSON to PATH (`--json -` or a bare --json: stdout)"
+        ),
+    ] = None,
 ) -> None:
     """Show what an artifact is: task, inputs, architecture, recipe, metrics."""
     from ml3cli.commands import inspect as inspect_artifact
 
-    inspect_artifact.run(artifact, _console(), as_json)
+    inspect_artifact.run(artifact, _console(json_path), json_path)
 
 
 @app.command("tasks")
@@ -170,20 +206,28 @@ def report_command(
     report.run(_console(), check=check)
 
 
-def _bare_resume(args: list[str]) -> list[str]:
-    """``--resume`` without a value (last, or before another option) means the default checkpoint: ``--resume=``.
+#: options whose value may be left out, and the value they then take
+OPTIONAL_VALUES = {"--resume": "", "--json": "-"}
+
+
+def _bare_options(args: list[str]) -> list[str]:
+    """``--resume`` without a value (last, or before another option) means the default checkpoint, ``--resume=``;
+    a bare ``--json`` means standard output, ``--json=-``.
 
     Typer's parser has no options with an optional value, so the bare flag is spelled out before parsing."""
+
+    def bare(i: int) -> bool:
+        return i + 1 == len(args) or (args[i + 1].startswith("-") and args[i + 1] != "-")
+
     return [
-        "--resume=" if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")) else arg
-        for i, arg in enumerate(args)
+        f"{arg}={OPTIONAL_VALUES[arg]}" if arg in OPTIONAL_VALUES and bare(i) else arg for i, arg in enumerate(args)
     ]
 
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:
-        app(args=_bare_resume(sys.argv[1:]))
+        app(args=_bare_options(sys.argv[1:]))
     except RunInterrupted as err:
         console = Console(stderr=True, highlight=False)
         console.print(f"[bold yellow]{escape(str(err))}[/]", soft_wrap=True)

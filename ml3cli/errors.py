@@ -6,7 +6,10 @@ keeps its traceback.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+import difflib
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pydantic
@@ -14,6 +17,51 @@ if TYPE_CHECKING:
 
 class ML3Error(Exception):
     """A user-facing error: the message names the file or field, what was expected, and how to fix it."""
+
+
+class MissingExtra(ML3Error):
+    """``needed_by`` (a task, a simulator) needs ``module`` from an optional extra that is not installed."""
+
+    def __init__(self, needed_by: str, module: str, extra: str):
+        super().__init__(
+            f"{needed_by} needs {module}, which is not installed: it comes with the optional extra [{extra}], "
+            f"pip install 'ml3cli[{extra}]'"
+        )
+        self.needed_by = needed_by
+        self.module = module
+        self.extra = extra
+
+
+#: the top-level modules of the simulators extra, ``pip install 'ml3cli[sim]'``
+SIMULATOR_MODULES = ("mujoco", "gymnasium", "pybullet", "pybullet_data")
+
+
+@contextlib.contextmanager
+def simulators_needed(what: str) -> Iterator[None]:
+    """Around the imports of a simulator: a missing one becomes one :class:`MissingExtra` naming the extra.
+
+    ``what`` names the part that needs it (``"the MuJoCo Reacher"``). gymnasium's own guard (gymnasium installed,
+    mujoco not) counts as missing mujoco; any other import error keeps its traceback.
+    """
+    try:
+        yield
+    except ImportError as err:
+        root = (err.name or "").partition(".")[0]
+        if root not in SIMULATOR_MODULES:
+            raise
+        raise MissingExtra(what, root, "sim") from None
+    except Exception as err:
+        if type(err).__name__ != "DependencyNotInstalled":
+            raise
+        raise MissingExtra(what, "mujoco", "sim") from None
+
+
+def one_of(word: str, choices: Iterable[str], known: str = "known") -> str:
+    """``; did you mean 'sine'? known: a, b, c``: what a refusal of ``word`` appends (a close match first)."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    return f"{hint} {known}: {', '.join(choices)}"
 
 
 class DivergenceError(ML3Error):
@@ -54,15 +102,44 @@ class RunInterrupted(Exception):
         return 128 + self.signum
 
 
-def describe_validation_error(err: pydantic.ValidationError, prefix: str = "") -> str:
-    """One line for the first problem pydantic found: ``field.path: what was expected (got value)``."""
+def describe_validation_error(
+    err: pydantic.ValidationError, prefix: str = "", model: type[pydantic.BaseModel] | None = None
+) -> str:
+    """One line for the first problem pydantic found: ``field.path: what was expected (got value)``.
+
+    With ``model`` (the class that was validated), an unknown field also lists the valid fields at its place and
+    suggests the closest one: ``unknown field `outer.stpes`; did you mean 'steps'? known: grad_clip, lr, ...``.
+    """
     first = err.errors(include_url=False)[0]
-    loc = ".".join(str(part) for part in ((prefix,) if prefix else ()) + tuple(first["loc"]))
+    loc = ".".join(str(part) for part in first["loc"])
+    if prefix:  # a flag (--task-option) is followed by the key, a recipe section by a dot
+        loc = f"{prefix} {loc}" if prefix.startswith("-") else ".".join(filter(None, (prefix, loc)))
     loc = loc or "<top level>"
     if first["type"] == "extra_forbidden":
-        return f"unknown field `{loc}`"
+        fields = _fields_at(model, first["loc"][:-1]) if model is not None else None
+        known = one_of(str(first["loc"][-1]), fields) if fields else ""
+        return f"unknown field `{loc}`{known}"
     if first["type"] == "missing":
         return f"missing required field `{loc}`"
     got = first.get("input")
     msg = first["msg"].removeprefix("Value error, ")
     return f"field `{loc}`: {msg} (got {got!r})"
+
+
+def _fields_at(model: Any, path: tuple[Any, ...]) -> list[str] | None:
+    """The field names of the pydantic model found by following ``path`` from ``model`` (None: not a model)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    def model_in(annotation: Any) -> Any:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        return next((m for m in map(model_in, typing.get_args(annotation)) if m is not None), None)
+
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = model_in(field.annotation) if field is not None else None
+        if model is None:
+            return None
+    return list(model.model_fields)

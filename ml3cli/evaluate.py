@@ -111,23 +111,25 @@ def evaluate(
     task: Task,
     losses: Sequence[NamedLoss],
     tasks: int,
-    seeds: int,
+    seeds: int | Sequence[int],
     steps: int,
     seed: int = 0,
     on_seed: Callable[[int], None] | None = None,
     stream: str = "test",
 ) -> list[LossCurves]:
-    """Meta-test every loss on ``tasks`` test tasks × ``seeds`` seeds: seed s draws its tasks and θ₀ from the
-    random stream ``stream`` of ``seed + s`` (:func:`ml3cli.runtime.stream_seed`: never the draws of
-    meta-training, and ``validation`` never those of ``test``).
+    """Meta-test every loss on ``tasks`` test tasks for each seed: ``seeds`` the seeds themselves, or a count of
+    seeds from ``seed`` on (``seed``, ``seed + 1``, …). Seed s draws its tasks and θ₀ from the random stream
+    ``stream`` of s (:func:`ml3cli.runtime.stream_seed`: never the draws of meta-training, and ``validation``
+    never those of ``test``).
 
     ``on_seed(done)`` is called after each seed (for progress bars).
     """
     values: dict[str, list[np.ndarray]] = {loss.label: [] for loss in losses}
     extras: dict[str, dict[str, list[np.ndarray]]] = {loss.label: {} for loss in losses}
     report = has_report_metrics(task)
-    for s in range(seeds):
-        gen = generator(stream_seed(stream, seed + s))
+    chosen = range(seed, seed + seeds) if isinstance(seeds, int) else seeds
+    for s, one_seed in enumerate(chosen):
+        gen = generator(stream_seed(stream, one_seed))
         batch = task.sample_tasks(tasks, gen)
         theta = task.init_theta(tasks, gen)
         after_draws = gen.get_state()
@@ -152,7 +154,13 @@ def evaluate(
 
 
 def tune_lr(
-    task: Task, loss: NamedLoss, lrs: Sequence[float], tasks: int, seeds: int, steps: int, seed: int = 0
+    task: Task,
+    loss: NamedLoss,
+    lrs: Sequence[float],
+    tasks: int,
+    seeds: int | Sequence[int],
+    steps: int,
+    seed: int = 0,
 ) -> tuple[float, dict[float, float]]:
     """The learning rate from ``lrs`` with the lowest mean final metric of ``loss`` on ``task``.
 

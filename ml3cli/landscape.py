@@ -17,7 +17,7 @@ task's θ* where it has one (projected onto the plane in 2-D), else the grid poi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +145,7 @@ class Landscape1D:
     losses: dict[str, np.ndarray] = field(default_factory=dict)  # label → [tasks, G]
     slopes: dict[str, np.ndarray] = field(default_factory=dict)  # label → [tasks, G]
     task_losses: np.ndarray | None = None  # [tasks, G]
+    axis: str = "θ"  # the axis label: θ for a one-parameter optimizee, else θ[param]
 
     def slope_fractions(self) -> dict[str, list[float]]:
         return {
@@ -175,8 +176,11 @@ def landscape_1d(
     low: float,
     high: float,
     points: int,
+    on_task: Callable[[int], None] | None = None,
 ) -> Landscape1D:
-    """The 1-D landscape of each loss over ``points`` values of one parameter in [low, high], for ``n_tasks`` tasks."""
+    """The 1-D landscape of each loss over ``points`` values of one parameter in [low, high], for ``n_tasks`` tasks.
+
+    ``on_task(done)`` is called after each task (for progress bars)."""
     gen = generator(seed)
     batch = task.sample_tasks(n_tasks, gen)
     theta = task.init_theta(n_tasks, gen)
@@ -184,7 +188,8 @@ def landscape_1d(
     label = name if theta[name][0].numel() == 1 else f"{name}:{index}"
     values = torch.linspace(low, high, points, dtype=theta[name].dtype, device=theta[name].device)
     grid = values.cpu().double().numpy()
-    result = Landscape1D(label, grid, [], "θ*")
+    only_parameter = len(theta) == 1 and theta[name][0].numel() == 1
+    result = Landscape1D(label, grid, [], "θ*", axis="θ" if only_parameter else f"θ[{label}]")
     task_losses = []
     for k in range(n_tasks):
         one, th = task_slice(batch, k), theta_slice(theta, k)
@@ -199,6 +204,8 @@ def landscape_1d(
             value, slope = sweep_1d(task, loss.fn, th, one, name, index, values)
             result.losses.setdefault(loss.label, []).append(value)  # type: ignore[arg-type]
             result.slopes.setdefault(loss.label, []).append(slope)  # type: ignore[arg-type]
+        if on_task is not None:
+            on_task(k + 1)
     result.losses = {k: np.stack(v) for k, v in result.losses.items()}
     result.slopes = {k: np.stack(v) for k, v in result.slopes.items()}
     result.task_losses = np.stack(task_losses)
@@ -289,8 +296,11 @@ def landscape_2d(
     points: int,
     center_steps: int = 0,
     center_loss: NamedLoss | None = None,
+    on_loss: Callable[[int], None] | None = None,
 ) -> Landscape2D:
-    """The loss surface of one task on a random filter-normalised plane around θ₀ (or θ after ``center_steps``)."""
+    """The loss surface of one task on a random filter-normalised plane around θ₀ (or θ after ``center_steps``).
+
+    ``on_loss(done)`` is called after each loss (for progress bars)."""
     gen = generator(seed)
     batch = task_slice(task.sample_tasks(1, gen), 0)
     theta = theta_slice(task.init_theta(1, gen), 0)
@@ -315,10 +325,12 @@ def landscape_2d(
         i, j = np.unravel_index(int(np.argmin(task_loss)), task_loss.shape)
         target, source = (float(grid_a[i]), float(grid_b[j])), "task-loss argmin on the plane"
     result = Landscape2D(grid_a, grid_b, target, source, center, task_loss=task_loss)
-    for loss in losses:
+    for done, loss in enumerate(losses, 1):
         result.grids[loss.label] = plane_values(
             task, lambda th, fn=loss.fn: loss_value(fn(task.loss_inputs(th, batch))), theta, d1, d2, alphas, betas
         )
+        if on_loss is not None:
+            on_loss(done)
     return result
 
 

@@ -102,7 +102,7 @@ def comparison_figure(comparisons: Sequence[Mapping], title: str) -> bytes:
         ax.set_ylabel(comparison["metric"])
         if all(v > 0 for c in curves.values() for v in c.values()):
             ax.set_yscale("log")
-        ax.set_title(f"{comparison['recipe']}: {comparison['verdict']['verdict']}")
+        ax.set_title(f"{comparison['label']}: {comparison['verdict']['verdict']}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)

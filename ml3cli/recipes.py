@@ -196,7 +196,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     try:
         recipe = Recipe(**data) if all(isinstance(k, str) for k in data) else Recipe.model_validate(data)
     except ValidationError as err:
-        raise ML3Error(f"{source}: {describe_validation_error(err)}") from None
+        raise ML3Error(f"{source}: {describe_validation_error(err, model=Recipe)}") from None
     except TypeError as err:  # non-string keys at the top level
         raise ML3Error(f"{source}: {err}") from None
     try:

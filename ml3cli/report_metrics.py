@@ -36,7 +36,7 @@ def task_report(
 def print_task_report(console, task: Task, report: dict[str, dict[str, dict[str, float]]], count: int) -> None:
     """One table: a row per (loss, metric), a column per step."""
     first = next(iter(next(iter(report.values())).values()))
-    table = Table(title=f"{task.name}: task metrics, mean over {count} tasks (0/1 metrics: the fraction)")
+    table = Table(title=f"{task.name}: task metrics, mean over {count} tasks (0/1 metrics: fraction)")
     table.add_column("loss")
     table.add_column("metric")
     for step in first:

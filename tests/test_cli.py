@@ -121,7 +121,7 @@ def test_compare(trained, tmp_path):
     out_dir = tmp_path / "cmp"
     result = run_cli(
         "compare", "--task", "sine_shifted", "--loss", out, "--loss", "mse", "--loss", "mse@0.01",
-        "--steps", "5", "--seeds", "2", "--tasks", "2", "--json", json_path, "--out-dir", out_dir, "--quiet",
+        "--steps", "5", "--seeds", "0-1", "--tasks", "2", "--json", json_path, "--out-dir", out_dir, "--quiet",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.code == 0, result.output
@@ -216,7 +216,7 @@ def test_artifact_saved_by_the_library_without_a_recipe_is_usable(tmp_path, monk
     path = save_loss(tmp_path / "mine.safetensors", MetaLoss(SineRegression.loss_inputs_spec, (8, 8)), {"task": "sine"})
     result = run_main(
         monkeypatch, capsys, "compare", "--task", "sine_shifted", "--loss", path, "--loss", "mse", "--steps", "2",
-        "--seeds", "1", "--tasks", "2", "--lr", "0.01", "--out-dir", tmp_path / "o", "--quiet", cwd=tmp_path,
+        "--num-seeds", "1", "--tasks", "2", "--lr", "0.01", "--out-dir", tmp_path / "o", "--quiet", cwd=tmp_path,
     )  # fmt: skip
     assert result.code == 0, result.output
     result = run_main(monkeypatch, capsys, "inspect", path, cwd=tmp_path)
@@ -235,7 +235,20 @@ def test_loaded_artifact_reproduces_the_recorded_learned_loss(trained):
 
 
 def test_compare_at_chooses_the_table_steps(tmp_path, monkeypatch, capsys):
-    args = ["compare", "--task", "sine_shifted", "--loss", "mse", "--tasks", "2", "--seeds", "2", "--steps", "30", "-q"]
+    args = [
+        "compare",
+        "--task",
+        "sine_shifted",
+        "--loss",
+        "mse",
+        "--tasks",
+        "2",
+        "--num-seeds",
+        "2",
+        "--steps",
+        "30",
+        "-q",
+    ]
     shown = run_main(monkeypatch, capsys, *args, "--at", "5,20", cwd=tmp_path)
     assert shown.code == 0, shown.output
     assert "step 5" in shown.output and "step 20" in shown.output and "step 10" not in shown.output
@@ -248,7 +261,7 @@ def test_compare_at_chooses_the_table_steps(tmp_path, monkeypatch, capsys):
 def test_meta_test_of_a_builtin_loss_is_its_own_baseline(tmp_path, monkeypatch, capsys):
     """`ml3 meta-test --loss mse --task sine`: the built-in is tested once, not refused as a duplicate label."""
     out = tmp_path / "mt"
-    args = ("meta-test", "--loss", "mse", "--task", "sine", "--tasks", "2", "--seeds", "2", "--steps", "3")
+    args = ("meta-test", "--loss", "mse", "--task", "sine", "--tasks", "2", "--num-seeds", "2", "--steps", "3")
     result = run_main(monkeypatch, capsys, *args, "--out-dir", out, "-q", cwd=tmp_path)
     assert result.code == 0, result.output
     assert [loss["name"] for loss in json.loads((out / "results.json").read_text())["losses"]] == ["mse"]

@@ -288,7 +288,7 @@ def test_meta_train_then_transfer_the_reacher_loss_to_the_sawyer(monkeypatch, ca
     assert read_info(tmp_path / "noprior.safetensors")["recipe"]["task_loss"]["extra"] == {}
     result = run_main(
         monkeypatch, capsys, "compare", "--task", "inverse_dynamics_sawyer", "--loss", tmp_path / "prior.safetensors",
-        "--loss", "torque_mse", "--tasks", "1", "--seeds", "1", "--steps", "3", "--lr", "1e-4",
+        "--loss", "torque_mse", "--tasks", "1", "--num-seeds", "1", "--steps", "3", "--lr", "1e-4",
         "--out-dir", tmp_path / "cmp", cwd=tmp_path,
     )  # fmt: skip
     assert result.code == 0, result.output

@@ -129,7 +129,7 @@ def test_recipe_switch_round_trips_through_the_artifact_and_meta_test(monkeypatc
     inspected = run_main(monkeypatch, capsys, "inspect", artifact, cwd=tmp_path)
     assert inspected.code == 0 and "learned_lr" in inspected.output
     result = run_main(
-        monkeypatch, capsys, "meta-test", "--loss", artifact, "--task", "sine_shifted", "--tasks", "2", "--seeds", "1",
+        monkeypatch, capsys, "meta-test", "--loss", artifact, "--task", "sine_shifted", "--tasks", "2", "--num-seeds", "1",
         "--steps", "3", "--json", tmp_path / "m.json", "--out-dir", tmp_path / "mt", "--quiet", cwd=tmp_path,
     )  # fmt: skip
     assert result.code == 0, result.output

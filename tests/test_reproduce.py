@@ -34,7 +34,7 @@ def tiny_experiment(tmp_path, monkeypatch):
     (tmp_path / "recipes").symlink_to(REPO / "recipes")
     monkeypatch.chdir(tmp_path)
     exp = dataclasses.replace(experiment("sine_reference"), quick=TINY, quick_eval={"tasks": 2, "seeds": 2})
-    return exp, ReproduceOptions(quick=True, meta_seeds=2, jobs=2, out=tmp_path / "out")
+    return exp, ReproduceOptions(quick=True, meta_seeds=2, jobs=2, out_dir=tmp_path / "out")
 
 
 def test_quick_reproduction_writes_valid_results_and_reuses_its_artifacts(tiny_experiment, tmp_path, capsys):

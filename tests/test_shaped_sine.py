@@ -206,7 +206,7 @@ def test_cli_meta_train_then_compare_prints_the_theta_table(monkeypatch, capsys,
     assert artifact.is_file()
     result = run_main(
         monkeypatch, capsys, "compare", "--task", "sine_frequency", "--loss", artifact, "--loss", "mse",
-        "--loss", "mse@0.1", "--tasks", "5", "--seeds", "2", "--steps", "12", "--out-dir", tmp_path / "cmp",
+        "--loss", "mse@0.1", "--tasks", "5", "--num-seeds", "2", "--steps", "12", "--out-dir", tmp_path / "cmp",
         "--quiet", cwd=tmp_path,
     )  # fmt: skip
     assert result.code == 0, result.output
@@ -221,7 +221,7 @@ def test_cli_meta_train_then_compare_prints_the_theta_table(monkeypatch, capsys,
 
 def test_cli_compare_on_a_task_without_report_metrics_prints_no_theta_table(monkeypatch, capsys, tmp_path):
     result = run_main(
-        monkeypatch, capsys, "compare", "--task", "sine", "--loss", "mse", "--tasks", "2", "--seeds", "1",
+        monkeypatch, capsys, "compare", "--task", "sine", "--loss", "mse", "--tasks", "2", "--num-seeds", "1",
         "--steps", "2", "--out-dir", tmp_path / "cmp", "--quiet", cwd=tmp_path,
     )  # fmt: skip
     assert result.code == 0, result.output
@@ -249,7 +249,7 @@ def test_shaped_loss_reaches_the_issue_targets(monkeypatch, capsys, tmp_path):
     assert run_main(monkeypatch, capsys, "meta-train", recipe, "--out", artifact, "--quiet", cwd=tmp_path).code == 0
     result = run_main(
         monkeypatch, capsys, "compare", "--task", "sine_frequency", "--loss", artifact, "--loss", "mse",
-        "--tasks", "40", "--seeds", "5", "--steps", "50", "--lr", "1.0", "--json", tmp_path / "r.json",
+        "--tasks", "40", "--num-seeds", "5", "--steps", "50", "--lr", "1.0", "--json", tmp_path / "r.json",
         "--out-dir", tmp_path / "cmp", "--quiet", cwd=tmp_path,
     )  # fmt: skip
     assert result.code == 0, result.output

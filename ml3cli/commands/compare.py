@@ -7,6 +7,7 @@ and the learning rate come from what the artifact recorded for the task (:mod:`m
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from rich.table import Table
 
 from ml3cli import files, plots
 from ml3cli.commands.options import EvalOptions
-from ml3cli.commands.output import fmt, progress_bar
+from ml3cli.commands.output import fmt, fmt_spread, progress_bar
+from ml3cli.commands.parsing import evaluation_seeds, parse_steps
+from ml3cli.commands.runs import check_out_dir, new_run_dir, write_json, write_settings
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import BASELINE_LR_SWEEP, LossCurves, evaluate, paired_difference, tune_lr
 from ml3cli.losses import (
@@ -40,34 +43,25 @@ def meta_test(loss: str, task_name: str, baseline: str | None, options: EvalOpti
     return run(task_name, specs, options, console, command="meta-test")
 
 
-def parse_steps(spec: str | None) -> tuple[int, ...] | None:
-    """``10,100,500`` → (10, 100, 500) for ``--at``; None stays None."""
-    if spec is None:
-        return None
-    try:
-        steps = tuple(int(part) for part in spec.split(","))
-    except ValueError:
-        raise ML3Error(f"--at {spec!r}: expected comma-separated step numbers like 10,100,500") from None
-    if not steps or min(steps) < 0:
-        raise ML3Error(f"--at {spec!r}: expected non-negative step numbers like 10,100,500")
-    return steps
-
-
 def run(
     task_name: str, loss_specs: Sequence[str], options: EvalOptions, console: Console, *, command: str = "compare"
 ) -> dict[str, Any]:
-    """``ml3 compare``: train fresh optimizees with each loss, same seeds, print the table, write the results."""
-    configure(options.threads, options.seed)
+    """``ml3 compare``: train fresh optimizees with each loss, same seeds, print the table, write the results
+    (to ``--out-dir``, else a new ``runs/COMMAND/TASK/TIMESTAMP/``) with the settings used."""
+    configure(options.threads, options.seed or 0)
     device = resolve_device(options.device)
     if not loss_specs:
         raise ML3Error("give at least one --loss (an artifact path or a built-in name such as mse)")
     task_class(task_name)
     at = parse_steps(options.at)
+    check_out_dir(options.out_dir, RESULT_FILES, options.overwrite, options.json_path)
 
     infos = artifact_infos(loss_specs, task_name)
     recorded = recorded_test_settings(infos, task_name)
     tasks = options.tasks or recorded.tasks or EvalOptions.DEFAULT_TASKS
-    seeds = options.seeds or recorded.seeds or EvalOptions.DEFAULT_SEEDS
+    seeds = evaluation_seeds(
+        options.seeds, options.seed, options.num_seeds, recorded.seeds or EvalOptions.DEFAULT_SEEDS
+    )
     steps = options.steps or recorded.steps or EvalOptions.DEFAULT_STEPS
     table_steps(steps, at)  # refuse --at beyond the steps before any training
     task = make_test_task(task_name, recorded, options.task_options, device)
@@ -77,35 +71,55 @@ def run(
     if options.tune_baseline_lr:  # on validation tasks of the test family: never a test task
         name = baseline_name(task)
         best, scores = tune_lr(
-            task, builtin_loss(task, name, 1.0), BASELINE_LR_SWEEP, tasks, seeds, steps, options.seed
-        )
+            task, builtin_loss(task, name, 1.0), BASELINE_LR_SWEEP, tasks, seeds, steps
+        )  # the same seed numbers as the test, drawn from the validation stream
         losses.append(builtin_loss(task, name, best, f"{name} (tuned lr)"))
         tuning = {"loss": name, "on_task": task.name, "stream": "validation", "best_lr": best, "final_by_lr": scores}
 
     with progress_bar(console, options.quiet) as progress:
-        bar = progress.add_task(f"{command} {task_name}: {len(losses)} losses, seed", total=seeds)
-        curves = evaluate(
-            task, losses, tasks, seeds, steps, options.seed, on_seed=lambda done: progress.update(bar, completed=done)
-        )
+        bar = progress.add_task(f"{command} {task_name}: {len(losses)} losses, seed", total=len(seeds))
+        curves = evaluate(task, losses, tasks, seeds, steps, on_seed=lambda done: progress.update(bar, completed=done))
 
     initial = float(curves[0].at(0).mean())
     threshold = options.threshold if options.threshold is not None else 0.5 * initial
-    document = results_document(task, curves, tasks, list(range(options.seed, options.seed + seeds)), steps,
-                                threshold, tuning)  # fmt: skip
-    print_results(console, task, curves, steps, seeds, tasks, threshold, document, at)
+    document = results_document(task, curves, tasks, seeds, steps, threshold, tuning)
+    print_results(console, task, curves, steps, len(seeds), tasks, threshold, document, at)
     report = report_from_curves(curves, table_steps(steps, at))
     if report:  # tasks with Task.report_metrics (e.g. |θ − ν| for sine_frequency)
         document["report_metrics"] = report
-        print_task_report(console, task, report, tasks * seeds)
+        print_task_report(console, task, report, tasks * len(seeds))
 
-    out = Path(options.out_dir) if options.out_dir else Path("runs") / f"{command}_{task_name}"
+    out = Path(options.out_dir) if options.out_dir else new_run_dir(command, task_name)
     files.write_json_atomic(out / "results.json", document)
     files.write_text_atomic(out / "curves.csv", curves_csv(curves))
     files.write_bytes_atomic(out / "curves.png", plots.meta_test_plot(curves, f"{command} on {task_name}", task.metric))
-    if options.json_path:
-        files.write_json_atomic(options.json_path, document)
-    console.print(f"wrote {out / 'results.json'}, {out / 'curves.csv'}, {out / 'curves.png'}")
+    specs = [*loss_specs, *(["(--tune-baseline-lr)"] if tuning else [])]
+    used = dataclasses.asdict(options) | {
+        "task": task_name,
+        "losses": [
+            {"spec": spec, "label": c.label, "lr": c.lr, "source": c.source}
+            for spec, c in zip(specs, curves, strict=True)
+        ],
+        "tasks": tasks,
+        "seeds": seeds,
+        "num_seeds": len(seeds),
+        "seed": seeds[0],
+        "steps": steps,
+        "threshold": threshold,
+        "at": table_steps(steps, at),
+        "task_options": task.options.model_dump(mode="json"),
+        "task_option_overrides": list(options.task_options),
+        "out_dir": str(out),
+        "device": str(device),
+    }
+    write_settings(out, command, used)
+    write_json(options.json_path, document)
+    console.print(f"wrote {', '.join(RESULT_FILES)} and settings.json to {out}")
     return document
+
+
+#: what ``meta-test`` and ``compare`` write in their folder
+RESULT_FILES = ("results.json", "curves.csv", "curves.png")
 
 
 def table_steps(steps: int, at: Sequence[int] | None = None) -> list[int]:
@@ -160,21 +174,23 @@ def results_document(
 
 
 def print_results(console, task, curves: list[LossCurves], steps, seeds, tasks, threshold, document, at=None) -> None:
-    """The comparison table (mean ± std over seeds at the table's steps), the paired differences and the tuning."""
-    table = Table(
-        title=f"{task.name}: task {task.metric} on held-out points ({tasks} tasks × {seeds} seeds, mean ± std over seeds)"
-    )
-    table.add_column("loss")
-    table.add_column("lr", justify="right")
+    """The comparison table (one row per shown step, one column per loss: mean ± std over seeds, so that it fits
+    80 columns), the steps to reach the threshold, the paired differences and the tuning."""
+    table = Table(title=f"{task.name}: held-out {task.metric}, mean ± std over {seeds} seeds × {tasks} tasks")
+    table.add_column("")
+    for c in curves:
+        table.add_column(f"{c.label}\nlr {c.lr:g}", justify="right")
     shown = table_steps(steps, at)
     for s in shown:
-        table.add_column(f"step {s}", justify="right")
-    table.add_column(f"steps to ≤ {fmt(threshold)}", justify="right")
+        cells = (f"{fmt(float(c.at(s).mean()))} ± {fmt_spread(float(c.at(s).std()))}" for c in curves)
+        table.add_row(f"step {s}", *cells, end_section=s == shown[-1])
+    cells = []
     for c in curves:
-        cells = [f"{fmt(float(c.at(s).mean()))} ± {fmt(float(c.at(s).std()))}" for s in shown]
         reached = [n for n in c.steps_to(threshold) if n is not None]
-        when = f"{sorted(reached)[len(reached) // 2]} ({len(reached)}/{seeds})" if reached else f"never (0/{seeds})"
-        table.add_row(c.label, f"{c.lr:g}", *cells, when)
+        cells.append(
+            f"{sorted(reached)[len(reached) // 2]} ({len(reached)}/{seeds})" if reached else f"never (0/{seeds})"
+        )
+    table.add_row(f"steps to ≤ {fmt(threshold)}", *cells)
     console.print(table)
     for pair in document["paired"]:
         low, high = pair["ci95"]

@@ -4,7 +4,6 @@ at once."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +12,17 @@ from rich.console import Console
 
 from ml3cli import artifacts
 from ml3cli.commands.output import fmt
+from ml3cli.commands.runs import write_json
 
 
-def run(path: str | Path, console: Console, as_json: bool = False) -> dict[str, Any]:
-    """Print the artifact's metadata (as JSON with ``as_json``) and return it."""
+def run(path: str | Path, console: Console, json_path: str | Path | None = None) -> dict[str, Any]:
+    """Print the artifact's metadata and return it; with ``json_path`` write it as JSON there instead (``-``:
+    standard output)."""
     info, n_params = artifacts.verified_info(path)
-    if as_json:
-        console.print_json(json.dumps(info))
+    if json_path is not None:
+        written = write_json(Path(json_path), info)
+        if written is not None:
+            console.print(f"wrote {written}")
         return info
     arch = info["architecture"]
     inputs = ", ".join(f"{i['name']}[{i['size']}]" for i in arch["inputs"])

@@ -3,6 +3,7 @@ printed, the figure, CSV and JSON written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,9 @@ from rich.table import Table
 
 from ml3cli import files, plots
 from ml3cli.commands.options import LandscapeOptions
+from ml3cli.commands.output import progress_bar
+from ml3cli.commands.parsing import parse_fix
+from ml3cli.commands.runs import check_out_dir, new_run_dir, write_json, write_settings
 from ml3cli.errors import ML3Error
 from ml3cli.landscape import MODES, Landscape1D, function_view, landscape_1d, landscape_2d, pointwise_fn
 from ml3cli.losses import (
@@ -27,20 +31,6 @@ from ml3cli.losses import (
 )
 from ml3cli.runtime import configure, resolve_device
 from ml3cli.tasks import Task
-
-
-def parse_fix(items: Sequence[str]) -> dict[str, float]:
-    """``--fix NAME=NUMBER`` values as a mapping."""
-    fixed = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            fixed[name.strip()] = float(raw)
-        except ValueError:
-            raise ML3Error(f"--fix {item!r}: expected NAME=NUMBER, e.g. --fix x=0.5") from None
-    return fixed
 
 
 def check(options: LandscapeOptions, specs: Sequence[str]) -> None:
@@ -58,8 +48,10 @@ def check(options: LandscapeOptions, specs: Sequence[str]) -> None:
 
 
 def run(specs: Sequence[str], options: LandscapeOptions, console: Console) -> dict[str, Any]:
-    """Compute the view for each loss (and the task's baseline when none is given), print, write PNG+CSV+JSON."""
+    """Compute the view for each loss (and the task's baseline when none is given), print, write PNG+CSV+JSON
+    (to ``--out-dir``, else a new ``runs/landscape/TASK/TIMESTAMP/``) with the settings used."""
     check(options, specs)
+    check_out_dir(options.out_dir, OUTPUT_FILES, options.overwrite, options.json_path)
     configure(options.threads, options.seed)
     device = resolve_device(options.device)
     infos = artifact_infos(specs, options.task)
@@ -87,7 +79,6 @@ def run(specs: Sequence[str], options: LandscapeOptions, console: Console) -> di
     high = high if high is not None else (1.5 if function else 7.0)
     if not low < high:
         raise ML3Error(f"--range {low:g} {high:g}: expected LOW < HIGH")
-    out = Path(options.out_dir) if options.out_dir else Path("runs") / f"landscape_{task.name}_{options.mode}"
     summary: dict[str, Any] = {
         "task": task.name,
         "task_options": task.options.model_dump(mode="json"),
@@ -98,20 +89,28 @@ def run(specs: Sequence[str], options: LandscapeOptions, console: Console) -> di
 
     if options.mode == "1d":
         points = options.points or 281
-        view = landscape_1d(task, losses, options.tasks, options.seed, options.param, low, high, points)
+        with progress_bar(console, options.quiet) as progress:
+            bar = progress.add_task(f"landscape {task.name}: task", total=options.tasks)
+            on_task = lambda done: progress.update(bar, completed=done)  # noqa: E731
+            view = landscape_1d(task, losses, options.tasks, options.seed, options.param, low, high, points, on_task)
         fractions = view.slope_fractions()
         summary.update(param=view.param, range=[low, high], points=points, targets=view.targets,
                        target_source=view.target_source)  # fmt: skip
         for label, per_task in fractions.items():
             summary["losses"][label].update(slope_toward_target=per_task, mean=float(np.mean(per_task)))
-        png = plots.landscape_1d_plot(view.values, view.losses, view.targets, view.param, fractions,
-                                      f"{task.name}: loss against {view.param}")  # fmt: skip
+        png = plots.landscape_1d_plot(view.values, view.losses, view.targets, view.axis, fractions,
+                                      f"{task.name}: loss against {view.axis}")  # fmt: skip
         csv_text = view.to_csv()
         print_1d(console, task, view, fractions)
     elif options.mode == "2d":
         points = options.points or 41
         center_loss = next((loss for loss in losses if loss.label == baseline), losses[-1])
-        view2 = landscape_2d(task, losses, options.seed, options.span, points, options.center_steps, center_loss)
+        with progress_bar(console, options.quiet) as progress:
+            bar = progress.add_task(f"landscape {task.name}: loss", total=len(losses))
+            on_loss = lambda done: progress.update(bar, completed=done)  # noqa: E731
+            view2 = landscape_2d(
+                task, losses, options.seed, options.span, points, options.center_steps, center_loss, on_loss
+            )
         fractions2 = view2.slope_fractions()
         summary.update(span=options.span, points=points, center=view2.center, target=list(view2.target),
                        target_source=view2.target_source)  # fmt: skip
@@ -135,11 +134,27 @@ def run(specs: Sequence[str], options: LandscapeOptions, console: Console) -> di
         fixed_text = ", ".join(f"{k} = {v:g}" for k, v in view3.fixed.items()) or "nothing else"
         console.print(f"[bold]{task.name}[/]: per-sample loss over {axes[0]} × {axes[1]} in [{low:g}, {high:g}] "
                       f"with {fixed_text}")  # fmt: skip
+    out = Path(options.out_dir) if options.out_dir else new_run_dir("landscape", task.name)
     paths = write_outputs(out, csv_text, png, summary)
-    if options.json_path:
-        files.write_text_atomic(options.json_path, json.dumps(summary, indent=2, allow_nan=True) + "\n")
-    console.print("wrote " + ", ".join(str(p) for p in paths))
+    used = dataclasses.asdict(options) | {
+        "losses": list(specs) + ([] if any(r.builtin for r in resolved) else [baseline]),
+        "task": task.name,
+        "task_options": task.options.model_dump(mode="json"),
+        "task_option_overrides": list(options.task_options),
+        "range": [low, high],
+        "points": points,
+        "lr": {loss.label: loss.lr for loss in losses},
+        "out_dir": str(out),
+        "device": str(device),
+    }
+    write_settings(out, "landscape", used)
+    write_json(options.json_path, summary)
+    console.print(f"wrote {', '.join(p.name for p in paths)} and settings.json to {out}")
     return summary
+
+
+#: what ``landscape`` writes in its folder
+OUTPUT_FILES = ("landscape.csv", "landscape.png", "landscape.json")
 
 
 def function_axes(task: Task, axes_text: str | None) -> tuple[str, str]:
@@ -167,12 +182,14 @@ def write_outputs(out_dir: Path, csv_text: str, png: bytes, summary: dict[str, A
 
 def print_1d(console: Console, task: Task, view: Landscape1D, fractions: dict[str, list[float]]) -> None:
     """The 1-D figure of merit: per target, the share of the grid where the slope points toward it."""
-    table = Table(title=f"{task.name}: share of the grid where the slope points toward the target "
-                        f"({view.param} ∈ [{view.values[0]:g}, {view.values[-1]:g}], target: {view.target_source})")  # fmt: skip
-    table.add_column("loss")
-    for target in view.targets:
-        table.add_column(f"target {target:.3g}", justify="right")
-    table.add_column("mean", justify="right")
-    for label, per_task in fractions.items():
-        table.add_row(label, *(f"{v:.3f}" for v in per_task), f"{float(np.mean(per_task)):.3f}")
+    console.print(f"[bold]{task.name}[/]: share of the grid where the slope points toward the target "
+                  f"({view.axis} ∈ [{view.values[0]:g}, {view.values[-1]:g}], target: {view.target_source})")  # fmt: skip
+    table = Table()
+    table.add_column("target", justify="right")  # one row per task, one column per loss: fits 80 columns
+    for label in fractions:
+        table.add_column(label, justify="right")
+    for k, target in enumerate(view.targets):
+        cells = (f"{per_task[k]:.3f}" for per_task in fractions.values())
+        table.add_row(f"{target:.3g}", *cells, end_section=k == len(view.targets) - 1)
+    table.add_row("mean", *(f"{float(np.mean(per_task)):.3f}" for per_task in fractions.values()))
     console.print(table)

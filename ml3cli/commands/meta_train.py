@@ -28,7 +28,8 @@ from rich.table import Table
 
 from ml3cli import artifacts, checkpoints, distributed, files, plots
 from ml3cli.commands.options import MetaTrainOptions, to_argv
-from ml3cli.commands.output import fmt, progress_bar
+from ml3cli.commands.output import fmt, fmt_spread, progress_bar
+from ml3cli.commands.parsing import parse_seeds
 from ml3cli.engine import meta_train
 from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
 from ml3cli.evaluate import NamedLoss, evaluate
@@ -67,23 +68,6 @@ def run(recipe_path: Path, options: MetaTrainOptions, console: Console) -> None:
         if err.checkpoint:
             err.resume_command = shlex.join(["ml3", *argv(), "--resume", err.checkpoint])
         raise
-
-
-def parse_seeds(spec: str) -> list[int]:
-    """``0-4`` → [0, 1, 2, 3, 4]; ``0,3,7`` → [0, 3, 7]; ranges and lists combine: ``0-2,9``."""
-    found: list[int] = []
-    try:
-        for item in spec.split(","):
-            low, sep, high = item.strip().partition("-")
-            first, last = int(low), int(high) if sep else int(low)
-            if last < first or first < 0:
-                raise ValueError
-            found += [s for s in range(first, last + 1) if s not in found]
-    except ValueError:
-        raise ML3Error(f"--seeds {spec!r}: expected non-negative seeds like 0-4 or 0,3,7") from None
-    if len(found) > 1000:
-        raise ML3Error(f"--seeds {spec!r}: {len(found)} seeds is more than the 1,000 allowed at once")
-    return found
 
 
 # -- one run ------------------------------------------------------------------------------------------------------
@@ -126,6 +110,7 @@ def _run_meta_train(
         raise ML3Error(f"--out {out_path}: an artifact path must end in .safetensors")
     if main:
         files.check_writable(out_path)
+        warn_if_replacing([out_path], resume)
     task = make_task(recipe.task, recipe.task_options, device)
     if shard is not None:
         shard.bounds(recipe.outer.tasks)  # refuse an uneven split before any work
@@ -186,10 +171,12 @@ def _run_meta_train(
     test_task = make_task(test.task, test.task_options, device, where="meta_test.task_options")
     learned = NamedLoss("learned", result.metaloss.as_loss_fn(), recipe.meta_test_lr, str(out_path))
     baseline = test.baseline or baseline_name(test_task)
-    curves = evaluate(
-        test_task, [learned, builtin_loss(test_task, baseline, recipe.meta_test_lr)], test.tasks, test.seeds,
-        test.steps, recipe.seed,
-    )  # fmt: skip
+    with progress_bar(console, quiet) as progress:
+        bar = progress.add_task(f"meta-test on {test.task}: seed", total=test.seeds)
+        curves = evaluate(
+            test_task, [learned, builtin_loss(test_task, baseline, recipe.meta_test_lr)], test.tasks, test.seeds,
+            test.steps, recipe.seed, on_seed=lambda done: progress.update(bar, completed=done),
+        )  # fmt: skip
     metrics = {
         "meta_train": {k: v for k, v in result.final.items() if k != "step"} | {"outer_steps": recipe.outer.steps},
         "meta_train_seconds": round(result.seconds, 3),
@@ -216,15 +203,38 @@ def _run_meta_train(
     final = metrics["meta_test"]["final"]
     console.print(
         f"[bold]meta-train {recipe.name}[/]: {recipe.outer.steps} outer steps in {result.seconds:.1f} s; "
-        f"task loss {fmt(result.final['meta/task_loss_before'])} → {fmt(result.final['meta/task_loss'])} "
-        f"over {recipe.inner.steps} inner step(s)"
+        + summary_of_last_step(recipe, result.final)
     )
     console.print(
         f"meta-test on {test.task} ({test.tasks} tasks × {test.seeds} seeds, {test.steps} steps): "
-        f"{test_task.metric} learned {fmt(final['learned'])} vs {baseline} {fmt(final[baseline])}"
+        f"{test_task.metric} with the learned loss {fmt(final['learned'])} vs {baseline} {fmt(final[baseline])}"
     )
     console.print(f"wrote {out_path}  (curves: {curves_path})")
     return out_path
+
+
+def summary_of_last_step(recipe: Recipe, final: dict[str, float]) -> str:
+    """What the last logged outer step did: L_T where its unroll started and after its K inner steps, e.g.
+    ``task loss at θ₀ 0.66 → after 10 inner steps 0.41 (outer step 500, mean over 8 tasks)``."""
+    start = "θ₀" if recipe.inner.reset_period == recipe.inner.steps else "the unroll's first θ"
+    steps = f"{recipe.inner.steps} inner step{'s' if recipe.inner.steps != 1 else ''}"
+    return (
+        f"task loss at {start} {fmt(final['meta/task_loss_before'])} → after {steps} {fmt(final['meta/task_loss'])} "
+        f"(outer step {int(final.get('step', recipe.outer.steps))}, mean over {recipe.outer.tasks} tasks)"
+    )
+
+
+def warn_if_replacing(paths: Sequence[Path], resume: Any = None) -> None:
+    """Before any work: say on stderr which existing artifacts this run will replace when it ends."""
+    existing = [p for p in paths if p.is_file()]
+    if not existing:
+        return
+    what = str(existing[0]) if len(existing) == 1 else f"{len(existing)} artifacts ({existing[0]}, …)"
+    why = "the resumed run" if resume not in (None, False) else "this run"
+    Console(stderr=True, highlight=False).print(
+        f"[bold yellow]warning:[/] {what} exists and will be replaced when {why} ends (--out writes elsewhere)",
+        soft_wrap=True,
+    )
 
 
 class _StopRequest:
@@ -281,6 +291,7 @@ def run_seed_sweep(
     paths = {seed: seed_artifact_path(base, seed) for seed in seeds}
     for path in paths.values():
         files.check_writable(path)
+    warn_if_replacing(list(paths.values()))
     console.print(f"meta-training {recipe.name} for seeds {list(seeds)}, {jobs} at a time (logs: ARTIFACT.log)")
 
     def one(seed: int) -> tuple[int, int, float]:
@@ -323,13 +334,14 @@ def run_seed_sweep(
     columns = [k for k in (done[0] if done else {}) if k not in ("seed", "exit", "wall_seconds", "artifact")]
     table = Table(title=f"{recipe.name}: {len(done)} of {len(rows)} seeds, {wall:.1f} s wall with {jobs} job(s)")
     table.add_column("seed", justify="right")
+    headers = {"meta_train_seconds": "meta-train\nseconds", "meta_task_loss": "meta-train\ntask loss"}
     for column in columns:
-        table.add_column(column, justify="right")
+        table.add_column(headers.get(column, f"meta-test\n{column}"), justify="right")
     for row in done:
         table.add_row(str(row["seed"]), *(fmt(float(row[c])) for c in columns))
     if len(done) > 1:
         values = {c: np.array([float(row[c]) for row in done]) for c in columns}
-        table.add_row("mean ± sd", *(f"{fmt(v.mean())} ± {fmt(v.std(ddof=1))}" for v in values.values()))
+        table.add_row("mean ± sd", *(f"{fmt(v.mean())} ± {fmt_spread(v.std(ddof=1))}" for v in values.values()))
     console.print(table)
     summary = base.with_name(f"{base.stem}-seeds.json")
     files.write_text_atomic(summary, json.dumps({"recipe": recipe.name, "wall_seconds": wall, "runs": rows}, indent=2))

@@ -55,17 +55,25 @@ def to_argv(options: Any, skip: Sequence[str] = ()) -> list[str]:
 
 
 # -- options shared by the commands that compute ----------------------------------------------------------------
+# One meaning per flag in every command: --seed one seed, --seeds a list or range of seeds (0-4, 0,3,7),
+# --num-seeds a count; --out a file, --out-dir a folder; --json PATH writes JSON to PATH, --json - to stdout.
 SEED_HELP = "the one seed that controls everything"
+SEEDS_SPEC = "a list or range, e.g. 0-4 or 0,3,7"
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"
 THREADS_HELP = "torch intra-op threads"
 QUIET_HELP = "no progress bar"
+JSON_HELP = "also write the numbers as JSON to PATH (`--json -`: to stdout, the table then goes to stderr)"
+OUT_DIR_HELP = "folder for {files} and settings.json (default: a new runs/{command}/TASK/TIMESTAMP/)"
+OVERWRITE_HELP = "replace the results an earlier run left in --out-dir or at --json (refused otherwise)"
 
 
 @dataclass(frozen=True)
 class MetaTrainOptions(OptionGroup):
     """``ml3 meta-train RECIPE``: where to write, what to override, how to run."""
 
-    out: Path | None = option(None, "--out", help="artifact path (default from the recipe)")
+    out: Path | None = option(
+        None, "--out", help="artifact path (default from the recipe); one already there is replaced, with a warning"
+    )
     seed: int | None = option(None, "--seed", help=SEED_HELP + " (default: the recipe's)")
     overrides: list[str] = option((), "--set", help="override a recipe field: --set outer.lr=3e-4 (repeatable)")
     device: str | None = option(None, "--device", help=DEVICE_HELP + " (default: the recipe's)")
@@ -89,7 +97,7 @@ class MetaTrainOptions(OptionGroup):
     seeds: str | None = option(
         None,
         "--seeds",
-        help="meta-train one artifact per seed, e.g. 0-4 or 0,3,7 (ARTIFACT-seedS.safetensors), then print a table "
+        help=f"meta-train one artifact per seed, {SEEDS_SPEC} (ARTIFACT-seedS.safetensors), then print a table "
         "across seeds",
     )
     jobs: int = option(1, "--jobs", min=1, help="with --seeds: seeds run in parallel processes")
@@ -108,12 +116,20 @@ class EvalOptions(OptionGroup):
     from what the artifact recorded for the task (see :mod:`ml3cli.losses`), else the defaults named here."""
 
     tasks: int | None = option(None, "--tasks", min=1, help="test tasks per seed (default: the artifact's, else 10)")
-    seeds: int | None = option(None, "--seeds", min=1, help="seeds (default: the artifact's, else 5)")
+    seeds: str | None = option(
+        None,
+        "--seeds",
+        help=f"the evaluation seeds, {SEEDS_SPEC}; each draws its own test tasks and θ₀ "
+        "(default: --num-seeds seeds from --seed)",
+    )
+    num_seeds: int | None = option(
+        None, "--num-seeds", min=1, help="how many evaluation seeds, from --seed on (default: the artifact's, else 5)"
+    )
+    seed: int | None = option(None, "--seed", min=0, help="the first evaluation seed (default 0)")
     steps: int | None = option(
         None, "--steps", min=1, help="SGD steps per optimizee (default: the artifact's, else 100)"
     )
     lr: float | None = option(None, "--lr", min=0.0, help="SGD learning rate (default: the recipe's)")
-    seed: int = option(0, "--seed", help=SEED_HELP)
     threshold: float | None = option(
         None, "--threshold", help="report steps to reach this metric (default: half the initial)"
     )
@@ -131,8 +147,11 @@ class EvalOptions(OptionGroup):
         help="KEY=VALUE override of the test task's options (default: those the artifact was meta-tested with), "
         "e.g. architecture=mlp; repeatable",
     )
-    json_path: Path | None = option(None, "--json", help="also write the table's numbers as JSON here")
-    out_dir: Path | None = option(None, "--out-dir", help="folder for curves.csv, curves.png, results.json")
+    json_path: Path | None = option(None, "--json", metavar="PATH", help=JSON_HELP)
+    out_dir: Path | None = option(
+        None, "--out-dir", help=OUT_DIR_HELP.format(files="results.json, curves.csv, curves.png", command="COMMAND")
+    )
+    overwrite: bool = option(False, "--overwrite", help=OVERWRITE_HELP)
     device: str = option("cpu", "--device", help=DEVICE_HELP)
     threads: int = option(1, "--threads", help=THREADS_HELP)
     quiet: bool = option(False, "--quiet", "-q", help=QUIET_HELP)
@@ -162,10 +181,14 @@ class LandscapeOptions(OptionGroup):
     fix: list[str] = option((), "--fix", help="function: NAME=VALUE for another input (repeatable)")
     task_options: list[str] = option((), "--task-option", help="KEY=VALUE task option override (repeatable)")
     seed: int = option(0, "--seed", help=SEED_HELP)
-    json_path: Path | None = option(None, "--json", help="also write the table's numbers as JSON here")
-    out_dir: Path | None = option(None, "--out-dir", help="folder for landscape.png, .csv, .json")
+    json_path: Path | None = option(None, "--json", metavar="PATH", help=JSON_HELP)
+    out_dir: Path | None = option(
+        None, "--out-dir", help=OUT_DIR_HELP.format(files="landscape.png, .csv, .json", command="landscape")
+    )
+    overwrite: bool = option(False, "--overwrite", help=OVERWRITE_HELP)
     device: str = option("cpu", "--device", help=DEVICE_HELP)
     threads: int = option(1, "--threads", help=THREADS_HELP)
+    quiet: bool = option(False, "--quiet", "-q", help=QUIET_HELP)
 
 
 @dataclass(frozen=True)
@@ -178,6 +201,6 @@ class ReproduceOptions(OptionGroup):
         None, "--meta-seeds", min=1, help="meta-train seeds 0 … N−1 (default: the experiment's, 2 with --quick)"
     )
     jobs: int = option(1, "--jobs", min=1, help="meta-trainings run in parallel processes")
-    out: Path | None = option(
-        None, "--out", help="results folder (default results/NAME, or runs/reproduce/NAME-quick with --quick)"
+    out_dir: Path | None = option(
+        None, "--out-dir", help="results folder (default results/NAME, or runs/reproduce/NAME-quick with --quick)"
     )

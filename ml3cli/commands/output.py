@@ -15,6 +15,13 @@ def fmt(value: float) -> str:
     return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
 
 
+def fmt_spread(value: float) -> str:
+    """A spread (std, sd) in 2 significant digits: enough beside a 4-digit mean, and the table stays narrow."""
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.2g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
+
+
 def progress_bar(console: Console, quiet: bool) -> Progress:
     """A progress bar with elapsed and remaining time; ``quiet`` hides it."""
     return Progress(

@@ -81,7 +81,7 @@ def status_table(documents: list[dict[str, Any]]) -> str:
         for c in document["comparisons"]:
             fixed, tuned = summarize(c, "fixed"), summarize(c, "tuned")
             lines.append(
-                f"| [{document['experiment']}](docs/results.md#{document['experiment']}) | {document['paper']} "
+                f"| [{c['label']}](docs/results.md#{document['experiment']}) | {document['paper']} "
                 f"| **{c['verdict']['verdict']}** | {c['metric']} after {c['steps']} steps "
                 f"| {fmt(fixed['learned'])} vs {fmt(fixed['baseline'])}, {difference(c['same_lr'])} "
                 f"| {fmt(tuned['learned'])} vs {fmt(tuned['baseline'])}, {difference(c['tuned'])} "
@@ -125,7 +125,7 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
     ]
     for c in document["comparisons"]:
         lines += [
-            f"`{c['recipe']}` on {c['tasks']} held-out `{c['task']}` tasks × {c['test_seeds']} test seeds, "
+            f"**{c['label']}**: `{c['recipe']}` on {c['tasks']} held-out `{c['task']}` tasks × {c['test_seeds']} test seeds, "
             f"{c['metric']} after {c['steps']} SGD steps; {len(c['meta_seeds'])} meta-train seeds:",
             "",
             "| loss | lr | mean | sd over meta-train seeds | learned − baseline (95% CI) | learned better on |",

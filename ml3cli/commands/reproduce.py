@@ -45,15 +45,15 @@ def run(names: list[str], options: ReproduceOptions, console: Console) -> list[d
     unknown = [name for name in chosen if name not in REPRODUCIBLE]
     if unknown:
         raise ML3Error(f"unknown experiment {unknown[0]!r}; known: {', '.join(REPRODUCIBLE)} (or all)")
-    if options.out is not None and len(chosen) > 1:
-        raise ML3Error("--out names one experiment's folder: give one experiment with it")
+    if options.out_dir is not None and len(chosen) > 1:
+        raise ML3Error("--out-dir names one experiment's folder: give one experiment with it")
     return [reproduce(experiment(name), options, console) for name in chosen]
 
 
 def reproduce(exp: Experiment, options: ReproduceOptions, console: Console) -> dict[str, Any]:
     """Run one experiment and write its results; returns the results document."""
     tag = f"{exp.name}-quick" if options.quick else exp.name
-    out = options.out or (Path("runs") / "reproduce" / tag if options.quick else RESULTS / exp.name)
+    out = options.out_dir or (Path("runs") / "reproduce" / tag if options.quick else RESULTS / exp.name)
     count = options.meta_seeds or (min(2, exp.meta_seeds) if options.quick else exp.meta_seeds)
     seeds = list(range(count))
     overrides = {recipe: list(exp.quick) if options.quick else [] for recipe in exp.recipes}
@@ -107,9 +107,7 @@ def reproduce(exp: Experiment, options: ReproduceOptions, console: Console) -> d
 def print_summary(console: Console, document: dict[str, Any]) -> None:
     """Per comparison: final metric of each loss at the fixed and the tuned rates, the paired differences, verdict."""
     for c in document["comparisons"]:
-        table = Table(
-            title=f"{c['recipe']} on {c['task']}: {c['metric']} after {c['steps']} steps", title_justify="left"
-        )
+        table = Table(title=f"{c['label']}: {c['metric']} after {c['steps']} steps", title_justify="left")
         for column in ("loss", "lr", "mean", "± sd", "learned − baseline", "95% CI"):
             table.add_column(column, justify="left" if column == "loss" else "right")
         for kind in ("fixed", "tuned"):

@@ -22,10 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from gymnasium.envs.mujoco.ant_v5 import AntEnv
-from gymnasium.spaces import Box
 
 from ml3cli.envs.goals import requested_goal
+from ml3cli.errors import simulators_needed
+
+with simulators_needed("gymnasium's MuJoCo Ant"):
+    from gymnasium.envs.mujoco.ant_v5 import AntEnv
+    from gymnasium.spaces import Box
 
 #: default episode length (gymnasium's Ant uses 1,000; goal-reaching work such as MAML's AntGoal uses 200).
 HORIZON = 200

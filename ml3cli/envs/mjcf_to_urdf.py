@@ -30,8 +30,12 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import mujoco
 import numpy as np
+
+from ml3cli.errors import simulators_needed
+
+with simulators_needed("the MJCF to URDF conversion (MuJoCo)"):
+    import mujoco
 
 #: the 7 arm joints of the Sawyer, base to wrist.
 SAWYER_JOINTS = ("right_j0", "right_j1", "right_j2", "right_j3", "right_j4", "right_j5", "right_j6")

@@ -5,12 +5,16 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-import mujoco
+from ml3cli.errors import simulators_needed
+
+with simulators_needed("the MuJoCo models"):
+    import mujoco
 
 
 def gymnasium_asset(name: str) -> Path:
     """The path of one of gymnasium's MuJoCo model files, e.g. ``reacher.xml``."""
-    import gymnasium.envs.mujoco
+    with simulators_needed("gymnasium's MuJoCo models"):
+        import gymnasium.envs.mujoco
 
     path = Path(gymnasium.envs.mujoco.__file__).parent / "assets" / name
     if not path.is_file():

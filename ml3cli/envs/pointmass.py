@@ -16,10 +16,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor
+
+from ml3cli.errors import simulators_needed
+
+with simulators_needed("the point-mass environment (gymnasium)"):
+    import gymnasium as gym
 
 DT = 0.1
 HORIZON = 30

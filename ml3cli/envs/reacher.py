@@ -18,14 +18,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import gymnasium as gym
-import mujoco
 import numpy as np
 import torch
 from torch import Tensor
 
 from ml3cli.envs.mujoco_models import reacher_model
 from ml3cli.envs.pointmass import goal_in_sector
+from ml3cli.errors import simulators_needed
+
+with simulators_needed("gymnasium's MuJoCo Reacher"):
+    import gymnasium as gym
+    import mujoco
 
 LINKS = (0.1, 0.11)  # shoulder → elbow, elbow → fingertip (body positions in reacher.xml)
 HORIZON = 65

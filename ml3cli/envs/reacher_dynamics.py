@@ -12,10 +12,13 @@ Data sheet
 
 from __future__ import annotations
 
-import mujoco
 import numpy as np
 
 from ml3cli.envs.mujoco_models import reacher_model
+from ml3cli.errors import simulators_needed
+
+with simulators_needed("the Reacher's dynamics (MuJoCo)"):
+    import mujoco
 
 ARM_JOINTS = ("joint0", "joint1")
 

@@ -21,9 +21,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from gymnasium.envs.mujoco.reacher_v5 import ReacherEnv
 
 from ml3cli.envs.goals import requested_goal
+from ml3cli.errors import simulators_needed
+
+with simulators_needed("gymnasium's MuJoCo Reacher"):
+    from gymnasium.envs.mujoco.reacher_v5 import ReacherEnv
 
 #: episode length of gymnasium's Reacher (its registered ``max_episode_steps``).
 HORIZON = 50

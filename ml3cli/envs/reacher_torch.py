@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import math
 
-import mujoco
 import numpy as np
 import torch
 from torch import Tensor
 
 from ml3cli.envs.mujoco_models import reacher_model
+from ml3cli.errors import simulators_needed
+
+with simulators_needed("the Reacher's equations (MuJoCo model)"):
+    import mujoco
 
 ARM_DOFS = (0, 1)  # joint0, joint1: the arm's degrees of freedom (the target's slides come after them)
 

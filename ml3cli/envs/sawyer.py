@@ -19,10 +19,13 @@ from functools import cache
 from pathlib import Path
 from xml.etree import ElementTree
 
-import mujoco
 import numpy as np
 
 from ml3cli.envs.mjcf_to_urdf import SAWYER_JOINTS
+from ml3cli.errors import simulators_needed
+
+with simulators_needed("the Sawyer (MuJoCo model)"):
+    import mujoco
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "sawyer"
 URDF = DATA_DIR / "sawyer.urdf"
@@ -91,7 +94,8 @@ class SawyerDynamics:
     joint_names = SAWYER_JOINTS
 
     def __init__(self, urdf: str | Path = URDF):
-        import pybullet
+        with simulators_needed("the Sawyer's dynamics (PyBullet)"):
+            import pybullet
 
         self._p = pybullet
         self.client = pybullet.connect(pybullet.DIRECT)

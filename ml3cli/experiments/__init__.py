@@ -29,6 +29,7 @@ REPRODUCIBLE: dict[str, str] = {
     "sine": "ml3cli.experiments.sine",
     "sine_reference": "ml3cli.experiments.sine_reference",
     "shaped_sine": "ml3cli.experiments.shaped_sine",
+    "mnist_binary": "ml3cli.experiments.mnist_binary",
 }
 
 

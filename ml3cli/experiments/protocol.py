@@ -229,14 +229,24 @@ class Paired:
 
 
 def compare_losses(
-    context: Context, recipe_name: str, metric: str | None = None, report_steps: Sequence[int] = (0, 1, 10, 50, 100)
+    context: Context,
+    recipe_name: str,
+    metric: str | None = None,
+    report_steps: Sequence[int] = (0, 1, 10, 50, 100),
+    test_task: str | None = None,
+    test_options: dict[str, Any] | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """The fair comparison of one recipe's learned losses (one per meta-train seed) against its baseline, on the
     task's metric (its task loss), or on one of its report metrics (``metric``, e.g. ``|θ−ν|``), lower is better.
-    The learning rates are chosen on the same metric."""
+    The learning rates are chosen on the same metric. By default on the recipe's meta-test tasks; ``test_task``
+    and ``test_options`` (merged over the recipe's meta-test options) give a transfer row, named ``label``."""
     recipe = context.recipe(recipe_name, seed=context.meta_seeds[0])
     test = recipe.meta_test
-    task = make_task(test.task, test.task_options, where="meta_test.task_options")
+    options = (
+        {**test.task_options, **(test_options or {})} if test_task in (None, test.task) else dict(test_options or {})
+    )
+    task = make_task(test_task or test.task, options, where="meta_test.task_options")
     tasks, seeds = test.tasks, test.seeds
     if context.quick:
         tasks, seeds = context.experiment.quick_eval["tasks"], context.experiment.quick_eval["seeds"]
@@ -276,7 +286,8 @@ def compare_losses(
     shown = [s for s in report_steps if s <= steps] + ([steps] if steps not in report_steps else [])
     return {
         "recipe": f"recipes/{recipe_name}.yaml",
-        "task": test.task,
+        "label": label or f"{recipe_name} on {task.name}",
+        "task": task.name,
         "metric": metric or task.metric,
         "baseline": base,
         "steps": steps,
@@ -382,6 +393,7 @@ class ComparisonRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     recipe: str
+    label: str
     task: str
     metric: str
     baseline: str

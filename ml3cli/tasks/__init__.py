@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml3cli.errors import ML3Error, describe_validation_error
+from ml3cli.errors import MissingExtra, ML3Error, describe_validation_error, one_of
 
 if TYPE_CHECKING:
     import torch
@@ -60,8 +60,11 @@ TASKS: Mapping[str, type[Task]] = _Registry()
 def task_class(name: str) -> type[Task]:
     """The task family called ``name``; an unknown name is a user error listing the known ones."""
     if name not in REGISTRY:
-        raise ML3Error(f"unknown task {name!r}; known tasks: {', '.join(sorted(REGISTRY))}")
-    return TASKS[name]
+        raise ML3Error(f"unknown task {name!r}{one_of(name, REGISTRY, 'known tasks')} (see `ml3 tasks`)")
+    try:
+        return TASKS[name]
+    except MissingExtra as err:  # a simulator the family imports when its module loads
+        raise MissingExtra(f"task {name!r}", err.module, err.extra) from None
 
 
 def make_options(name: str, options: Mapping[str, Any] | None, where: str = "task_options") -> TaskOptions:
@@ -72,7 +75,7 @@ def make_options(name: str, options: Mapping[str, Any] | None, where: str = "tas
     try:
         return cls.Options(**dict(options or {}))
     except ValidationError as err:
-        raise ML3Error(describe_validation_error(err, prefix=where)) from None
+        raise ML3Error(describe_validation_error(err, prefix=where, model=cls.Options)) from None
 
 
 def make_task(
@@ -82,7 +85,11 @@ def make_task(
     where: str = "task_options",
 ) -> Task:
     """Build the task family ``name`` with validated ``options`` on ``device``."""
-    return task_class(name)(make_options(name, options, where), device=device)
+    cls, validated = task_class(name), make_options(name, options, where)
+    try:
+        return cls(validated, device=device)
+    except MissingExtra as err:  # a simulator the family imports when it is built
+        raise MissingExtra(f"task {name!r}", err.module, err.extra) from None
 
 
 def describe(cls: type[Task]) -> dict[str, Any]:

@@ -59,24 +59,19 @@ RewardInput = Literal["none", "return", "to_go"]
 
 
 # -- the environments -----------------------------------------------------------------------------------------
+# The simulator's module is imported when the task is built (a missing simulator is refused before any work),
+# its environments are made when rollouts need them.
 def _reacher_spec(options: Any) -> EnvSpec:
-    def make():
-        from ml3cli.envs.reacher_goal_mf import ReacherGoalMFEnv
+    from ml3cli.envs.reacher_goal_mf import ReacherGoalMFEnv
 
-        return ReacherGoalMFEnv()
-
-    return EnvSpec(10, 2, make, "neg_distance")
+    return EnvSpec(10, 2, ReacherGoalMFEnv, "neg_distance")
 
 
 def _ant_spec(options: Any) -> EnvSpec:
+    from ml3cli.envs.ant_goal import AntGoalEnv
+
     radius = options.goal_radius[1]
-
-    def make():
-        from ml3cli.envs.ant_goal import AntGoalEnv
-
-        return AntGoalEnv(goal_radius=radius)
-
-    return EnvSpec(31, 8, make, "distance_gain", (29, 30))
+    return EnvSpec(31, 8, lambda: AntGoalEnv(goal_radius=radius), "distance_gain", (29, 30))
 
 
 # -- the task family ------------------------------------------------------------------------------------------

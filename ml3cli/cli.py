@@ -74,7 +74,10 @@ def _console() -> Console:
 @app.command("meta-train")
 @with_options(options=MetaTrainOptions)
 def meta_train_command(
-    recipe: Annotated[Path, typer.Argument(help="a YAML recipe, e.g. recipes/sine.yaml")], options: MetaTrainOptions
+    recipe: Annotated[
+        Path, typer.Argument(help="a packaged recipe's name (see `ml3 recipes`), e.g. sine, or a YAML recipe file")
+    ],
+    options: MetaTrainOptions,
 ) -> None:
     """Learn a loss from RECIPE and save it as a safetensors artifact.
 
@@ -145,6 +148,14 @@ def tasks_command() -> None:
     from ml3cli.commands import tasks
 
     tasks.run(_console())
+
+
+@app.command("recipes")
+def recipes_command() -> None:
+    """List the recipes shipped with ml3: `ml3 meta-train NAME` runs one from any folder."""
+    from ml3cli.commands import recipes
+
+    recipes.run(_console())
 
 
 def _bare_resume(args: list[str]) -> list[str]:

@@ -158,6 +158,27 @@ def recipes_command() -> None:
     recipes.run(_console())
 
 
+@app.command("losses")
+def losses_command(
+    build: Annotated[
+        str | None,
+        typer.Option(
+            "--build",
+            metavar="NAME",
+            help="maintainers: meta-train the shipped loss NAME again from its recorded recipe and seed (a new NAME: "
+            "the packaged recipe NAME at its defaults), copy it into the package and record it in the index",
+        ),
+    ] = None,
+) -> None:
+    """List the learned losses shipped with ml3: any --loss and load_loss() take their names (e.g. sine)."""
+    from ml3cli.commands import losses
+
+    if build is not None:
+        losses.build(build, _console())
+    else:
+        losses.run(_console())
+
+
 def _bare_resume(args: list[str]) -> list[str]:
     """``--resume`` without a value (last, or before another option) means the default checkpoint: ``--resume=``.
 

@@ -25,7 +25,8 @@ def run(path: str | Path, console: Console, as_json: bool = False) -> dict[str, 
     inputs = ", ".join(f"{i['name']}[{i['size']}]" for i in arch["inputs"])
     n_params = sum(p.numel() for p in module.parameters())
     console.print(f"[bold]{path}[/]  (ml3 {info['ml3_version']}, torch {info['torch_version']}, {info['created']})")
-    console.print(f"task: {info['task']}   meta-test task: {info['test_task']}   seed: {info['seed']}")
+    commit = f"   commit: {info['commit']}" if info.get("commit") else ""
+    console.print(f"task: {info['task']}   meta-test task: {info['test_task']}   seed: {info['seed']}{commit}")
     console.print(f"inputs: ({inputs}) → M_φ per row, summed over class axes, mean over samples")
     console.print(
         f"meta-loss: MLP {arch['hidden']} {arch['activation']}, bias={arch['bias']}, output {arch['output']}; "

@@ -69,6 +69,28 @@ def run(recipe_path: Path, options: MetaTrainOptions, console: Console) -> None:
         raise
 
 
+def source_commit() -> str | None:
+    """The git commit of the ml3cli source that runs (``git rev-parse HEAD``), with ``-dirty`` when tracked files
+    differ from it; None when ml3cli does not run from a git checkout (an installed package) or git is missing."""
+    root = Path(__file__).resolve().parents[2]  # the folder that holds the ml3cli package
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:  # e.g. site-packages inside some other repository's tree
+        return None
+    head = git("rev-parse", "HEAD")
+    if head is None:
+        return None
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return head + ("-dirty" if changes else "")
+
+
 def parse_seeds(spec: str) -> list[int]:
     """``0-4`` → [0, 1, 2, 3, 4]; ``0,3,7`` → [0, 3, 7]; ranges and lists combine: ``0-2,9``."""
     found: list[int] = []
@@ -132,6 +154,7 @@ def _run_meta_train(
         console.print(f"process {shard.rank} of {shard.world}: tasks {shard.bounds(recipe.outer.tasks)} of the batch")
     checkpoint = checkpoint_path_for(out_path)
     base_info = {"task": recipe.task, "test_task": recipe.meta_test.task, "seed": recipe.seed}
+    base_info["commit"] = source_commit()
     base_info["recipe"] = recipe_to_dict(recipe)
     start = None
     if resume is not None and resume is not False:

@@ -93,7 +93,10 @@ def meta_train_command(
 @app.command("meta-test")
 @with_options(options=EvalOptions)
 def meta_test_command(
-    loss: Annotated[str, typer.Option("--loss", help="a learned-loss artifact (or a built-in loss name)")],
+    loss: Annotated[
+        str,
+        typer.Option("--loss", help="a learned-loss artifact, a shipped loss (sine; see `ml3 losses`) or a built-in"),
+    ],
     task: Annotated[str, typer.Option("--task", help="the task family to test on (see `ml3 tasks`)")],
     options: EvalOptions,
     baseline: Annotated[str | None, typer.Option("--baseline", help="hand-written loss to compare with")] = None,
@@ -109,7 +112,10 @@ def meta_test_command(
 def compare_command(
     task: Annotated[str, typer.Option("--task", help="the task family (see `ml3 tasks`)")],
     losses: Annotated[
-        list[str], typer.Option("--loss", help="artifact path or built-in name (mse, mse@0.01 …); repeatable")
+        list[str],
+        typer.Option(
+            "--loss", help="artifact path, shipped loss (sine) or built-in name (mse, mse@0.01 …); repeatable"
+        ),
     ],
     options: EvalOptions,
 ) -> None:
@@ -122,18 +128,25 @@ def compare_command(
 @app.command("landscape")
 @with_options(options=LandscapeOptions)
 def landscape_command(
-    losses: Annotated[list[str], typer.Option("--loss", help="artifact path or built-in name (mse …); repeatable")],
     options: LandscapeOptions,
+    losses: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--loss",
+            help="artifact path, shipped loss (sine) or built-in name (mse …); repeatable (default: the newest "
+            "artifact in artifacts/, else the shipped sine loss, against its task's hand-written loss)",
+        ),
+    ] = None,
 ) -> None:
     """Plot loss landscapes (1-D sweep, 2-D filter-normalised plane, or the loss as a function of its inputs)."""
     from ml3cli.commands import landscape
 
-    landscape.run(losses, options, _console())
+    landscape.run(losses or [], options, _console())
 
 
 @app.command("inspect")
 def inspect_command(
-    artifact: Annotated[Path, typer.Argument(help="a learned-loss artifact")],
+    artifact: Annotated[Path, typer.Argument(help="a learned-loss artifact, or a shipped loss's name (sine)")],
     as_json: Annotated[bool, typer.Option("--json", help="print the metadata as JSON")] = False,
 ) -> None:
     """Show what an artifact is: task, inputs, architecture, recipe, metrics."""

@@ -29,9 +29,10 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def read_index(folder: Path = SHIPPED_LOSSES) -> dict[str, dict[str, Any]]:
-    """Name → index entry of every shipped loss in ``folder``, in name order (empty when there is no index)."""
-    path = folder / INDEX_NAME
+def read_index(folder: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Name → index entry of every shipped loss in ``folder`` (default :data:`SHIPPED_LOSSES`), in name order
+    (empty when there is no index)."""
+    path = (folder or SHIPPED_LOSSES) / INDEX_NAME
     if not path.is_file():
         return {}
     try:
@@ -50,18 +51,18 @@ def index_document(entries: dict[str, dict[str, Any]]) -> str:
     return json.dumps({"format": INDEX_FORMAT, "losses": losses}, indent=2, ensure_ascii=False) + "\n"
 
 
-def shipped_names(folder: Path = SHIPPED_LOSSES) -> list[str]:
+def shipped_names(folder: Path | None = None) -> list[str]:
     """The names of the shipped losses, in order."""
     return list(read_index(folder))
 
 
-def shipped_path(name: str, folder: Path = SHIPPED_LOSSES) -> Path | None:
+def shipped_path(name: str, folder: Path | None = None) -> Path | None:
     """The file of the shipped loss ``name`` after checking it against the index's SHA-256; None when no shipped
     loss has that name. A file that is missing or differs from the index is an ML3Error (a damaged install)."""
     entry = read_index(folder).get(name)
     if entry is None:
         return None
-    path = folder / entry["file"]
+    path = (folder or SHIPPED_LOSSES) / entry["file"]
     fix = f"reinstall ml3cli, or rebuild it with `ml3 losses --build {name}`"
     if not path.is_file():
         raise ML3Error(f"shipped loss {name!r}: {path} is missing; {fix}")

@@ -18,13 +18,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ml3cli import artifacts, files
+from ml3cli import artifacts, files, shipped
 from ml3cli.errors import ML3Error
 from ml3cli.recipes import load_recipe, packaged_recipes, summarize_recipe
-from ml3cli.shipped import INDEX_NAME, SHIPPED_LOSSES, file_sha256, headline, index_document, read_index
+from ml3cli.shipped import INDEX_NAME, file_sha256, headline, index_document, read_index
 
 
-def run(console: Console, folder: Path = SHIPPED_LOSSES) -> dict[str, dict[str, Any]]:
+def run(console: Console, folder: Path | None = None) -> dict[str, dict[str, Any]]:
     """One row per shipped loss: name, meta-train → meta-test task, loss inputs, what it was meta-trained for,
     its headline metric at the recipe's meta-test."""
     entries = read_index(folder)
@@ -48,13 +48,14 @@ def run(console: Console, folder: Path = SHIPPED_LOSSES) -> dict[str, dict[str, 
 
 
 def build(
-    name: str, console: Console, folder: Path = SHIPPED_LOSSES, overrides: Sequence[str] | None = None
+    name: str, console: Console, folder: Path | None = None, overrides: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """Meta-train the shipped loss ``name`` and record it in ``folder``'s index; return its index entry.
 
     The recipe, seed and ``--set`` overrides are the index's for a known ``name``; a new ``name`` must be a packaged
     recipe, used at its defaults (``overrides`` replaces the recorded ones, e.g. to build a tiny one in a test).
     """
+    folder = folder or shipped.SHIPPED_LOSSES
     entries = read_index(folder)
     known = entries.get(name)
     recipe_name = known["recipe"] if known else name
@@ -123,8 +124,9 @@ def index_entry(
         "test_task": info["test_task"],
         "inputs": inputs_text,
         "about": summarize_recipe(packaged_recipes()[recipe_name]).description,
-        "meta_trained_for": f"plain SGD at lr {inner['lr']:g}, the first {horizon} step{'s' * (horizon != 1)} "
-        f"from a fresh θ on {info['task']}",
+        "meta_trained_for": f"plain SGD at lr {inner['lr']:g}, "
+        + ("one step" if horizon == 1 else f"the first {horizon} steps")
+        + f" from a fresh θ on {info['task']}",
         "meta_train_seconds": info["metrics"]["meta_train_seconds"],
         "wall_seconds": round(wall_seconds, 1),
         "headline": {

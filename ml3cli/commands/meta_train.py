@@ -69,10 +69,11 @@ def run(recipe_path: Path, options: MetaTrainOptions, console: Console) -> None:
         raise
 
 
-def source_commit() -> str | None:
-    """The git commit of the ml3cli source that runs (``git rev-parse HEAD``), with ``-dirty`` when tracked files
-    differ from it; None when ml3cli does not run from a git checkout (an installed package) or git is missing."""
-    root = Path(__file__).resolve().parents[2]  # the folder that holds the ml3cli package
+def source_commit(root: Path | None = None) -> str | None:
+    """The git commit of the ml3cli source that runs (``git rev-parse HEAD`` in ``root``, default the folder that
+    holds the ml3cli package), with ``-dirty`` when tracked files differ from it; None when ``root`` is not the top
+    of a git checkout (an installed package, also one inside another repository's tree) or git is missing."""
+    root = (root or Path(__file__).resolve().parents[2]).resolve()
 
     def git(*args: str) -> str | None:
         try:

@@ -167,10 +167,10 @@ def recorded_test_settings(infos: Sequence[dict[str, Any]], task_name: str) -> T
     for info in infos:
         recipe = info.get("recipe") or {}
         test = recipe.get("meta_test") or {}
-        if test.get("task") == task_name:
+        if test.get("task") == task_name:  # its meta-test lr is meta_test.lr, else inner.lr (Recipe.meta_test_lr)
             return TestSettings(
                 dict(test.get("task_options") or {}), test.get("tasks"), test.get("seeds"), test.get("steps"),
-                test.get("lr"),
+                test.get("lr") or (recipe.get("inner") or {}).get("lr"),
             )  # fmt: skip
         if recipe.get("task") == task_name:
             return TestSettings(dict(recipe.get("task_options") or {}))

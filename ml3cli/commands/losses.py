@@ -35,9 +35,8 @@ def run(console: Console, folder: Path | None = None) -> dict[str, dict[str, Any
     table.add_column("meta-trained for")
     table.add_column("headline (learned vs baseline, same lr)")
     for name, entry in entries.items():
-        table.add_row(
-            name, f"{entry['task']} → {entry['test_task']}", entry["inputs"], entry["meta_trained_for"], headline(entry)
-        )
+        tasks = entry["task"] if entry["task"] == entry["test_task"] else f"{entry['task']} → {entry['test_task']}"
+        table.add_row(name, tasks, entry["inputs"], entry["meta_trained_for"], headline(entry))
     console.print(table)
     console.print(
         'use one by name: `ml3 meta-test --loss sine --task sine_shifted`, `load_loss("sine")` in Python; '

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ml3cli import shipped
 from ml3cli.errors import ML3Error
 from ml3cli.files import write_bytes_atomic
 from ml3cli.loss_inputs import ACTIVATION_NAMES, OUTPUT_NAMES, LossInput
@@ -149,8 +150,9 @@ def _kind_of(data: bytes) -> str:
 
 
 def read_info(path: str | Path) -> dict[str, Any]:
-    """The artifact's metadata document (the ``ml3`` JSON), checked for format and version."""
-    path = Path(path)
+    """The artifact's metadata document (the ``ml3`` JSON), checked for format and version; ``path`` may also
+    name a shipped loss (as for :func:`load_loss`)."""
+    path = _file_or_shipped(path)
     _, header = _read_checked(path)
     return _info_from_header(path, header)
 
@@ -182,7 +184,7 @@ def file_sha256(path: Path, data: bytes, header: dict[str, Any]) -> str:
 def verified_info(path: str | Path) -> tuple[dict[str, Any], int]:
     """The artifact's metadata and its number of parameters, after the checks of a load that need no tensors: sizes,
     format, version, metadata and checksum (what ``ml3 inspect`` shows, without torch)."""
-    path = Path(path)
+    path = _file_or_shipped(path)
     data, header = _read_checked(path)
     info = _info_from_header(path, header)
     if info["_sha256"] != file_sha256(path, data, header):
@@ -289,12 +291,28 @@ def _matches(inputs: tuple[LossInput, ...], expect_inputs: Sequence[LossInput | 
     )
 
 
+def _file_or_shipped(path: str | Path) -> Path:
+    """``path`` itself when it exists, else the file of the shipped loss of that name (checked against the index);
+    a bare name that is neither is refused with the shipped names."""
+    path = Path(path)
+    if path.exists():
+        return path
+    found = shipped.shipped_path(str(path))
+    if found is not None:
+        return found
+    if not path.suffix and len(path.parts) == 1:
+        names = ", ".join(shipped.shipped_names()) or "none"
+        raise ML3Error(f"artifact not found: {path} (no such file, and not a shipped loss: {names})")
+    return path
+
+
 def load_loss(path: str | Path, expect_inputs: Sequence[LossInput | str] | None = None) -> MetaLoss:
     """Load a learned loss as an ordinary ``torch.nn.Module`` (a :class:`~ml3cli.metaloss.MetaLoss`, in eval
     mode, φ frozen, in the dtype it was stored in, on the CPU).
 
     Args:
-        path: an artifact written by ``ml3 meta-train`` (or :func:`save_loss`).
+        path: an artifact written by ``ml3 meta-train`` (or :func:`save_loss`), or the name of a loss shipped with
+            the package (``"sine"``; ``ml3 losses`` lists them), used when no file of that name exists.
         expect_inputs: the loss inputs the caller will pass, in order: input names (``("y_pred", "y_true")``,
             compared by name and order) or :class:`~ml3cli.metaloss.LossInput` objects (also compared by size and
             group axes, e.g. a task's ``loss_inputs_spec``); a mismatch is refused with an ML3Error naming both.
@@ -309,7 +327,7 @@ def load_loss(path: str | Path, expect_inputs: Sequence[LossInput | str] | None 
 
     Example::
 
-        loss_fn = load_loss("artifacts/sine.safetensors", expect_inputs=("y_pred", "y_true"))
+        loss_fn = load_loss("artifacts/sine.safetensors", expect_inputs=("y_pred", "y_true"))  # or load_loss("sine")
         optimizer = torch.optim.SGD(model.parameters(), lr=loss_fn.meta_trained_lr)
         loss = loss_fn(model(x), y); loss.backward(); optimizer.step()
     """
@@ -317,7 +335,7 @@ def load_loss(path: str | Path, expect_inputs: Sequence[LossInput | str] | None 
 
     from ml3cli.metaloss import MetaLoss
 
-    path = Path(path)
+    path = _file_or_shipped(path)
     data, header = _read_checked(path)
     info = _info_from_header(path, header)
     inputs = info["_inputs"]

@@ -105,7 +105,10 @@ def _console(json_path: Path | None = None) -> Console:
 @app.command("meta-train")
 @with_options(options=MetaTrainOptions)
 def meta_train_command(
-    recipe: Annotated[Path, typer.Argument(help="a YAML recipe, e.g. recipes/sine.yaml")], options: MetaTrainOptions
+    recipe: Annotated[
+        Path, typer.Argument(help="a packaged recipe's name (see `ml3 recipes`), e.g. sine, or a YAML recipe file")
+    ],
+    options: MetaTrainOptions,
 ) -> None:
     """Learn a loss from RECIPE and save it as a safetensors artifact.
 
@@ -121,7 +124,10 @@ def meta_train_command(
 @app.command("meta-test")
 @with_options(options=EvalOptions)
 def meta_test_command(
-    loss: Annotated[str, typer.Option("--loss", help="a learned-loss artifact (or a built-in loss name)")],
+    loss: Annotated[
+        str,
+        typer.Option("--loss", help="a learned-loss artifact, a shipped loss (sine; see `ml3 losses`) or a built-in"),
+    ],
     task: Annotated[str, typer.Option("--task", help="the task family to test on (see `ml3 tasks`)")],
     options: EvalOptions,
     baseline: Annotated[str | None, typer.Option("--baseline", help="hand-written loss to compare with")] = None,
@@ -137,7 +143,10 @@ def meta_test_command(
 def compare_command(
     task: Annotated[str, typer.Option("--task", help="the task family (see `ml3 tasks`)")],
     losses: Annotated[
-        list[str], typer.Option("--loss", help="artifact path or built-in name (mse, mse@0.01 …); repeatable")
+        list[str],
+        typer.Option(
+            "--loss", help="artifact path, shipped loss (sine) or built-in name (mse, mse@0.01 …); repeatable"
+        ),
     ],
     options: EvalOptions,
 ) -> None:
@@ -150,18 +159,25 @@ def compare_command(
 @app.command("landscape")
 @with_options(options=LandscapeOptions)
 def landscape_command(
-    losses: Annotated[list[str], typer.Option("--loss", help="artifact path or built-in name (mse …); repeatable")],
     options: LandscapeOptions,
+    losses: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--loss",
+            help="artifact path, shipped loss (sine) or built-in name (mse …); repeatable (default: the newest "
+            "artifact in artifacts/, else the shipped sine loss, against its task's hand-written loss)",
+        ),
+    ] = None,
 ) -> None:
     """Plot loss landscapes (1-D sweep, 2-D filter-normalised plane, or the loss as a function of its inputs)."""
     from ml3cli.commands import landscape
 
-    landscape.run(losses, options, _console(options.json_path))
+    landscape.run(losses or [], options, _console(options.json_path))
 
 
 @app.command("inspect")
 def inspect_command(
-    artifact: Annotated[Path, typer.Argument(help="a learned-loss artifact")],
+    artifact: Annotated[Path, typer.Argument(help="a learned-loss artifact, or a shipped loss's name (sine)")],
     json_path: Annotated[
         Path | None,
         typer.Option(
@@ -204,6 +220,35 @@ def report_command(
     from ml3cli.commands import report
 
     report.run(_console(), check=check)
+
+
+@app.command("recipes")
+def recipes_command() -> None:
+    """List the recipes shipped with ml3: `ml3 meta-train NAME` runs one from any folder."""
+    from ml3cli.commands import recipes
+
+    recipes.run(_console())
+
+
+@app.command("losses")
+def losses_command(
+    build: Annotated[
+        str | None,
+        typer.Option(
+            "--build",
+            metavar="NAME",
+            help="maintainers: meta-train the shipped loss NAME again from its recorded recipe and seed (a new NAME: "
+            "the packaged recipe NAME at its defaults), copy it into the package and record it in the index",
+        ),
+    ] = None,
+) -> None:
+    """List the learned losses shipped with ml3: any --loss and load_loss() take their names (e.g. sine)."""
+    from ml3cli.commands import losses
+
+    if build is not None:
+        losses.build(build, _console())
+    else:
+        losses.run(_console())
 
 
 #: options whose value may be left out, and the value they then take

@@ -1,7 +1,8 @@
 """Losses by name: what a ``--loss`` value means, and the test settings an artifact recorded for itself.
 
 A ``--loss`` value is a built-in hand-written loss of the task (``mse``), optionally with its own learning rate
-(``mse@0.01``), or the path of a learned-loss artifact (``artifacts/sine.safetensors``, also with ``@LR``).
+(``mse@0.01``), the path of a learned-loss artifact (``artifacts/sine.safetensors``, also with ``@LR``), or the
+name of a loss shipped with the package (``sine``, ``sine@0.01``; ``ml3 losses`` lists them).
 An artifact records how ``ml3 meta-train`` meta-tested it (test task, its options, tasks, seeds, steps, lr):
 :func:`recorded_test_settings` reads those once, and every command that tests or plots a loss takes its defaults
 from there, so the same artifact is always judged on the same held-out tasks unless the user says otherwise.
@@ -16,11 +17,11 @@ from typing import Any
 
 import torch
 
-from ml3cli import artifacts
+from ml3cli import artifacts, shipped
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import NamedLoss
 from ml3cli.metaloss import MetaLoss
-from ml3cli.recipes import apply_overrides
+from ml3cli.recipes import apply_overrides, packaged_recipes
 from ml3cli.tasks import Task, make_task, task_class
 
 #: the SGD learning rate of a loss when neither ``@LR``, ``--lr``, nor the artifact says otherwise.
@@ -50,7 +51,12 @@ class ResolvedLoss:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A ``--loss`` value: ``NAME``, ``NAME@LR``, ``PATH`` or ``PATH@LR``."""
+    """A ``--loss`` value: ``NAME``, ``NAME@LR``, ``PATH`` or ``PATH@LR``.
+
+    A value names, in this order of precedence: a built-in hand-written loss of the task (``mse``: a shipped loss
+    of the same name is not reachable by name on that task), an existing artifact file (a file ``./sine`` wins
+    over the shipped ``sine``), a shipped loss (``sine``, see :mod:`ml3cli.shipped`).
+    """
 
     text: str
 
@@ -78,11 +84,12 @@ class LossSpec:
         return self.body in task_class(task_name).builtin_losses
 
     def artifact_path(self, task_name: str | None) -> Path | None:
-        """The artifact file this value names, or None for a built-in or a missing file."""
+        """The artifact file this value names (an existing file, else a shipped loss's), or None for a built-in,
+        a missing file or an unknown name."""
         if task_name is not None and self.names_builtin_of(task_name):
             return None
         path = Path(self.body)
-        return path if path.is_file() else None
+        return path if path.is_file() else shipped.shipped_path(self.body)
 
     def resolve(self, task: Task, default_lr: float | None, device: torch.device) -> ResolvedLoss:
         """The loss on ``task``: a built-in at ``@LR``, else ``default_lr``, else :data:`FALLBACK_LR`; an artifact
@@ -93,16 +100,35 @@ class LossSpec:
             named = builtin_loss(task, self.body, lr or default_lr or FALLBACK_LR, self.body + suffix)
             return ResolvedLoss(named, builtin=self.body)
         path = Path(self.body)
+        source = str(path)
         if not path.exists():
-            raise ML3Error(
-                f"--loss {self.text!r}: neither a built-in loss of {task.name!r} ({', '.join(task.builtin_losses)}) "
-                "nor an existing artifact file"
-            )
+            found = shipped.shipped_path(self.body)
+            if found is None:
+                raise ML3Error(self.missing_message(task))
+            path, source = found, f"shipped:{self.body}"
         module = artifacts.load_loss(path, expect_inputs=task.loss_inputs_spec).to(device)
         info = module.info
         chosen = lr or default_lr or (info["recipe"].get("inner") or {}).get("lr") or FALLBACK_LR
-        named = NamedLoss(path.stem + suffix, module.as_loss_fn(), chosen, str(path))
+        named = NamedLoss(path.stem + suffix, module.as_loss_fn(), chosen, source)
         return ResolvedLoss(named, module, info)
+
+    def missing_message(self, task: Task) -> str:
+        """Why the value names nothing, and what to do: for a missing ``artifacts/NAME.safetensors`` (a fresh
+        clone: nothing meta-trained yet), the command that writes it and the shipped loss of that name."""
+        path = Path(self.body)
+        if path.suffix == ".safetensors" or len(path.parts) > 1:
+            fixes = []
+            if path.stem in packaged_recipes():
+                fixes.append(f"meta-train it first with `ml3 meta-train recipes/{path.stem}.yaml`")
+            if path.stem in shipped.shipped_names():
+                fixes.append(f"use the shipped loss `{path.stem}` (--loss {path.stem}{self.text[len(self.body) :]})")
+            fix = ", or ".join(fixes) or "`ml3 losses` lists the shipped losses, usable by name"
+            return f"--loss {self.text!r}: no such file; {fix}"
+        names = ", ".join(shipped.shipped_names()) or "none"
+        return (
+            f"--loss {self.text!r}: neither a built-in loss of {task.name!r} ({', '.join(task.builtin_losses)}), "
+            f"nor a shipped loss ({names}; `ml3 losses`), nor an existing artifact file"
+        )
 
 
 def resolve_losses(
@@ -141,10 +167,10 @@ def recorded_test_settings(infos: Sequence[dict[str, Any]], task_name: str) -> T
     for info in infos:
         recipe = info.get("recipe") or {}
         test = recipe.get("meta_test") or {}
-        if test.get("task") == task_name:
+        if test.get("task") == task_name:  # its meta-test lr is meta_test.lr, else inner.lr (Recipe.meta_test_lr)
             return TestSettings(
                 dict(test.get("task_options") or {}), test.get("tasks"), test.get("seeds"), test.get("steps"),
-                test.get("lr"),
+                test.get("lr") or (recipe.get("inner") or {}).get("lr"),
             )  # fmt: skip
         if recipe.get("task") == task_name:
             return TestSettings(dict(recipe.get("task_options") or {}))

@@ -3,11 +3,16 @@
 Loading refuses unknown keys, wrong types, out-of-range values and missing files before any work starts, with a
 one-line message that names the file and the field. ``--set key=value`` overrides any field (the value is read
 as YAML, so ``--set outer.lr=3e-4`` and ``--set meta_loss.hidden=[50,50]`` both work).
+
+The recipes of the paper's experiments ship with the package (``ml3cli/data/recipes/NAME.yaml``, listed by
+``ml3 recipes``): :func:`find_recipe` turns a ``RECIPE`` argument, a file or a packaged name, into its file.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +31,9 @@ from pydantic import (
 
 from ml3cli.errors import ML3Error, describe_validation_error
 from ml3cli.metaloss import ACTIVATIONS, OUTPUTS
+
+#: the folder of the recipes shipped with the package, one ``NAME.yaml`` each (``ml3 recipes`` lists them)
+PACKAGED_RECIPES = Path(__file__).resolve().parent / "data" / "recipes"
 
 Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 Output = Literal[tuple(OUTPUTS)]  # type: ignore[valid-type]
@@ -232,8 +240,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, seed: int | None = None) -> Recipe:
-    """Read, override and validate a recipe file."""
-    path = Path(path)
+    """Read, override and validate a recipe: a file, or a packaged recipe by name (see :func:`find_recipe`)."""
+    path = find_recipe(path)
     data = apply_overrides(read_yaml(path), list(overrides or []))
     if seed is not None:
         data["seed"] = seed
@@ -243,3 +251,88 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, seed: int 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The effective recipe as plain JSON-ready data (what artifacts and checkpoints record)."""
     return recipe.model_dump(mode="json")
+
+
+# -- the packaged recipes -------------------------------------------------------------------------------------
+def packaged_recipes() -> dict[str, Path]:
+    """Name → file of every recipe shipped with the package, in name order (the name is the file's stem, and
+    also the recipe's ``name``, so ``ml3 meta-train sine`` writes ``artifacts/sine.safetensors``)."""
+    return {path.stem: path for path in sorted(PACKAGED_RECIPES.glob("*.yaml"))}
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """The recipe file a ``RECIPE`` argument means, from any working folder. In this order:
+
+    1. an existing file: that file (your own recipe, or your edited copy of a packaged one, always wins);
+    2. the name of a packaged recipe (``sine``): its file in ``ml3cli/data/recipes/``;
+    3. a missing ``…/recipes/NAME.yaml`` whose NAME is packaged (``recipes/sine.yaml``, as the README and the
+       recipes' comments write it): the packaged recipe NAME.
+
+    Anything else is an :class:`~ml3cli.errors.ML3Error` that names the closest packaged recipe and how to list
+    them all.
+    """
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    known = packaged_recipes()
+    text = str(recipe)
+    if text in known:
+        return known[text]
+    if path.suffix in (".yaml", ".yml") and path.parent.name == "recipes" and path.stem in known:
+        return known[path.stem]
+    close = difflib.get_close_matches(path.stem, list(known), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    if path.suffix or len(path.parts) > 1:
+        raise ML3Error(
+            f"recipe file not found: {text}; {hint}give a YAML file or a packaged recipe's name (`ml3 recipes`)"
+        )
+    raise ML3Error(
+        f"unknown recipe {text!r}: neither a file nor a packaged recipe; {hint}packaged: {', '.join(known)} "
+        "(`ml3 recipes` describes them)"
+    )
+
+
+@dataclass(frozen=True)
+class RecipeSummary:
+    """One line of ``ml3 recipes``: a packaged recipe's name, tasks, outer steps and what it is about."""
+
+    name: str
+    task: str
+    test_task: str
+    outer_steps: int
+    description: str
+    path: Path
+
+
+def summarize_recipe(path: Path) -> RecipeSummary:
+    """The summary of a recipe file, read as plain YAML (no validation, no task imported): its description is
+    the first sentence of its header comment."""
+    data = read_yaml(path)
+    outer = data.get("outer") if isinstance(data.get("outer"), dict) else {}
+    test = data.get("meta_test") if isinstance(data.get("meta_test"), dict) else {}
+    return RecipeSummary(
+        str(data.get("name", path.stem)),
+        str(data.get("task", "?")),
+        str(test.get("task", "?")),
+        int(outer.get("steps", OuterConfig.model_fields["steps"].default)),
+        header_sentence(path.read_text(encoding="utf-8")),
+        path,
+    )
+
+
+def header_sentence(text: str, limit: int = 100) -> str:
+    """The first sentence of the ``#`` comment block at the top of a YAML file: up to the first ``: `` or ``. ``
+    outside parentheses, shortened to ``limit`` characters."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    header = " ".join(lines)
+    depth = 0
+    for i, char in enumerate(header):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and char in ":." and header[i + 1 : i + 2] in (" ", ""):
+            header = header[:i]
+            break
+    return header if len(header) <= limit else header[: limit - 1].rstrip() + "…"

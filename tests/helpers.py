@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+#: the packaged recipes (``recipes/NAME.yaml`` on the command line finds them from any folder)
+RECIPES = REPO / "ml3cli" / "data" / "recipes"
 
 #: The smallest recipe that exercises every part of meta-training and meta-test (a fraction of a second).
 TINY_RECIPE: dict[str, Any] = {

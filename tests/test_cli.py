@@ -50,6 +50,9 @@ def test_meta_train_writes_artifact_and_curves(trained):
 
     info = read_info(out)
     assert info["task"] == "sine" and info["test_task"] == "sine_shifted" and info["seed"] == 0
+    from ml3cli.commands.meta_train import source_commit
+
+    assert info["commit"] == source_commit()  # provenance: the git commit of the code that meta-trained it
     assert info["recipe"]["outer"]["steps"] == TINY_RECIPE["outer"]["steps"]
     final = info["metrics"]["meta_test"]["final"]
     assert set(final) == {"learned", "mse"} and all(math.isfinite(v) for v in final.values())
@@ -276,3 +279,123 @@ def test_the_command_line_starts_without_torch():
         "import sys, ml3cli.cli; print(sorted(m for m in ('torch', 'numpy', 'ml3cli.tasks.sine') if m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+# -- shipped losses and packaged recipes, by name ---------------------------------------------------------------
+def test_meta_test_takes_a_shipped_loss_by_name(tmp_path, monkeypatch, capsys):
+    """`ml3 meta-test --loss sine --task sine_shifted`: the shipped loss, with the test settings it recorded."""
+    from ml3cli import shipped
+
+    out = tmp_path / "mt"
+    args = ("meta-test", "--loss", "sine", "--task", "sine_shifted", "--tasks", "2", "--num-seeds", "1", "--steps", "3")
+    result = run_main(monkeypatch, capsys, *args, "--out-dir", out, "-q", cwd=tmp_path)
+    assert result.code == 0, result.output
+    learned, mse = json.loads((out / "results.json").read_text())["losses"]
+    assert (learned["name"], learned["source"], mse["name"]) == ("sine", "shipped:sine", "mse")
+    assert learned["lr"] == mse["lr"] == shipped.read_index()["sine"]["headline"]["lr"]
+
+
+def test_meta_test_runs_the_baseline_at_the_lr_of_the_recorded_meta_test(tmp_path, monkeypatch, capsys):
+    """A recipe without meta_test.lr meta-tests both losses at inner.lr (as the RL recipes do): `ml3 meta-test`
+    of its artifact does the same, not the baseline at the fallback lr 1e-3."""
+    data = {**TINY_RECIPE, "inner": {"lr": 0.01, "steps": 1}, "outer": {"lr": 1e-3, "steps": 2, "tasks": 2}}
+    data["meta_test"] = {k: v for k, v in TINY_RECIPE["meta_test"].items() if k != "lr"}
+    recipe, artifact, out = write_recipe(tmp_path / "r.yaml", data), tmp_path / "a.safetensors", tmp_path / "mt"
+    assert run_main(monkeypatch, capsys, "meta-train", recipe, "--out", artifact, "-q", cwd=tmp_path).code == 0
+    args = (
+        "meta-test",
+        "--loss",
+        artifact,
+        "--task",
+        "sine_shifted",
+        "--tasks",
+        "1",
+        "--num-seeds",
+        "1",
+        "--steps",
+        "2",
+    )
+    result = run_main(monkeypatch, capsys, *args, "--out-dir", out, "-q", cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert [loss["lr"] for loss in json.loads((out / "results.json").read_text())["losses"]] == [0.01, 0.01]
+
+
+def test_a_file_or_a_builtin_wins_over_a_shipped_name(tmp_path, monkeypatch, capsys, trained):
+    """`--loss sine` with a file ./sine is the file; `--loss mse` is the built-in, whatever is shipped."""
+    from ml3cli.losses import LossSpec
+
+    _, out, _ = trained
+    monkeypatch.chdir(tmp_path)
+    assert LossSpec("sine").artifact_path("sine_shifted").name == "sine.safetensors"  # the shipped one
+    (tmp_path / "sine").write_bytes(out.read_bytes())
+    assert LossSpec("sine").artifact_path("sine_shifted") == Path("sine")
+    assert LossSpec("mse").artifact_path("sine_shifted") is None
+    assert load_loss("sine").info["recipe"]["name"] == "tiny"
+
+
+def test_load_loss_takes_a_shipped_name(tmp_path, monkeypatch):
+    """`load_loss("sine")` in Python: the shipped loss, a working nn.Module at its meta-trained lr."""
+    import ml3cli
+
+    monkeypatch.chdir(tmp_path)
+    loss_fn = ml3cli.load_loss("sine", expect_inputs=("y_pred", "y_true"))
+    assert loss_fn.info["task"] == "sine" and loss_fn.meta_trained_lr == 1e-3
+    y_pred = torch.zeros(5, 1, requires_grad=True)
+    loss_fn(y_pred, torch.ones(5, 1)).backward()
+    assert y_pred.grad.abs().sum() > 0
+    assert ml3cli.read_info("sine")["test_task"] == "sine_shifted"
+    with pytest.raises(ml3cli.ML3Error, match=r"not a shipped loss: .*sine"):
+        ml3cli.load_loss("sinus")
+
+
+def test_a_missing_artifact_says_what_to_do(tmp_path, monkeypatch, capsys):
+    """On a fresh clone `artifacts/sine.safetensors` does not exist yet: one line naming both ways out."""
+    args = ("meta-test", "--loss", "artifacts/sine.safetensors", "--task", "sine_shifted", "--out-dir", tmp_path / "o")
+    result = run_main(monkeypatch, capsys, *args, cwd=tmp_path)
+    assert result.code == 2 and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "ml3 meta-train recipes/sine.yaml" in result.stderr and "--loss sine" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_meta_train_finds_a_packaged_recipe_by_name(tmp_path, monkeypatch, capsys):
+    """`ml3 meta-train sine_reference` from a folder without recipes; an unknown name gets the closest one."""
+    out = tmp_path / "a.safetensors"
+    tiny = ["--set", "outer.steps=2", "--set", "meta_test.tasks=1", "--set", "meta_test.seeds=1"]
+    result = run_main(monkeypatch, capsys, "meta-train", "sine_reference", *tiny, "--out", out, "-q", cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert read_info(out)["recipe"]["name"] == "sine_reference"
+    assert read_info(out)["recipe"]["meta_loss"]["hidden"] == [50, 50]
+    result = run_main(monkeypatch, capsys, "meta-train", "sine_refrence", "--out", out, cwd=tmp_path)
+    assert result.code == 2 and "did you mean 'sine_reference'?" in result.stderr
+    assert "`ml3 recipes`" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_landscape_without_options_plots_the_newest_artifact(tmp_path, monkeypatch, capsys, trained):
+    """`ml3 landscape` alone: the newest artifact in artifacts/ against its task's hand-written loss (the function
+    view: the sine optimizee has many parameters); with no artifact, the shipped sine loss."""
+    import os
+
+    _, out, _ = trained
+    (tmp_path / "artifacts").mkdir()
+    older, newer = tmp_path / "artifacts" / "older.safetensors", tmp_path / "artifacts" / "newer.safetensors"
+    for path, when in ((newer, 2_000_000_000), (older, 1_000_000_000)):
+        path.write_bytes(out.read_bytes())
+        os.utime(path, (when, when))
+    (tmp_path / "artifacts" / "newer.checkpoint.safetensors").write_bytes(b"not an artifact")  # never a candidate
+    result = run_main(monkeypatch, capsys, "landscape", "--points", "5", cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert "no --loss given: plotting artifacts/newer.safetensors" in result.stdout
+    assert "against mse on sine_shifted" in result.stdout
+    (written,) = (tmp_path / "runs" / "landscape" / "sine_shifted").glob("*/landscape.json")  # a new folder per run
+    summary = json.loads(written.read_text())
+    assert list(summary["losses"]) == ["newer", "mse"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_main(monkeypatch, capsys, "landscape", "--points", "5", cwd=empty)
+    assert result.code == 0, result.output
+    assert "plotting sine, the shipped loss (no artifact in artifacts/)" in result.stdout
+    (written,) = (empty / "runs" / "landscape" / "sine_shifted").glob("*/landscape.json")
+    summary = json.loads(written.read_text())
+    assert summary["losses"]["sine"]["source"] == "shipped:sine"

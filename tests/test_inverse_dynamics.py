@@ -267,9 +267,9 @@ def test_meta_train_then_transfer_the_reacher_loss_to_the_sawyer(monkeypatch, ca
     """End to end through the CLI: a tiny reacher recipe (with and without the prior, the documented ``--set``),
     then ``ml3 compare`` of the reacher's loss on the 7-joint Sawyer, with the inertia error reported."""
     import yaml
-    from helpers import run_main, write_recipe
+    from helpers import RECIPES, run_main, write_recipe
 
-    data = yaml.safe_load((REPO / "recipes" / "inverse_dynamics_reacher.yaml").read_text())
+    data = yaml.safe_load((RECIPES / "inverse_dynamics_reacher.yaml").read_text())
     data["task_options"].update(TINY)
     data["meta_test"]["task_options"].update(TINY)
     data["meta_test"].update(tasks=1, seeds=1, steps=5)

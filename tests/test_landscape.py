@@ -234,7 +234,7 @@ def test_cli_function_view(monkeypatch, capsys, tmp_path, freq_artifact):
         (["--mode", "function", "--fix", "y_pred=1"], "axes of the plot"),
         (["--task-option", "frequency_range=[3,1]"], "frequency_range"),
         (["--task-option", "bogus=1"], "bogus"),
-        (["--loss", "nothing.safetensors"], "neither a built-in loss"),
+        (["--loss", "nothing.safetensors"], "nothing.safetensors': no such file"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(monkeypatch, capsys, tmp_path, args, message):

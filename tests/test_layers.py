@@ -37,7 +37,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ml3cli.recipes",),
     ("ml3cli.tasks",),
     ("ml3cli.envs", "ml3cli.control", "ml3cli.rl", "ml3cli.distributed"),
-    ("ml3cli.files", "ml3cli.metaloss", "ml3cli.loss_inputs", "ml3cli.functional", "ml3cli.runtime", "ml3cli.errors"),
+    (
+        "ml3cli.files",
+        "ml3cli.shipped",
+        "ml3cli.metaloss",
+        "ml3cli.loss_inputs",
+        "ml3cli.functional",
+        "ml3cli.runtime",
+        "ml3cli.errors",
+    ),
 )
 #: the package root only re-exports public names, lazily; every layer may name it
 ROOT = "ml3cli"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, run_main, write_recipe
+from helpers import RECIPES, REPO, run_main, write_recipe
 from torch.func import vmap
 
 from ml3cli.engine import meta_gradient, sgd_step, task_objective
@@ -26,7 +26,7 @@ def tiny_shaped_recipe(**changes) -> dict:
     """recipes/shaped_sine.yaml with a few outer steps and a small meta-test."""
     import yaml
 
-    data = yaml.safe_load((REPO / "recipes" / "shaped_sine.yaml").read_text())
+    data = yaml.safe_load((RECIPES / "shaped_sine.yaml").read_text())
     data["outer"]["steps"] = 20
     data["log_every"] = 10
     data["meta_test"].update(tasks=4, seeds=2, steps=10)

@@ -27,7 +27,8 @@ def run(path: str | Path, console: Console, json_path: str | Path | None = None)
     arch = info["architecture"]
     inputs = ", ".join(f"{i['name']}[{i['size']}]" for i in arch["inputs"])
     console.print(f"[bold]{path}[/]  (ml3 {info['ml3_version']}, torch {info['torch_version']}, {info['created']})")
-    console.print(f"task: {info['task']}   meta-test task: {info['test_task']}   seed: {info['seed']}")
+    commit = f"   commit: {info['commit']}" if info.get("commit") else ""
+    console.print(f"task: {info['task']}   meta-test task: {info['test_task']}   seed: {info['seed']}{commit}")
     console.print(f"inputs: ({inputs}) → M_φ per row, summed over class axes, mean over samples")
     console.print(
         f"meta-loss: MLP {arch['hidden']} {arch['activation']}, bias={arch['bias']}, output {arch['output']}; "

@@ -13,7 +13,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from ml3cli import files, plots
+from ml3cli import artifacts, files, plots, shipped
 from ml3cli.commands.options import LandscapeOptions
 from ml3cli.commands.output import progress_bar
 from ml3cli.commands.parsing import parse_fix
@@ -33,12 +33,10 @@ from ml3cli.runtime import configure, resolve_device
 from ml3cli.tasks import Task
 
 
-def check(options: LandscapeOptions, specs: Sequence[str]) -> None:
+def check(options: LandscapeOptions) -> None:
     """Refuse out-of-range options before any work."""
     if options.mode not in MODES:
         raise ML3Error(f"--mode {options.mode!r}: expected one of {', '.join(MODES)}")
-    if not specs:
-        raise ML3Error("give at least one --loss (an artifact path or a built-in name such as mse)")
     if options.points is not None and options.points < 3:
         raise ML3Error("--points must be at least 3")
     if options.tasks < 1:
@@ -47,11 +45,39 @@ def check(options: LandscapeOptions, specs: Sequence[str]) -> None:
         raise ML3Error("--span must be positive")
 
 
+def default_loss(task_name: str | None, folder: Path = Path("artifacts")) -> tuple[str, str]:
+    """The loss ``ml3 landscape`` plots without ``--loss``, and where it came from: the most recently written
+    artifact in ``folder`` (for ``task_name``'s family when given), else a shipped loss (``sine`` first)."""
+    candidates = [p for p in folder.glob("*.safetensors") if not p.name.endswith(".checkpoint.safetensors")]
+    for path in sorted(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True):
+        try:
+            info = artifacts.read_info(path)
+        except ML3Error:  # not a loss artifact (or a damaged one): not a candidate
+            continue
+        if task_name is None or task_name in (info.get("task"), info.get("test_task")):
+            return str(path), f"the newest artifact in {folder}/"
+    entries = shipped.read_index()
+    for name in sorted(entries, key=lambda name: name != "sine"):
+        if task_name is None or task_name in (entries[name]["task"], entries[name]["test_task"]):
+            where = f"no artifact in {folder}/" if task_name is None else f"no artifact for {task_name} in {folder}/"
+            return name, f"the shipped loss ({where})"
+    raise ML3Error(
+        f"give --loss: no artifact{f' for {task_name}' if task_name else ''} in {folder}/ and no shipped loss for it"
+    )
+
+
 def run(specs: Sequence[str], options: LandscapeOptions, console: Console) -> dict[str, Any]:
     """Compute the view for each loss (and the task's baseline when none is given), print, write PNG+CSV+JSON
-    (to ``--out-dir``, else a new ``runs/landscape/TASK/TIMESTAMP/``) with the settings used."""
-    check(options, specs)
+    (to ``--out-dir``, else a new ``runs/landscape/TASK/TIMESTAMP/``) with the settings used.
+
+    Without ``specs``: :func:`default_loss` against the task's hand-written loss, in the function view when the
+    1-D view would need ``--param`` (an optimizee with more than one parameter)."""
+    check(options)
     check_out_dir(options.out_dir, OUTPUT_FILES, options.overwrite, options.json_path)
+    chosen = None
+    if not specs:
+        spec, why = default_loss(options.task)
+        specs, chosen = [spec], f"no --loss given: plotting {spec}, {why}"
     configure(options.threads, options.seed)
     device = resolve_device(options.device)
     infos = artifact_infos(specs, options.task)
@@ -72,6 +98,16 @@ def run(specs: Sequence[str], options: LandscapeOptions, console: Console) -> di
     if not any(r.builtin for r in resolved):
         losses.append(builtin_loss(task, baseline, options.lr or FALLBACK_LR))
         pointwise[baseline] = pointwise_fn(losses[-1], None, task.builtin_losses[baseline])
+    if chosen is not None:
+        chosen += f", against {baseline} on {task.name}"
+        count = scalar_count(task)
+        if options.mode == "1d" and options.param is None and count != 1:
+            options = dataclasses.replace(options, mode="function")
+            chosen += (
+                f"; the function view, as the optimizee has {count:,} parameters (--mode 1d --param NAME:INDEX "
+                "sweeps one)"
+            )
+        console.print(chosen, soft_wrap=True)
 
     function = options.mode == "function"
     low, high = options.value_range if options.value_range is not None else (None, None)
@@ -155,6 +191,11 @@ def run(specs: Sequence[str], options: LandscapeOptions, console: Console) -> di
 
 #: what ``landscape`` writes in its folder
 OUTPUT_FILES = ("landscape.csv", "landscape.png", "landscape.json")
+
+
+def scalar_count(task: Task) -> int:
+    """How many numbers θ of the task's optimizee holds."""
+    return sum(p.numel() for p in task.build_optimizee().parameters())
 
 
 def function_axes(task: Task, axes_text: str | None) -> tuple[str, str]:

@@ -70,6 +70,29 @@ def run(recipe_path: Path, options: MetaTrainOptions, console: Console) -> None:
         raise
 
 
+def source_commit(root: Path | None = None) -> str | None:
+    """The git commit of the ml3cli source that runs (``git rev-parse HEAD`` in ``root``, default the folder that
+    holds the ml3cli package), with ``-dirty`` when tracked files differ from it; None when ``root`` is not the top
+    of a git checkout (an installed package, also one inside another repository's tree) or git is missing."""
+    root = (root or Path(__file__).resolve().parents[2]).resolve()
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:  # e.g. site-packages inside some other repository's tree
+        return None
+    head = git("rev-parse", "HEAD")
+    if head is None:
+        return None
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return head + ("-dirty" if changes else "")
+
+
 # -- one run ------------------------------------------------------------------------------------------------------
 def run_meta_train(
     recipe: Recipe,
@@ -117,6 +140,7 @@ def _run_meta_train(
         console.print(f"process {shard.rank} of {shard.world}: tasks {shard.bounds(recipe.outer.tasks)} of the batch")
     checkpoint = checkpoint_path_for(out_path)
     base_info = {"task": recipe.task, "test_task": recipe.meta_test.task, "seed": recipe.seed}
+    base_info["commit"] = source_commit()
     base_info["recipe"] = recipe_to_dict(recipe)
     start = None
     if resume is not None and resume is not False:

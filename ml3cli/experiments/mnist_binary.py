@@ -2,7 +2,7 @@
 other digit pairs faster than cross-entropy; the same class-wise loss also trains the 10-class task and another
 optimizee (the transfer rows).
 
-Protocol (:mod:`~ml3cli.experiments.protocol`): meta-train ``recipes/mnist_binary.yaml`` (pair 4/9, class-wise
+Protocol (:mod:`~ml3cli.experiments.protocol`): meta-train the recipe ``mnist_binary`` (pair 4/9, class-wise
 inputs (p_c, y_c)) with 3 meta-train seeds; meta-test each learned loss against cross-entropy, at the recipe's
 rate (1e-3) and each at its own rate chosen on validation tasks of the test family, on: the held-out pairs
 0/6, 1/7, 2/5, 3/8 with LeNet (the paper's row); the 10-class task with LeNet; the held-out pairs with an MLP

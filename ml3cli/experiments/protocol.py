@@ -36,11 +36,9 @@ from ml3cli import artifacts
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, t_quantile_975
 from ml3cli.losses import LossSpec, baseline_name, builtin_loss
-from ml3cli.recipes import Recipe, load_recipe, recipe_to_dict
+from ml3cli.recipes import Recipe, find_recipe, load_recipe, recipe_to_dict
 from ml3cli.tasks import make_task
 
-#: where the recipes of the experiments live (the repository's ``recipes/``)
-RECIPES = Path("recipes")
 #: the three verdicts an experiment can reach
 VERDICTS = ("reproduced", "partly", "not reproduced")
 
@@ -56,7 +54,7 @@ class Experiment:
     name: str
     paper: str  # section and figure, e.g. "4.1.1, figure 2"
     claim: str  # the paper's claim in one sentence
-    recipes: tuple[str, ...]  # recipe names under recipes/
+    recipes: tuple[str, ...]  # names of packaged recipes (ml3 recipes lists them)
     run: Callable[[Context], list[dict[str, Any]]]
     meta_seeds: int = 3
     quick: tuple[str, ...] = ()  # --set overrides of every recipe for a smoke run (--quick)
@@ -76,7 +74,7 @@ class Context:
 
     def recipe(self, name: str, seed: int | None = None) -> Recipe:
         """The effective recipe ``name`` (with the mode's overrides), for meta-train seed ``seed``."""
-        return load_recipe(RECIPES / f"{name}.yaml", self.overrides[name], seed=seed)
+        return load_recipe(find_recipe(name), self.overrides[name], seed=seed)
 
 
 # -- meta-training --------------------------------------------------------------------------------------------------
@@ -92,12 +90,11 @@ class MetaTrainJob:
     def command(self) -> list[str]:
         """The ``ml3`` command line that writes the artifact."""
         sets = [word for item in self.overrides for word in ("--set", item)]
-        path = RECIPES / f"{self.recipe}.yaml"
-        return ["meta-train", str(path), "--seed", str(self.seed), "--out", str(self.artifact), "--quiet", *sets]
+        return ["meta-train", self.recipe, "--seed", str(self.seed), "--out", str(self.artifact), "--quiet", *sets]
 
     def effective_recipe(self) -> dict[str, Any]:
         """The recipe as the artifact must record it, without the output path."""
-        recipe = recipe_to_dict(load_recipe(RECIPES / f"{self.recipe}.yaml", list(self.overrides), seed=self.seed))
+        recipe = recipe_to_dict(load_recipe(find_recipe(self.recipe), list(self.overrides), seed=self.seed))
         recipe.pop("artifact", None)
         return recipe
 
@@ -285,7 +282,7 @@ def compare_losses(
     tuned = Paired.of(stack("tuned"), final("baseline@tuned"))
     shown = [s for s in report_steps if s <= steps] + ([steps] if steps not in report_steps else [])
     return {
-        "recipe": f"recipes/{recipe_name}.yaml",
+        "recipe": recipe_name,
         "label": label or f"{recipe_name} on {task.name}",
         "task": task.name,
         "metric": metric or task.metric,

@@ -3,7 +3,7 @@
 only, the learned loss is one smooth basin around the true frequency ν, so plain SGD on it finds ν where SGD on MSE
 gets stuck.
 
-Protocol (:mod:`~ml3cli.experiments.protocol`): meta-train ``recipes/shaped_sine.yaml`` with 5 meta-train seeds;
+Protocol (:mod:`~ml3cli.experiments.protocol`): meta-train the recipe ``shaped_sine`` with 5 meta-train seeds;
 meta-test on the recipe's 40 held-out frequencies × 5 test seeds, 50 SGD steps from θ₀ = 0.1, against MSE at the
 recipe's rate (1.0) and each at its own rate chosen on validation frequencies. Metric: |θ − ν| after 50 steps (the
 task never shows ν to the loss at meta-test).

@@ -1,7 +1,7 @@
 """Sine regression with the public reference implementation's settings (paper, section 4.1.1), so that its
 numbers compare side by side: one inner step, θ re-drawn every outer step, meta-loss 2→50→50→1 without biases.
 
-Protocol (:mod:`~ml3cli.experiments.protocol`): meta-train ``recipes/sine_reference.yaml`` with 5 meta-train seeds;
+Protocol (:mod:`~ml3cli.experiments.protocol`): meta-train the recipe ``sine_reference`` with 5 meta-train seeds;
 meta-test on 10 held-out ``sine_shifted`` tasks with x ∈ [−5, 5] × 5 test seeds, 100 SGD steps, against MSE at
 the recipe's rate (1e-3) and each at its own rate chosen on validation tasks. Metric: MSE after 100 steps.
 """
@@ -12,7 +12,7 @@ from ml3cli.experiments.protocol import Context, Experiment, compare_losses
 
 
 def run(context: Context) -> list[dict]:
-    """One comparison: the learned losses of recipes/sine_reference.yaml against MSE on sine_shifted."""
+    """One comparison: the learned losses of the recipe sine_reference against MSE on sine_shifted."""
     return [compare_losses(context, "sine_reference")]
 
 

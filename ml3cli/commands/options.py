@@ -201,6 +201,7 @@ class ReproduceOptions(OptionGroup):
         None, "--meta-seeds", min=1, help="meta-train seeds 0 … N−1 (default: the experiment's, 2 with --quick)"
     )
     jobs: int = option(1, "--jobs", min=1, help="meta-trainings run in parallel processes")
+    threads: int = option(1, "--threads", min=1, help=THREADS_HELP + " of the comparison (meta-training: the recipe's)")
     out_dir: Path | None = option(
         None, "--out-dir", help="results folder (default results/NAME, or runs/reproduce/NAME-quick with --quick)"
     )

@@ -1,4 +1,4 @@
-"""The results table of the inverse-dynamics experiment (issue 6; paper 4.2.2, figure 5c–d).
+"""The results table of the inverse-dynamics experiment (paper 4.2.2, figure 5c–d).
 
 For one robot's task family on its META-TEST trajectories: held-out torque MSE and inertia error ‖M_θ − M‖_F after
 10/100/500/1000 SGD steps for each ``--loss`` (artifacts or built-ins) at the same learning rate, plus the baseline

@@ -1,4 +1,4 @@
-"""The results table of the MNIST experiment (issue 5): a class-wise loss learned on one digit pair, meta-tested.
+"""The results table of the MNIST experiment: a class-wise loss learned on one digit pair, meta-tested.
 
 For each meta-test setting (the recorded held-out pairs with LeNet; the 10-class task; the held-out pairs with the
 MLP, the narrow and the wide CNN): held-out cross-entropy and accuracy after 10/50/100/300 SGD steps for the learned

@@ -3,7 +3,7 @@
 Meta-test protocol: a fresh policy π_θ₀ (one per seed, the same θ₀ for every loss) is trained for ``--updates``
 SGD updates with each loss only: the shaped learned loss, the unshaped learned loss, and the direct task loss
 (``final_distance``). After every update the policy is rolled out and its final position x_T and final distance
-‖s_T − goal‖ are recorded. The check of the issue: x_T ≥ 0.45 after each of the updates 2 … 50.
+‖s_T − goal‖ are recorded. The check: x_T ≥ 0.45 after each of the updates 2 … 50.
 iLQR (control-limited, Tassa et al. 2014) optimises open-loop actions from zero on the plain cost ½‖s_T − goal‖²
 (the same minimiser as the distance), and its final distance is recorded after every iteration.
 

@@ -1,4 +1,4 @@
-"""``--device cuda`` / ``auto`` (issue 7): every torch task meta-trains and meta-tests on a GPU with the numbers of
+"""``--device cuda`` / ``auto``: every torch task meta-trains and meta-tests on a GPU with the numbers of
 the CPU (sampling stays on a CPU generator, so a seed means the same tasks on both). Skipped without CUDA."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scale-out (issue 7): meta-training in several processes with torch.distributed gives the φ of one process,
+"""Scale-out: meta-training in several processes with torch.distributed gives the φ of one process,
 and ``--seeds/--jobs`` runs one meta-training per seed in parallel processes with a table across seeds."""
 
 from __future__ import annotations

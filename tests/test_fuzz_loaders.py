@@ -1,4 +1,4 @@
-"""Bad input, everywhere (issue 4): property-based tests (hypothesis) of the recipe loader and of the artifact
+"""Bad input, everywhere: property-based tests (hypothesis) of the recipe loader and of the artifact
 and checkpoint loaders. Every input gives a valid result or an ML3Error (the CLI's one-line error, exit 2), never
 another exception, and memory stays bounded. Example counts are bounded so that the suite stays fast; the last
 test prints how many inputs each property tried.

@@ -1,4 +1,4 @@
-"""ReacherGoal's joint-space shaping terms (issue 8): q* from the goal, wrapped θ₁ errors, gradients through P."""
+"""ReacherGoal's joint-space shaping terms: q* from the goal, wrapped θ₁ errors, gradients through P."""
 
 from __future__ import annotations
 

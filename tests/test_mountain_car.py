@@ -16,7 +16,7 @@ from ml3cli.tasks import TASKS, make_task
 
 # -- the car --------------------------------------------------------------------------------------------------
 def reference_step(x: float, v: float, a: float, bounds: bool = True) -> tuple[float, float]:
-    """The equations of the issue, written out in plain floats."""
+    """The reference equations, written out in plain floats."""
     a = min(0.25, max(-0.25, a))
     v = v + (-9.8 * 0.2 * math.cos(3 * x) + a / 0.2 - 0.3 * v) * 0.1
     x = x + v * 0.1

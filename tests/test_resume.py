@@ -1,4 +1,4 @@
-"""Checkpoints and exact resume (issue 4): the full outer-loop state survives a file round trip, a run stopped at
+"""Checkpoints and exact resume: the full outer-loop state survives a file round trip, a run stopped at
 any outer step and resumed gives φ bit-identical to the uninterrupted run, SIGINT/SIGTERM write a checkpoint and
 exit 130/143 with the resume command, SIGKILL never leaves a half-written file under a final name, and a checkpoint
 of another recipe is refused naming the field.

@@ -10,7 +10,7 @@ Data sheet
     ``horizon`` steps; actions a = μ + σ ε, ε from the engine's generator, clipped to [−1, 1] by the simulator).
     Loss inputs (appendix A): per sampled step, the state s, the sampled action a, the policy's μ_θ(s) and σ_θ, and
     the goal g: M_φ(s, a, μ, σ, g) (μ and σ rather than π(a|s): the paper found them to work better).
-    Options (issue 10, all off by default): ``loss_reward`` adds a normalised return / reward-to-go input R (the
+    Options (all off by default): ``loss_reward`` adds a normalised return / reward-to-go input R (the
     paper's algorithm 4 hands R_i to the update); ``loss_state_scale`` rescales the s and g that M_φ sees
     (ReacherGoal's raw goal offsets are ~0.1 m beside joint velocities of ~10 rad/s); ``advantage: to_go`` is
     the causal, per-step REINFORCE task loss (less variance than the trajectory return).

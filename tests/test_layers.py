@@ -39,6 +39,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ml3cli.envs", "ml3cli.control", "ml3cli.rl", "ml3cli.distributed"),
     (
         "ml3cli.files",
+        "ml3cli.tracking",
         "ml3cli.shipped",
         "ml3cli.metaloss",
         "ml3cli.loss_inputs",

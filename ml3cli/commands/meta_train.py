@@ -37,6 +37,7 @@ from ml3cli.losses import baseline_name, builtin_loss
 from ml3cli.recipes import Recipe, checkpoint_path_for, load_recipe, recipe_to_dict
 from ml3cli.runtime import configure, resolve_device
 from ml3cli.tasks import make_task
+from ml3cli.tracking import TensorBoardLog
 
 
 def run(recipe_path: Path, options: MetaTrainOptions, console: Console) -> None:
@@ -53,7 +54,9 @@ def run(recipe_path: Path, options: MetaTrainOptions, console: Console) -> None:
             raise ML3Error("--seeds runs whole meta-trainings: it cannot be combined with --seed, --resume or --nproc")
         run_seed_sweep(
             recipe, parse_seeds(options.seeds), options.jobs, options.out,
-            lambda seed, path: argv(seed=seed, out=path, quiet=True), console,
+            lambda seed, path: argv(
+                seed=seed, out=path, quiet=True, log_dir=options.log_dir / f"seed{seed}" if options.log_dir else None
+            ), console,
         )  # fmt: skip
         return
     if options.nproc is not None and options.nproc > 1 and distributed.world_from_environment()[1] == 1:
@@ -63,7 +66,9 @@ def run(recipe_path: Path, options: MetaTrainOptions, console: Console) -> None:
             raise SystemExit(code)
         return
     try:
-        run_meta_train(recipe, options.out, console, quiet=options.quiet, resume=options.resume)
+        run_meta_train(
+            recipe, options.out, console, quiet=options.quiet, resume=options.resume, log_dir=options.log_dir
+        )
     except RunInterrupted as err:
         if err.checkpoint:
             err.resume_command = shlex.join(["ml3", *argv(), "--resume", err.checkpoint])
@@ -100,8 +105,11 @@ def run_meta_train(
     console: Console,
     quiet: bool = False,
     resume: str | Path | bool | None = None,
+    log_dir: str | Path | None = None,
 ) -> Path:
     """Learn φ from ``recipe``, meta-test it, write the artifact with its curves beside it; return its path.
+
+    ``log_dir``: also write the curves as TensorBoard event files there (:mod:`ml3cli.tracking`).
 
     ``resume``: True or "" continues from the checkpoint next to the artifact, a path from that checkpoint.
     SIGINT/SIGTERM finish the current outer step, write a checkpoint and raise :class:`RunInterrupted`.
@@ -119,13 +127,17 @@ def run_meta_train(
                 out_path = Path(out) if out else recipe.artifact_path
                 log = logs.enter_context(open(out_path.with_suffix(f".rank{shard.rank}.log"), "w", encoding="utf-8"))
                 console, quiet = Console(file=log, highlight=False), True
-            return _run_meta_train(recipe, out, console, quiet, resume, stop, device, shard)
+            tensorboard = None
+            if log_dir is not None and (shard is None or shard.is_main):
+                tensorboard = TensorBoardLog(log_dir)
+                logs.callback(tensorboard.close)
+            return _run_meta_train(recipe, out, console, quiet, resume, stop, device, shard, tensorboard)
     finally:
         distributed.leave()
 
 
 def _run_meta_train(
-    recipe: Recipe, out, console: Console, quiet: bool, resume, stop: _StopRequest, device, shard
+    recipe: Recipe, out, console: Console, quiet: bool, resume, stop: _StopRequest, device, shard, tensorboard=None
 ) -> Path:
     main = shard is None or shard.is_main
     out_path = Path(out) if out else recipe.artifact_path
@@ -163,6 +175,8 @@ def _run_meta_train(
         def on_step(step: int, record: dict[str, float] | None) -> None:
             if record is not None:
                 progress.update(bar, description=f"meta-train {recipe.name}  task loss {record['meta/task_loss']:.4g}")
+                if tensorboard is not None:
+                    tensorboard.write(record)
             progress.update(bar, completed=step)
 
         def on_state(step: int, snapshot) -> None:

@@ -101,6 +101,12 @@ class MetaTrainOptions(OptionGroup):
         "across seeds",
     )
     jobs: int = option(1, "--jobs", min=1, help="with --seeds: seeds run in parallel processes")
+    log_dir: Path | None = option(
+        None,
+        "--log-dir",
+        help="also write the curves as TensorBoard event files here (same names as the CSV; needs the "
+        "[tensorboard] extra); with --seeds, one subfolder per seed",
+    )
 
     def recipe_overrides(self) -> list[str]:
         """The ``--set`` overrides with ``--device`` and ``--threads`` added as recipe fields."""

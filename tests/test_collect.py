@@ -268,12 +268,10 @@ def test_truncation_is_refused_for_a_task_that_collects_data():
 
 
 def test_no_recipe_truncates_a_task_that_collects_data():
-    from helpers import REPO
-
-    from ml3cli.recipes import load_recipe
+    from ml3cli.recipes import load_recipe, packaged_recipes
     from ml3cli.tasks import task_class
 
-    paths = sorted((REPO / "recipes").glob("*.yaml"))
+    paths = sorted(packaged_recipes().values())
     assert paths
     for path in paths:
         recipe = load_recipe(path)

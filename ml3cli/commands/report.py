@@ -65,6 +65,11 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
     return found
 
 
+def cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell (a metric such as ``|θ−ν|`` holds pipes)."""
+    return text.replace("|", "\\|")
+
+
 def difference(paired: dict[str, Any]) -> str:
     """``−1.37 (−1.52 … −1.21)``: the mean paired difference and its 95% interval."""
     return f"{fmt(paired['mean'])} ({fmt(paired['low'])} … {fmt(paired['high'])})"
@@ -82,7 +87,7 @@ def status_table(documents: list[dict[str, Any]]) -> str:
             fixed, tuned = summarize(c, "fixed"), summarize(c, "tuned")
             lines.append(
                 f"| [{c['label']}](docs/results.md#{document['experiment']}) | {document['paper']} "
-                f"| **{c['verdict']['verdict']}** | {c['metric']} after {c['steps']} steps "
+                f"| **{c['verdict']['verdict']}** | {cell(c['metric'])} after {c['steps']} steps "
                 f"| {fmt(fixed['learned'])} vs {fmt(fixed['baseline'])}, {difference(c['same_lr'])} "
                 f"| {fmt(tuned['learned'])} vs {fmt(tuned['baseline'])}, {difference(c['tuned'])} "
                 f"| {len(c['meta_seeds'])} | {measured(RESULTS / document['experiment'])} |"

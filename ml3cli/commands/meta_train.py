@@ -218,6 +218,7 @@ def _run_meta_train(
     metrics = {
         "meta_train": {k: v for k, v in result.final.items() if k != "step"} | {"outer_steps": recipe.outer.steps},
         "meta_train_seconds": round(result.seconds, 3),
+        "environment_samples": task.environment_samples,
         "meta_test": {
             "task": test.task,
             "metric": test_task.metric,

@@ -58,7 +58,7 @@ def reproduce(exp: Experiment, options: ReproduceOptions, console: Console) -> d
     out = options.out_dir or (Path("runs") / "reproduce" / tag if options.quick else RESULTS / exp.name)
     count = options.meta_seeds or (min(2, exp.meta_seeds) if options.quick else exp.meta_seeds)
     seeds = list(range(count))
-    overrides = {recipe: list(exp.quick) if options.quick else [] for recipe in exp.recipes}
+    overrides = {recipe: exp.quick_overrides(recipe) if options.quick else [] for recipe in exp.recipes}
     plan = [
         MetaTrainJob(recipe, seed, tuple(overrides[recipe]), Path("artifacts") / "reproduce" / tag / f"{recipe}-seed{seed}.safetensors")
         for recipe in exp.recipes
@@ -94,15 +94,19 @@ def reproduce(exp: Experiment, options: ReproduceOptions, console: Console) -> d
             "meta_train_seconds_sum": round(sum(r["meta_train_seconds"] or 0.0 for r in records), 2),
         },
         "jobs": options.jobs,
-        "environment_samples": {"meta_train": 0, "meta_test": 0},  # supervised experiments simulate nothing
+        "environment_samples": {  # simulator steps; supervised experiments simulate nothing
+            "meta_train": sum(record["environment_samples"] for record in records),
+            "meta_test": context.meta_test_samples,
+        },
         "provenance": provenance(),
     }
     files.write_json_atomic(out / "results.json", validate_results(document, str(out / "results.json")))
-    files.write_bytes_atomic(
-        out / "figure.png", plots.comparison_figure(comparisons, f"{exp.name} (paper {exp.paper})")
-    )
+    figures = {"figure.png": plots.comparison_figure(comparisons, f"{exp.name} (paper {exp.paper})")}
+    figures.update(context.figures)
+    for name, png in figures.items():
+        files.write_bytes_atomic(out / name, png)
     print_summary(console, document)
-    console.print(f"wrote {out / 'results.json'}, {out / 'figure.png'}")
+    console.print(f"wrote {out / 'results.json'}, " + ", ".join(str(out / name) for name in figures))
     return document
 
 

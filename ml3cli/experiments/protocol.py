@@ -57,9 +57,14 @@ class Experiment:
     recipes: tuple[str, ...]  # names of packaged recipes (ml3 recipes lists them)
     run: Callable[[Context], list[dict[str, Any]]]
     meta_seeds: int = 3
-    quick: tuple[str, ...] = ()  # --set overrides of every recipe for a smoke run (--quick)
+    # --set overrides for a smoke run (--quick): one tuple for every recipe, or recipe name → its tuple
+    quick: tuple[str, ...] | dict[str, tuple[str, ...]] = ()
     quick_eval: dict[str, int] = field(default_factory=lambda: {"tasks": 4, "seeds": 2})
     cost: str = ""  # measured wall time of the full run on the reference machine, in words
+
+    def quick_overrides(self, recipe: str) -> list[str]:
+        """The --quick overrides of ``recipe``."""
+        return list(self.quick.get(recipe, ()) if isinstance(self.quick, dict) else self.quick)
 
 
 @dataclass
@@ -71,6 +76,14 @@ class Context:
     meta_seeds: list[int]
     overrides: dict[str, list[str]]  # recipe name → --set overrides in force
     artifact_paths: dict[str, dict[int, Path]]  # recipe name → meta-train seed → artifact
+    #: figures beyond the comparison figure that the protocol draws: file name (``trajectories.png``) → PNG bytes
+    figures: dict[str, bytes] = field(default_factory=dict)
+    #: environment samples (simulator steps) the protocol spends at meta-test, baselines included
+    meta_test_samples: int = 0
+
+    def count_samples(self, samples: int) -> None:
+        """Add ``samples`` environment steps spent at meta-test (by any loss or baseline)."""
+        self.meta_test_samples += int(samples)
 
     def recipe(self, name: str, seed: int | None = None) -> Recipe:
         """The effective recipe ``name`` (with the mode's overrides), for meta-train seed ``seed``."""
@@ -152,6 +165,8 @@ def meta_train_all(jobs: Sequence[MetaTrainJob], workers: int, say: Callable[[st
                 "reused": job not in done,
                 "wall_seconds": round(done[job][1], 2) if job in done else None,
                 "meta_train_seconds": info["metrics"].get("meta_train_seconds"),
+                # simulator steps meta-training spent (recorded by tasks that roll out a real environment)
+                "environment_samples": int(info["metrics"].get("environment_samples", 0)),
             }
         )
     return records
@@ -212,8 +227,10 @@ class Paired:
 
     @classmethod
     def of(cls, learned: np.ndarray, baseline: np.ndarray) -> Paired:
-        """``learned[m, s]`` against ``baseline[s]`` (broadcast over meta-train seeds m)."""
-        diff = (learned - baseline[None, :]).reshape(-1)
+        """``learned[m, s]`` against ``baseline[s]`` (broadcast over meta-train seeds m), or against
+        ``baseline[m, s]`` where the baseline itself depends on the meta-train seed (a model learned with it)."""
+        baseline = np.asarray(baseline)
+        diff = (learned - (baseline if baseline.ndim == 2 else baseline[None, :])).reshape(-1)
         n = diff.size
         half = t_quantile_975(n - 1) * float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
         mean = float(diff.mean())
@@ -405,6 +422,9 @@ class ComparisonRecord(BaseModel):
     tuned: PairedRecord
     verdict: VerdictRecord
     seconds: dict[str, float]
+    #: what an experiment reports beyond the learned-vs-baseline comparison (another baseline such as iLQR or PPO,
+    #: samples to 80% of the final gain, ...), named by the experiment
+    extra: dict[str, Any] = {}
 
 
 class ResultsRecord(BaseModel):

@@ -57,6 +57,10 @@ class Task(ABC):
     def __init__(self, options: TaskOptions | None = None, device: torch.device | str = "cpu"):
         self.options = options if options is not None else self.Options()
         self.device = torch.device(device)
+        #: environment steps (one simulator step of one rollout) this instance has taken so far: a task that rolls
+        #: out a simulator adds to it (rollouts, model refits, demonstrations); meta-train records it in the
+        #: artifact's metrics and ``ml3 reproduce`` reports it beside the samples spent at meta-test
+        self.environment_samples = 0
         self.loss_inputs_spec = self.inputs_for(self.options)
         self.optimizee = self.build_optimizee().to(self.device)
         self._forward = module_function(self.optimizee)

@@ -241,12 +241,23 @@ def losses_command(
             "the packaged recipe NAME at its defaults), copy it into the package and record it in the index",
         ),
     ] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            metavar="ARTIFACT",
+            help="with --build: ship this artifact instead of meta-training again (e.g. seed 0 of `ml3 reproduce`); "
+            "refused unless it was meta-trained by exactly the recipe and seed --build would use",
+        ),
+    ] = None,
 ) -> None:
     """List the learned losses shipped with ml3: any --loss and load_loss() take their names (e.g. sine)."""
     from ml3cli.commands import losses
 
+    if source is not None and build is None:
+        raise typer.BadParameter("--from needs --build NAME", param_hint="--from")
     if build is not None:
-        losses.build(build, _console())
+        losses.build(build, _console(), source=source)
     else:
         losses.run(_console())
 

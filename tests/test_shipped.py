@@ -179,6 +179,28 @@ def test_the_builder_records_what_it_built(tmp_path):
         build("no_such_recipe", console, folder)
 
 
+def test_an_existing_artifact_ships_only_if_it_was_meta_trained_by_the_same_recipe(tmp_path):
+    """`ml3 losses --build NAME --from ARTIFACT` copies the artifact bit for bit when its recipe and seed are those the
+    build would use (a reproduce run's seed 0), and refuses one meta-trained with other settings, naming them."""
+    from ml3cli.commands.losses import build
+
+    tiny = ["outer.steps=2", "meta_test.tasks=1", "meta_test.seeds=1", "meta_test.steps=3"]
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115
+    made = tmp_path / "made"
+    made.mkdir()
+    build("sine_reference", console, made, overrides=tiny)
+    artifact = made / "sine_reference.safetensors"
+    folder = tmp_path / "losses"
+    folder.mkdir()
+    entry = build("sine_reference", console, folder, overrides=tiny, source=artifact)
+    assert (folder / "sine_reference.safetensors").read_bytes() == artifact.read_bytes()
+    assert entry["sha256"] == shipped.file_sha256(artifact) and entry["seed"] == 0
+    with pytest.raises(ML3Error, match=r"another recipe.*outer"):
+        build("sine_reference", console, folder, overrides=[*tiny[:0], "outer.steps=3", *tiny[1:]], source=artifact)
+    with pytest.raises(ML3Error, match="no such file"):
+        build("sine_reference", console, folder, overrides=tiny, source=tmp_path / "missing.safetensors")
+
+
 # -- recipes by name ------------------------------------------------------------------------------------------
 def test_every_recipe_is_packaged_under_its_own_name():
     """No recipe is left in the top-level recipes/ folder (it would not be installed), and each packaged file's

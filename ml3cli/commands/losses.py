@@ -8,6 +8,7 @@ records its provenance, headline metric and SHA-256 in the index. Commit both fi
 
 from __future__ import annotations
 
+import math
 import shlex
 import tempfile
 import time
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from ml3cli import artifacts, files, shipped
 from ml3cli.errors import ML3Error
-from ml3cli.recipes import load_recipe, packaged_recipes, summarize_recipe
+from ml3cli.recipes import load_recipe, packaged_recipes, recipe_to_dict, summarize_recipe
 from ml3cli.shipped import INDEX_NAME, file_sha256, headline, index_document, read_index
 
 
@@ -47,12 +48,18 @@ def run(console: Console, folder: Path | None = None) -> dict[str, dict[str, Any
 
 
 def build(
-    name: str, console: Console, folder: Path | None = None, overrides: Sequence[str] | None = None
+    name: str,
+    console: Console,
+    folder: Path | None = None,
+    overrides: Sequence[str] | None = None,
+    source: Path | None = None,
 ) -> dict[str, Any]:
     """Meta-train the shipped loss ``name`` and record it in ``folder``'s index; return its index entry.
 
     The recipe, seed and ``--set`` overrides are the index's for a known ``name``; a new ``name`` must be a packaged
     recipe, used at its defaults (``overrides`` replaces the recorded ones, e.g. to build a tiny one in a test).
+    With ``source``, that artifact is shipped instead of meta-training again, if it records exactly the recipe
+    (and seed) that meta-training would use: a full ``ml3 reproduce`` run's seed-0 artifact, for instance.
     """
     folder = folder or shipped.SHIPPED_LOSSES
     entries = read_index(folder)
@@ -72,6 +79,9 @@ def build(
     command += [word for item in overrides for word in ("--set", item)]
     console.print(f"building shipped loss {name!r}: {shlex.join(command)} (then copied to {target})")
 
+    if source is not None:
+        return ship_existing(name, source, recipe, recipe_name, overrides, command, target, folder, entries, console)
+
     from ml3cli.commands.meta_train import run_meta_train  # the heavy imports only when building
 
     with tempfile.TemporaryDirectory(prefix="ml3-shipped-") as tmp:
@@ -86,6 +96,43 @@ def build(
     console.print(
         f"shipped {name}: {entry['bytes']:,} bytes, sha256 {entry['sha256'][:12]}…, meta-train "
         f"{entry['meta_train_seconds']:.1f} s ({wall:.1f} s with the meta-test); {headline(entry)}"
+    )
+    console.print(f"wrote {target} and {folder / INDEX_NAME}: commit both")
+    return entry
+
+
+def ship_existing(
+    name: str,
+    source: Path,
+    recipe: Any,
+    recipe_name: str,
+    overrides: Sequence[str],
+    command: Sequence[str],
+    target: Path,
+    folder: Path,
+    entries: dict[str, dict[str, Any]],
+    console: Console,
+) -> dict[str, Any]:
+    """Ship ``source`` as ``name`` after checking that it was meta-trained by ``recipe`` (output path aside)."""
+    if not source.is_file():
+        raise ML3Error(f"--from {source}: no such file")
+    info = artifacts.read_info(source)  # checks the format and φ's checksum
+    recorded, expected = dict(info["recipe"]), recipe_to_dict(recipe)
+    recorded.pop("artifact", None)
+    expected.pop("artifact", None)
+    if recorded != expected:
+        differ = sorted(k for k in expected.keys() | recorded.keys() if recorded.get(k) != expected.get(k))
+        raise ML3Error(
+            f"--from {source}: meta-trained by another recipe than {shlex.join(command)} "
+            f"(differs in: {', '.join(differ)}); ship an artifact of that exact recipe and seed"
+        )
+    files.write_bytes_atomic(target, source.read_bytes())
+    entry = index_entry(name, recipe_name, overrides, artifacts.read_info(target), target, math.nan, command)
+    entry["wall_seconds"] = None  # not measured here: the artifact came from another run
+    entries[name] = entry
+    files.write_text_atomic(folder / INDEX_NAME, index_document(entries))
+    console.print(
+        f"shipped {name} from {source}: {entry['bytes']:,} bytes, sha256 {entry['sha256'][:12]}…; {headline(entry)}"
     )
     console.print(f"wrote {target} and {folder / INDEX_NAME}: commit both")
     return entry

@@ -60,6 +60,11 @@ class Experiment:
     # --set overrides for a smoke run (--quick): one tuple for every recipe, or recipe name → its tuple
     quick: tuple[str, ...] | dict[str, tuple[str, ...]] = ()
     quick_eval: dict[str, int] = field(default_factory=lambda: {"tasks": 4, "seeds": 2})
+    #: tasks and seeds of the validation split the rates are tuned on (None: as many as the test; --quick: the
+    #: quick_eval sizes); smaller than the test where one evaluation is expensive (LeNet on a CPU)
+    validation: dict[str, int] | None = None
+    #: the tuning grid starts at fixed rate × 10^(k/2), |k| ≤ lr_half_width, and widens at an edge that wins
+    lr_half_width: int = 4
     cost: str = ""  # measured wall time of the full run on the reference machine, in words
 
     def quick_overrides(self, recipe: str) -> list[str]:
@@ -194,11 +199,12 @@ def validation_scores(
 
 def tune_interior(
     task, loss: NamedLoss, center: float, tasks: int, seeds: int, steps: int, metric: str | None = None,
-    max_widenings: int = 3,
+    max_widenings: int = 3, half_width: int = 4,
 ) -> tuple[float, dict[float, float]]:  # fmt: skip
-    """The rate with the lowest final validation metric, on a grid widened (by two half-decades at the edge that
-    won) until the choice is interior or ``max_widenings`` are spent. Returns the rate and every score."""
-    grid = lr_grid(center)
+    """The rate with the lowest final validation metric, on a grid (:func:`lr_grid`) widened by two half-decades
+    at the edge that won until the choice is interior or ``max_widenings`` are spent. Returns the rate and every
+    score."""
+    grid = lr_grid(center, half_width)
     scores: dict[float, float] = {}
     for _ in range(max_widenings + 1):
         todo = [lr for lr in grid if lr not in scores]
@@ -261,19 +267,26 @@ def compare_losses(
         {**test.task_options, **(test_options or {})} if test_task in (None, test.task) else dict(test_options or {})
     )
     task = make_task(test_task or test.task, options, where="meta_test.task_options")
+    exp = context.experiment
     tasks, seeds = test.tasks, test.seeds
     if context.quick:
-        tasks, seeds = context.experiment.quick_eval["tasks"], context.experiment.quick_eval["seeds"]
+        tasks, seeds = exp.quick_eval["tasks"], exp.quick_eval["seeds"]
+    validation = {"tasks": tasks, "seeds": seeds} if context.quick or exp.validation is None else exp.validation
     steps, fixed = test.steps, recipe.meta_test_lr
     base = test.baseline or baseline_name(task)
 
+    def tune(loss: NamedLoss) -> tuple[float, dict[float, float]]:
+        return tune_interior(
+            task, loss, fixed, validation["tasks"], validation["seeds"], steps, metric, half_width=exp.lr_half_width
+        )
+
     started = time.perf_counter()
-    base_tuned, base_scores = tune_interior(task, builtin_loss(task, base, fixed), fixed, tasks, seeds, steps, metric)
+    base_tuned, base_scores = tune(builtin_loss(task, base, fixed))
     learned: dict[int, NamedLoss] = {}
     learned_tuned: dict[int, tuple[float, dict[float, float]]] = {}
     for m, path in context.artifact_paths[recipe_name].items():
         learned[m] = LossSpec(str(path)).resolve(task, fixed, task.device).named
-        learned_tuned[m] = tune_interior(task, learned[m], fixed, tasks, seeds, steps, metric)
+        learned_tuned[m] = tune(learned[m])
     tuning_seconds = time.perf_counter() - started
 
     def at(loss: NamedLoss, lr: float, label: str) -> NamedLoss:
@@ -310,6 +323,7 @@ def compare_losses(
         "meta_seeds": list(learned),
         "lr": {
             "fixed": fixed,
+            "validation": validation,
             "baseline_tuned": base_tuned,
             "baseline_scores": base_scores,
             "learned_tuned": {str(m): lr for m, (lr, _) in learned_tuned.items()},
@@ -328,6 +342,13 @@ def compare_losses(
         "tuned": dataclasses.asdict(tuned),
         "verdict": verdict(same, tuned),
         "seconds": {"tuning": round(tuning_seconds, 2), "test": round(test_seconds, 2)},
+        # the task's other report metrics (e.g. accuracy) of every loss after the last step, mean over test seeds
+        "extra": {
+            "report_metrics": {
+                label: {name: float(metric_at(c, steps, name).mean()) for name in c.extras}
+                for label, c in curves.items()
+            }
+        },
     }
 
 

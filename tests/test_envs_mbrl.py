@@ -98,3 +98,16 @@ def test_task_rollouts_equal_the_environment(name, env_cls):
             action = task.act(one, torch.tensor(obs[:4], dtype=torch.float32), batch.goal[i]).detach().numpy()
             obs, *_ = env.step(action)
             np.testing.assert_allclose(obs[:4], states[i, t + 1].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_dynamics_model_fits_even_when_called_under_no_grad():
+    """An evaluation runs under ``torch.no_grad``; a task that fits its model there (``ml3 compare --task
+    reacher_goal`` without meta-training) must still fit it, not fail inside autograd."""
+    from ml3cli.envs.dynamics_model import DynamicsModel
+
+    model = DynamicsModel(2, 1, hidden=(8,))
+    states = torch.randn(4, 6, 2, generator=generator(0))
+    model.add(states, torch.randn(4, 5, 1, generator=generator(1)))
+    with torch.no_grad():
+        loss = model.fit(generator(2), steps=5)
+    assert np.isfinite(loss) and model.fitted

@@ -76,6 +76,7 @@ class DynamicsModel:
             self.weights.append((2 * torch.rand(self.members, fan_in, fan_out, generator=generator) - 1) * bound)
             self.weights.append((2 * torch.rand(self.members, fan_out, generator=generator) - 1) * bound)
 
+    @torch.enable_grad()  # fitting needs gradients even when called from an evaluation under no_grad
     def fit(self, generator: torch.Generator, steps: int, batch_size: int = 256, lr: float = 3e-3) -> float:
         """``steps`` Adam steps on the mean squared error of the normalised Δs (warm-started if already fitted);
         each member draws its own minibatches. Returns the final training loss (normalised units)."""

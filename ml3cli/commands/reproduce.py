@@ -74,7 +74,7 @@ def reproduce(exp: Experiment, options: ReproduceOptions, console: Console) -> d
     if all(record["reused"] for record in records):
         console.print("no meta-training needed: every artifact was reused")
     paths = {recipe: {job.seed: job.artifact for job in plan if job.recipe == recipe} for recipe in exp.recipes}
-    context = Context(exp, options.quick, seeds, overrides, paths)
+    context = Context(exp, options.quick, seeds, overrides, paths, say=console.print)
     comparisons = exp.run(context)
     finished = time.perf_counter()
 

@@ -85,6 +85,8 @@ class Context:
     figures: dict[str, bytes] = field(default_factory=dict)
     #: environment samples (simulator steps) the protocol spends at meta-test, baselines included
     meta_test_samples: int = 0
+    #: where progress goes (the command's console)
+    say: Callable[[str], None] = field(default=lambda _: None, repr=False)
 
     def count_samples(self, samples: int) -> None:
         """Add ``samples`` environment steps spent at meta-test (by any loss or baseline)."""
@@ -135,6 +137,7 @@ def meta_train_all(jobs: Sequence[MetaTrainJob], workers: int, say: Callable[[st
     for job in jobs:
         if job not in todo:
             say(f"reusing {job.artifact} ({job.recipe}, seed {job.seed}: same recipe)")
+    finished: list[MetaTrainJob] = []
 
     def one(job: MetaTrainJob) -> tuple[MetaTrainJob, int, float]:
         job.artifact.parent.mkdir(parents=True, exist_ok=True)
@@ -144,10 +147,12 @@ def meta_train_all(jobs: Sequence[MetaTrainJob], workers: int, say: Callable[[st
                 [sys.executable, "-m", "ml3cli", *job.command()], stdout=log, stderr=subprocess.STDOUT
             )
         seconds = time.perf_counter() - started
+        finished.append(job)
+        count = f"[{len(finished)}/{len(todo)}]"
         say(
-            f"meta-trained {job.recipe} seed {job.seed} in {seconds:.1f} s"
+            f"{count} meta-trained {job.recipe} seed {job.seed} in {seconds:.1f} s"
             if code == 0
-            else f"FAILED: {job.recipe} seed {job.seed}"
+            else f"{count} FAILED: {job.recipe} seed {job.seed}"
         )
         return job, code, seconds
 
@@ -275,6 +280,12 @@ def compare_losses(
     steps, fixed = test.steps, recipe.meta_test_lr
     base = test.baseline or baseline_name(task)
 
+    name = label or f"{recipe_name} on {task.name}"
+    context.say(
+        f"comparing {name}: tuning the rates of {1 + len(context.artifact_paths[recipe_name])} losses on "
+        f"{validation['tasks']} validation tasks × {validation['seeds']} seeds"
+    )
+
     def tune(loss: NamedLoss) -> tuple[float, dict[float, float]]:
         return tune_interior(
             task, loss, fixed, validation["tasks"], validation["seeds"], steps, metric, half_width=exp.lr_half_width
@@ -288,6 +299,7 @@ def compare_losses(
         learned[m] = LossSpec(str(path)).resolve(task, fixed, task.device).named
         learned_tuned[m] = tune(learned[m])
     tuning_seconds = time.perf_counter() - started
+    context.say(f"  tuned in {tuning_seconds:.0f} s; testing on {tasks} tasks × {seeds} seeds")
 
     def at(loss: NamedLoss, lr: float, label: str) -> NamedLoss:
         return dataclasses.replace(loss, lr=lr, label=label)
@@ -313,7 +325,7 @@ def compare_losses(
     shown = [s for s in report_steps if s <= steps] + ([steps] if steps not in report_steps else [])
     return {
         "recipe": recipe_name,
-        "label": label or f"{recipe_name} on {task.name}",
+        "label": name,
         "task": task.name,
         "metric": metric or task.metric,
         "baseline": base,

@@ -144,6 +144,7 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
                 f"| {difference(paired)} | {paired['learned_better_on']}/{paired['pairs']} pairs |"
             )
         lines += ["", f"Verdict: {c['verdict']['verdict']}: {c['verdict']['why']}.", ""]
+        lines += extra_lines(c)
     dirty = " (with uncommitted changes)" if prov.get("dirty") else ""
     lines += [
         f"Command: `{document['command']} --jobs {document['jobs']}`. Wall time {seconds['total'] / 60:.1f} min "
@@ -153,6 +154,43 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def extra_lines(comparison: dict[str, Any]) -> list[str]:
+    """What a comparison reports beyond its table: the task's other metrics of every loss after the last step (a
+    small table) and the experiment's own numbers (another baseline, samples to a level, ...) as a list."""
+    extra = dict(comparison.get("extra") or {})
+    lines: list[str] = []
+    metrics = extra.pop("report_metrics", {})
+    names = sorted({name for values in metrics.values() for name in values})
+    if names:
+        lines += [
+            f"Other metrics after {comparison['steps']} steps (mean over test seeds):",
+            "",
+            "| loss @ lr | " + " | ".join(cell(n) for n in names) + " |",
+            "| --- |" + " --- |" * len(names),
+        ]
+        lines += [
+            f"| {cell(label)} | " + " | ".join(fmt(values[n]) if n in values else "" for n in names) + " |"
+            for label, values in metrics.items()
+        ]
+        lines.append("")
+    for key, value in extra.items():
+        lines.append(f"- {key.replace('_', ' ')}: {plain(value)}")
+    return [*lines, ""] if extra else lines
+
+
+def plain(value: Any) -> str:
+    """A JSON value in one line of Markdown: numbers in 4 digits, lists and mappings inline."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, (int, float)):
+        return fmt(float(value)) if isinstance(value, float) else str(value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {plain(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(plain(v) for v in value) + "]"
+    return cell(str(value))
 
 
 def readme_with_table(readme: str, table: str) -> str | None:

@@ -30,6 +30,8 @@ REPRODUCIBLE: dict[str, str] = {
     "sine_reference": "ml3cli.experiments.sine_reference",
     "shaped_sine": "ml3cli.experiments.shaped_sine",
     "mnist_binary": "ml3cli.experiments.mnist_binary",
+    "mbrl": "ml3cli.experiments.mbrl",
+    "mountain_car": "ml3cli.experiments.mountain_car",
 }
 
 

@@ -33,11 +33,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from ml3cli import artifacts
+from ml3cli.engine import LossFn
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, t_quantile_975
 from ml3cli.losses import LossSpec, baseline_name, builtin_loss
 from ml3cli.recipes import Recipe, find_recipe, load_recipe, recipe_to_dict
 from ml3cli.tasks import make_task
+from ml3cli.tasks.base import Task
 
 #: the three verdicts an experiment can reach
 VERDICTS = ("reproduced", "partly", "not reproduced")
@@ -173,9 +175,10 @@ def meta_train_all(jobs: Sequence[MetaTrainJob], workers: int, say: Callable[[st
 
 
 # -- the fair comparison --------------------------------------------------------------------------------------------
-def lr_grid(center: float, half_width: int = 4) -> list[float]:
-    """A log grid of learning rates around ``center``, half a decade apart: center × 10^(k/2), |k| ≤ half_width."""
-    return [center * 10 ** (k / 2) for k in range(-half_width, half_width + 1)]
+def lr_grid(center: float, half_width: int = 4, step: float = 0.5) -> list[float]:
+    """A log grid of learning rates around ``center``, ``step`` decades apart (half a decade by default):
+    center × 10^(k·step), |k| ≤ half_width."""
+    return [center * 10 ** (k * step) for k in range(-half_width, half_width + 1)]
 
 
 def validation_scores(
@@ -194,11 +197,12 @@ def validation_scores(
 
 def tune_interior(
     task, loss: NamedLoss, center: float, tasks: int, seeds: int, steps: int, metric: str | None = None,
-    max_widenings: int = 3,
+    max_widenings: int = 3, step: float = 0.5,
 ) -> tuple[float, dict[float, float]]:  # fmt: skip
-    """The rate with the lowest final validation metric, on a grid widened (by two half-decades at the edge that
-    won) until the choice is interior or ``max_widenings`` are spent. Returns the rate and every score."""
-    grid = lr_grid(center)
+    """The rate with the lowest final validation metric, on a grid ``step`` decades apart spanning two decades
+    either side of ``center``, widened (by two more points at the edge that won) until the choice is interior or
+    ``max_widenings`` are spent. Returns the rate and every score."""
+    grid = lr_grid(center, round(2 / step), step)
     scores: dict[float, float] = {}
     for _ in range(max_widenings + 1):
         todo = [lr for lr in grid if lr not in scores]
@@ -207,9 +211,9 @@ def tune_interior(
         ordered = sorted(scores)
         best = min(ordered, key=lambda lr: scores[lr])
         if best == ordered[0]:
-            grid = [ordered[0] / 10 ** (k / 2) for k in (1, 2)]
+            grid = [ordered[0] / 10 ** (k * step) for k in (1, 2)]
         elif best == ordered[-1]:
-            grid = [ordered[-1] * 10 ** (k / 2) for k in (1, 2)]
+            grid = [ordered[-1] * 10 ** (k * step) for k in (1, 2)]
         else:
             break
     return best, dict(sorted(scores.items()))
@@ -242,6 +246,22 @@ class Paired:
         return self.high < 0
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """A baseline other than the test task's built-in loss, for :func:`compare_losses`.
+
+    ``make(meta_seed)`` gives the task object the baseline trains on and its loss: a task of the test family whose
+    tasks and θ₀ are drawn exactly as the test task's (the same options but for how the gradient is taken, e.g. the
+    final distance differentiated through a dynamics model or through a simulator), so the pairs stay paired. With
+    ``per_meta_seed`` there is one baseline per meta-train seed (``make(m)``: e.g. the dynamics model learned with
+    that seed), tuned and tested on its own, and paired with that seed's learned loss; without, ``make(None)``.
+    """
+
+    name: str  # for tables, e.g. "task loss through P"
+    make: Callable[[int | None], tuple[Task, LossFn]]
+    per_meta_seed: bool = False
+
+
 def compare_losses(
     context: Context,
     recipe_name: str,
@@ -250,11 +270,25 @@ def compare_losses(
     test_task: str | None = None,
     test_options: dict[str, Any] | None = None,
     label: str | None = None,
+    baseline: Baseline | None = None,
+    tune_on: tuple[int, int] | None = None,
+    extra: Callable[[dict[str, LossCurves]], dict[str, Any]] | None = None,
+    grid_step: float = 0.5,
 ) -> dict[str, Any]:
     """The fair comparison of one recipe's learned losses (one per meta-train seed) against its baseline, on the
     task's metric (its task loss), or on one of its report metrics (``metric``, e.g. ``|θ−ν|``), lower is better.
     The learning rates are chosen on the same metric. By default on the recipe's meta-test tasks; ``test_task``
-    and ``test_options`` (merged over the recipe's meta-test options) give a transfer row, named ``label``."""
+    and ``test_options`` (merged over the recipe's meta-test options) give a transfer row, named ``label``.
+
+    ``baseline``: another baseline than the task's built-in (:class:`Baseline`); one per meta-train seed makes the
+    baseline's final metric, rates and curves per meta-train seed (``final["baseline_*"][m][s]``,
+    ``lr["baseline_tuned"][m]``; the curves ``baseline@…`` are then their mean, ``baseline{m}@…`` each one).
+    ``tune_on``: (tasks, seeds) of the validation split, where it must be smaller than the test (default: the
+    test's sizes); ``grid_step``: the decades between two rates of its grid (a coarser grid for the same reason).
+    ``extra(curves)``: numbers beyond the comparison from every loss's whole curves (label →
+    :class:`LossCurves`), stored under ``extra``. Environment samples spent by the tasks (tuning and test, baselines
+    included) are added to the context and, where there are any, stored as ``extra["environment_samples"]``.
+    """
     recipe = context.recipe(recipe_name, seed=context.meta_seeds[0])
     test = recipe.meta_test
     options = (
@@ -262,31 +296,50 @@ def compare_losses(
     )
     task = make_task(test_task or test.task, options, where="meta_test.task_options")
     tasks, seeds = test.tasks, test.seeds
+    tune_tasks, tune_seeds = tune_on or (tasks, seeds)
     if context.quick:
         tasks, seeds = context.experiment.quick_eval["tasks"], context.experiment.quick_eval["seeds"]
+        tune_tasks, tune_seeds = min(tune_tasks, tasks), min(tune_seeds, seeds)
     steps, fixed = test.steps, recipe.meta_test_lr
-    base = test.baseline or baseline_name(task)
+    if baseline is None:
+        name = test.baseline or baseline_name(task)
+        baseline = Baseline(name, lambda _: (task, builtin_loss(task, name, fixed).fn))
+    keys: list[int | None] = list(context.artifact_paths[recipe_name]) if baseline.per_meta_seed else [None]
+    counted: dict[int, tuple[Task, int]] = {id(task): (task, 0)}  # task → its samples before this comparison
+
+    def samples() -> int:
+        return sum(t.environment_samples - before for t, before in counted.values())
 
     started = time.perf_counter()
-    base_tuned, base_scores = tune_interior(task, builtin_loss(task, base, fixed), fixed, tasks, seeds, steps, metric)
+    base: dict[int | None, tuple[Task, NamedLoss, float, dict[float, float]]] = {}
+    for key in keys:
+        base_task, fn = baseline.make(key)
+        counted.setdefault(id(base_task), (base_task, base_task.environment_samples))
+        loss = NamedLoss(baseline.name, fn, fixed, "builtin")
+        base[key] = (
+            base_task,
+            loss,
+            *tune_interior(base_task, loss, fixed, tune_tasks, tune_seeds, steps, metric, step=grid_step),
+        )
     learned: dict[int, NamedLoss] = {}
     learned_tuned: dict[int, tuple[float, dict[float, float]]] = {}
     for m, path in context.artifact_paths[recipe_name].items():
         learned[m] = LossSpec(str(path)).resolve(task, fixed, task.device).named
-        learned_tuned[m] = tune_interior(task, learned[m], fixed, tasks, seeds, steps, metric)
-    tuning_seconds = time.perf_counter() - started
+        learned_tuned[m] = tune_interior(task, learned[m], fixed, tune_tasks, tune_seeds, steps, metric, step=grid_step)
+    tuning_seconds, tuning_samples = time.perf_counter() - started, samples()
 
     def at(loss: NamedLoss, lr: float, label: str) -> NamedLoss:
         return dataclasses.replace(loss, lr=lr, label=label)
 
-    candidates = [
-        builtin_loss(task, base, fixed, "baseline@fixed"),
-        builtin_loss(task, base, base_tuned, "baseline@tuned"),
-    ]
+    candidates = []
     for m, loss in learned.items():
         candidates += [at(loss, fixed, f"learned{m}@fixed"), at(loss, learned_tuned[m][0], f"learned{m}@tuned")]
     started = time.perf_counter()
     curves = {c.label: c for c in evaluate(task, candidates, tasks, seeds, steps, seed=0)}
+    for key, (base_task, loss, tuned_lr, _) in base.items():
+        tag = "baseline" if key is None else f"baseline{key}"
+        pair = [at(loss, fixed, f"{tag}@fixed"), at(loss, tuned_lr, f"{tag}@tuned")]
+        curves.update({c.label: c for c in evaluate(base_task, pair, tasks, seeds, steps, seed=0)})
     test_seconds = time.perf_counter() - started
 
     def final(label: str) -> np.ndarray:
@@ -295,39 +348,58 @@ def compare_losses(
     def stack(kind: str) -> np.ndarray:
         return np.stack([final(f"learned{m}@{kind}") for m in learned])
 
-    same = Paired.of(stack("fixed"), final("baseline@fixed"))
-    tuned = Paired.of(stack("tuned"), final("baseline@tuned"))
+    def baseline_final(kind: str) -> np.ndarray:
+        return final(f"baseline@{kind}") if keys == [None] else np.stack([final(f"baseline{m}@{kind}") for m in keys])
+
+    same = Paired.of(stack("fixed"), baseline_final("fixed"))
+    tuned = Paired.of(stack("tuned"), baseline_final("tuned"))
     shown = [s for s in report_steps if s <= steps] + ([steps] if steps not in report_steps else [])
+    table = {label: {str(s): float(metric_at(c, s, metric).mean()) for s in shown} for label, c in curves.items()}
+    if keys != [None]:  # the figure and the tables read baseline@…: the mean over meta-train seeds
+        for kind in ("fixed", "tuned"):
+            table[f"baseline@{kind}"] = {
+                str(s): float(np.mean([table[f"baseline{m}@{kind}"][str(s)] for m in keys])) for s in shown
+            }
+    extras = dict(extra(curves)) if extra is not None else {}
+    total = samples()
+    context.count_samples(total)
+    if total:
+        extras["environment_samples"] = {"tuning": tuning_samples, "test": total - tuning_samples}
+
+    def per_key(values: dict[int | None, Any]) -> Any:
+        return values[None] if keys == [None] else {str(m): value for m, value in values.items()}
+
     return {
         "recipe": recipe_name,
         "label": label or f"{recipe_name} on {task.name}",
         "task": task.name,
         "metric": metric or task.metric,
-        "baseline": base,
+        "baseline": baseline.name,
         "steps": steps,
         "tasks": tasks,
         "test_seeds": seeds,
         "meta_seeds": list(learned),
         "lr": {
             "fixed": fixed,
-            "baseline_tuned": base_tuned,
-            "baseline_scores": base_scores,
+            "baseline_tuned": per_key({key: b[2] for key, b in base.items()}),
+            "baseline_scores": per_key({key: b[3] for key, b in base.items()}),
             "learned_tuned": {str(m): lr for m, (lr, _) in learned_tuned.items()},
             "learned_scores": {str(m): scores for m, (_, scores) in learned_tuned.items()},
+            **({"validation": {"tasks": tune_tasks, "seeds": tune_seeds}} if tune_on is not None else {}),
+            **({"grid_step_decades": grid_step} if grid_step != 0.5 else {}),
         },
-        "final": {  # [meta-train seed][test seed] for the learned losses, [test seed] for the baseline
+        "final": {  # [meta-train seed][test seed]; the baseline's [test seed], or [meta-train seed][test seed]
             "learned_fixed": stack("fixed").tolist(),
             "learned_tuned": stack("tuned").tolist(),
-            "baseline_fixed": final("baseline@fixed").tolist(),
-            "baseline_tuned": final("baseline@tuned").tolist(),
+            "baseline_fixed": baseline_final("fixed").tolist(),
+            "baseline_tuned": baseline_final("tuned").tolist(),
         },
-        "curves": {
-            label: {str(s): float(metric_at(c, s, metric).mean()) for s in shown} for label, c in curves.items()
-        },
+        "curves": table,
         "same_lr": dataclasses.asdict(same),
         "tuned": dataclasses.asdict(tuned),
         "verdict": verdict(same, tuned),
         "seconds": {"tuning": round(tuning_seconds, 2), "test": round(test_seconds, 2)},
+        **({"extra": extras} if extras else {}),
     }
 
 

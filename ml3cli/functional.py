@@ -55,3 +55,20 @@ def module_function(module: nn.Module) -> Callable[[Params, Tensor], Tensor]:
     if fast is not None:
         return fast
     return lambda params, x: functional_call(module, params, (x,))
+
+
+def vmap_batch_size(tensor: Tensor) -> int:
+    """How many examples ``tensor`` stands for: the product of the sizes of the ``torch.func.vmap`` dimensions it
+    carries (1 outside ``vmap``). A task's per-task function runs once for a whole vmapped batch, so a counter of
+    simulator steps kept there (:attr:`ml3cli.tasks.base.Task.environment_samples`) multiplies by this. It reads
+    functorch's wrappers (``torch._C._functorch``): there is no public way to ask a tensor for its batch size."""
+    from torch._C import _functorch
+
+    size = 1
+    while _functorch.is_functorch_wrapped_tensor(tensor):
+        if _functorch.is_batchedtensor(tensor):
+            tensor, dim = _functorch._unwrap_batched(tensor, _functorch.maybe_get_level(tensor))
+            size *= tensor.shape[dim] if dim is not None else 1
+        else:  # a grad transform's wrapper: the same examples
+            tensor = _functorch.get_unwrapped(tensor)
+    return size

@@ -139,9 +139,12 @@ def summarize(comparison: dict[str, Any], kind: str) -> dict[str, Any]:
     learned = np.array(comparison["final"][f"learned_{kind}"]).mean(axis=1)
     lr = comparison["lr"]
     learned_lrs = sorted(set(lr["learned_tuned"].values())) if kind == "tuned" else [lr["fixed"]]
+    # a baseline per meta-train seed (one learned with it) has a tuned rate per seed
+    base_lr = lr["baseline_tuned"] if kind == "tuned" else lr["fixed"]
+    base_lrs = sorted(set(base_lr.values())) if isinstance(base_lr, dict) else [base_lr]
     return {
         "baseline": float(np.mean(comparison["final"][f"baseline_{kind}"])),
-        "baseline_lr": f"{lr['fixed'] if kind == 'fixed' else lr['baseline_tuned']:.3g}",
+        "baseline_lr": "/".join(f"{v:.3g}" for v in base_lrs),
         "learned": float(learned.mean()),
         "learned_sd": float(learned.std(ddof=1)) if learned.size > 1 else float("nan"),
         "learned_lr": "/".join(f"{v:.3g}" for v in learned_lrs),

@@ -3,7 +3,8 @@
 A module here reads top to bottom: a docstring naming the paper's section and figure, the task and recipes it
 uses and the meta-test protocol; then the code of that protocol (the comparison against the baselines, the
 learning-rate choice, the table rows); then the figures (PNG bytes, drawn with :mod:`ml3cli.plots`'s plumbing).
-The scripts in ``benchmarks/`` parse flags, call these functions and write the results.
+``ml3 reproduce`` runs those that declare ``EXPERIMENT`` (:data:`REPRODUCIBLE`); the scripts in ``benchmarks/`` run
+the others.
 
 Layering: an experiment may use the engine, the tasks, the baselines and the primitives (``envs``, ``control``,
 ``rl``, ``metaloss``, ``plots``, ...); nothing in those imports an experiment, and no experiment imports another
@@ -30,6 +31,8 @@ REPRODUCIBLE: dict[str, str] = {
     "sine_reference": "ml3cli.experiments.sine_reference",
     "shaped_sine": "ml3cli.experiments.shaped_sine",
     "mnist_binary": "ml3cli.experiments.mnist_binary",
+    "mbrl": "ml3cli.experiments.mbrl",
+    "mountain_car": "ml3cli.experiments.mountain_car",
 }
 
 

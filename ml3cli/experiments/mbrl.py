@@ -1,29 +1,38 @@
-"""Model-based RL (paper, sections 3.2.1 and 4.1.2, figure 3, algorithm 5): the learned loss against the task loss
-through the learned dynamics model, on PointmassGoal and ReacherGoal (tasks ``pointmass_goal`` and ``reacher_goal``,
-recipes ``mbrl_pointmass.yaml`` and ``mbrl_reacher.yaml``; the table and figures: ``benchmarks/mbrl.py``).
+"""Model-based RL (paper, sections 3.2.1 and 4.1.2, figure 3, algorithms 3 and 5): a loss meta-trained through a
+learned dynamics model P trains policies on the REAL system, without a model, toward goals around the whole
+circle (most of them outside the meta-train quadrant), faster than the task loss differentiated through P.
 
-Meta-test protocol, per evaluation seed s (goals and θ₀ from ``generator(seed + s)``, the same for every loss):
+Tasks ``pointmass_goal`` and ``reacher_goal`` (:mod:`ml3cli.tasks.mbrl`), recipes ``mbrl_pointmass`` and
+``mbrl_reacher``; each meta-train seed m also learns its own P, kept in the meta-train checkpoint beside the
+artifact (:func:`model_state_from_checkpoint`).
 
-* **learned**: a fresh policy is trained with M_φ only; before each update it is rolled out on the real system
-  (``system: real``), the loss inputs are that trajectory's states with the actions recomputed by π_θ; no model.
-* **model-based task loss**: the same policy trained by SGD on the final distance of its rollout in the dynamics
-  model P learned at meta-train time (``model_gradient: true``: P's weights and data come from the meta-train
-  checkpoint), at the learned loss's learning rate and at its own best rate, chosen on meta-TRAIN goals (other
-  seeds) from ``baseline_lrs``.
+Protocol (:func:`~ml3cli.experiments.protocol.compare_losses`), per recipe, 3 meta-train seeds:
 
-Every curve is the REAL final distance ‖p_T − g‖ of the current policy after 0 … ``updates`` updates, mean over
-the goals, per seed.
+* **learned** (seed m): a fresh policy trained with M_φ only; before each update it is rolled out on the real
+  system, the loss inputs are that trajectory's states with the actions recomputed by π_θ; no model.
+* **task loss through P** (seed m): the same policy trained by SGD on the final distance of its rollout in the P
+  of meta-train seed m (``model_gradient: true``), so the baseline is one per meta-train seed and each learned
+  loss is paired with the baseline of its own P.
+* Both at the recipe's rate (0.1) and each at its own rate chosen on validation goals of the test family (the whole
+  circle, the ``validation`` stream), on a log grid widened until the choice is interior (below 0.01 where the
+  baseline wants it). Test: the recipe's 10 goals × 3 test seeds, 50 updates.
 
-Figures: 3a, the real paths of policies trained by the learned loss toward meta-train and meta-test goals
-(:func:`goal_trajectories`); 3b–c, the final distance against updates (:func:`ml3cli.plots.distance_curves`, drawn
-alike for figure 6d).
+Metric: the REAL final distance ‖p_T − g‖ after 0/1/5/10/20/50 updates. ``extra``: the final distance at the last
+update split into goals inside and outside the meta-train quadrant. Cost: the reacher's rate choice tunes on 5
+goals × 1 validation seed (``REACHER_TUNING``), not the test's 10 × 3, on a grid a decade apart, not half a
+decade: MuJoCo rollouts dominate its comparison (measured: 50 updates of 10 goals, one
+seed, about 16 s for a learned loss and 36 s through P on a loaded 2-core machine).
+Environment samples: real steps only (P's data and refits at meta-train; every real rollout at meta-test, tuning
+and figures included).
+
+Figures: 3a, the real paths of policies trained by the learned loss toward meta-train and other goals
+(``trajectories_RECIPE.png``, :func:`goal_trajectories`); 3b–c, the final distance against updates
+(``final_distance_RECIPE.png``, :func:`ml3cli.plots.distance_curves`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +44,21 @@ from torch.func import vmap
 
 from ml3cli.engine import LossFn, sgd_step
 from ml3cli.errors import ML3Error
-from ml3cli.evaluate import NamedLoss, evaluate
-from ml3cli.plots import png_bytes
-from ml3cli.runtime import generator
+from ml3cli.evaluate import LossCurves
+from ml3cli.experiments.protocol import Baseline, Context, EvalSizes, Experiment, compare_losses
+from ml3cli.losses import LossSpec
+from ml3cli.plots import distance_curves, png_bytes
+from ml3cli.runtime import generator, stream_seed
 from ml3cli.tasks import make_task
 from ml3cli.tasks.mbrl import GoalReachingTask
 
 REPORT_STEPS = (0, 1, 5, 10, 20, 50)
+#: the reacher's validation split, (goals, seeds), and the decades between the rates of its grid: smaller than its
+#: test (10 × 3) and coarser than the default half decade, because MuJoCo rollouts dominate the comparison's time
+#: the reacher's rates: tuned on 5 validation goals × 1 seed, on a grid a decade apart (see the docstring)
+REACHER_TUNING = EvalSizes(validation_tasks=5, validation_seeds=1, grid_step=1.0)
+#: goals of figure 3a outside the meta-train quadrant: the left half of the circle
+OTHER_GOALS_ANGLE = (100.0, 260.0)
 
 
 def model_state_from_checkpoint(artifact: str | Path) -> dict[str, Tensor]:
@@ -62,84 +79,101 @@ def model_state_from_checkpoint(artifact: str | Path) -> dict[str, Tensor]:
     return state
 
 
-@dataclass
-class MBRLComparison:
-    """What :func:`compare` measured: the curves per loss, the goals of every seed and whether each lies in the
-    meta-train sector, the learning rates, and the baseline's score per candidate rate on the meta-train goals."""
-
-    curves: dict[str, np.ndarray]  # label → [seeds, goals, updates + 1] real final distance
-    goals: np.ndarray  # [seeds, goals, 2]
-    inside: np.ndarray  # [seeds, goals] bool: goal inside the meta-train sector
-    lrs: dict[str, float]
-    baseline_scores: dict[float, float]
+# -- the protocol ---------------------------------------------------------------------------------------------
+def run(context: Context) -> list[dict[str, Any]]:
+    """One comparison per recipe (pointmass, reacher), with its figures."""
+    return [compare_recipe(context, name) for name in context.experiment.recipes]
 
 
-def _in_sector(goals: np.ndarray, angle: Sequence[float]) -> np.ndarray:
+def compare_recipe(context: Context, name: str) -> dict[str, Any]:
+    """The learned losses of recipe ``name`` against the task loss through each meta-train seed's P."""
+    recipe = context.recipe(name, seed=context.meta_seeds[0])
+    test = recipe.meta_test
+    sector = make_task(recipe.task, recipe.task_options).options.goal_angle
+    curves: dict[str, LossCurves] = {}
+
+    def extra(found: dict[str, LossCurves]) -> dict[str, Any]:
+        curves.update(found)  # kept for the figures
+        return region_split(test.task, test.task_options, sector, found)
+
+    comparison = compare_losses(
+        context,
+        name,
+        report_steps=REPORT_STEPS,
+        baseline=model_baseline(context, name),
+        sizes=REACHER_TUNING if test.task == "reacher_goal" else None,
+        extra=extra,
+    )
+    context.figures[f"final_distance_{name}.png"] = distance_curves(
+        {
+            f"{who} @ {kind} lr": np.concatenate([curves[label].per_seed for label in labels(curves, who, kind)])
+            for who in ("learned", "baseline")
+            for kind in ("fixed", "tuned")
+        },
+        f"{test.task}: real final distance (learned: {len(context.meta_seeds)} meta-train seeds × test seeds; "
+        "baseline: the task loss through each seed's P)",
+    )
+    first = context.meta_seeds[0]
+    context.figures[f"trajectories_{name}.png"] = trajectories_figure(
+        context, name, sector, comparison["lr"]["learned_tuned"][str(first)], test.steps
+    )
+    return comparison
+
+
+def model_baseline(context: Context, name: str) -> Baseline:
+    """The task loss (final distance) differentiated through the P of each meta-train seed, on the test goals."""
+    recipe = context.recipe(name, seed=context.meta_seeds[0])
+    test = recipe.meta_test
+    # P's architecture is the meta-train task's; everything that draws goals and starts is the test's
+    model = {k: v for k, v in recipe.task_options.items() if k in ("model_hidden", "model_members")}
+    options = {**model, **test.task_options, "system": "real", "model_gradient": True}
+
+    def make(meta_seed: int | None) -> tuple[GoalReachingTask, LossFn]:
+        task = make_task(test.task, options, where="meta_test.task_options")
+        assert meta_seed is not None and isinstance(task, GoalReachingTask)
+        task.load_state_tensors(model_state_from_checkpoint(context.artifact_paths[name][meta_seed]))
+        fn = task.builtin_losses["final_distance"]
+        return task, lambda inputs: fn(**inputs)
+
+    return Baseline("task loss through P", make, per_meta_seed=True)
+
+
+def labels(curves: Mapping[str, LossCurves], who: str, kind: str) -> list[str]:
+    """The labels of ``who`` (learned / baseline) at ``kind`` (fixed / tuned), one per meta-train seed."""
+    return [label for label in curves if label.startswith(who) and label.endswith(f"@{kind}")]
+
+
+def in_sector(goals: np.ndarray, angle: Sequence[float]) -> np.ndarray:
+    """Whether each goal ``[..., 2]`` lies in the sector ``angle`` (degrees, lo ≤ hi)."""
     degrees = np.degrees(np.arctan2(goals[..., 1], goals[..., 0]))
     lo, hi = angle
     return ((degrees - lo) % 360 <= (hi - lo)) if hi - lo < 360 else np.ones(degrees.shape, bool)
 
 
-def compare(
-    task_name: str,
-    train_options: dict[str, Any],
-    test_options: dict[str, Any],
-    learned_fn: LossFn,
-    lr: float,
-    model_state: dict[str, Tensor],
-    goals: int = 10,
-    seeds: int = 3,
-    updates: int = 50,
-    baseline_lrs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
-    seed: int = 0,
-) -> MBRLComparison:
-    """Run the protocol of this module; ``train_options`` are the meta-train task options (for the goal region
-    and the baseline's learning-rate choice), ``test_options`` those of the meta-test goals."""
-    real = {**test_options, "system": "real", "model_gradient": False}
-    learned_task = make_task(task_name, real)
-    baseline_task = make_task(task_name, {**real, "model_gradient": True})
-    baseline_task.load_state_tensors(model_state)
-    tuning_task = make_task(task_name, {**train_options, "system": "real", "model_gradient": True})
-    tuning_task.load_state_tensors(model_state)
-    base_fn = lambda inputs: baseline_task.builtin_losses["final_distance"](**inputs)  # noqa: E731
-    candidates = [NamedLoss(f"task loss via P @{b:g}", base_fn, b) for b in baseline_lrs]
-    tuned = evaluate(tuning_task, candidates, goals, 2, updates, seed=10_000 + seed)
-    scores = {c.lr: float(c.values[:, :, -1].mean()) for c in tuned}
-    scores = {k: (v if math.isfinite(v) else math.inf) for k, v in scores.items()}
-    best = min(scores, key=lambda k: scores[k])
-
-    curves = {
-        "learned loss (real rollouts, no model)": evaluate(
-            learned_task, [NamedLoss("learned", learned_fn, lr)], goals, seeds, updates, seed
-        )[0].values
-    }
-    lrs = {"learned loss (real rollouts, no model)": lr}
-    for label, rate in ((f"task loss through P (lr {lr:g})", lr), (f"task loss through P (tuned lr {best:g})", best)):
-        if label in curves:
-            continue
-        curves[label] = evaluate(baseline_task, [NamedLoss(label, base_fn, rate)], goals, seeds, updates, seed)[
-            0
-        ].values
-        lrs[label] = rate
-    goal_draws = np.stack([learned_task.sample_tasks(goals, generator(seed + s)).goal.numpy() for s in range(seeds)])
-    angle = train_options.get("goal_angle", learned_task.Options().goal_angle)
-    return MBRLComparison(curves, goal_draws, _in_sector(goal_draws, angle), lrs, scores)
+def region_split(
+    task_name: str, options: dict[str, Any], sector: Sequence[float], curves: Mapping[str, LossCurves]
+) -> dict[str, Any]:
+    """The final distance at the last update, mean over goals inside / outside the meta-train sector (over every
+    meta-train seed and test seed), per loss and rate. The goals are redrawn as :func:`ml3cli.evaluate.evaluate`
+    drew them (test seeds 0, 1, … of the ``test`` stream)."""
+    task = make_task(task_name, options)
+    seeds, goals = next(iter(curves.values())).values.shape[:2]
+    drawn = np.stack(
+        [task.sample_tasks(goals, generator(stream_seed("test", s))).goal.cpu().numpy() for s in range(seeds)]
+    )
+    inside = in_sector(drawn, sector)
+    split: dict[str, Any] = {"meta_train_sector": list(sector), "goals_inside": int(inside.sum()), "goals": inside.size}
+    for who in ("learned", "baseline"):
+        for kind in ("fixed", "tuned"):
+            last = np.stack([curves[label].values[:, :, -1] for label in labels(curves, who, kind)])
+            split[f"{who}@{kind}"] = {
+                "inside": float(last[:, inside].mean()) if inside.any() else None,
+                "outside": float(last[:, ~inside].mean()) if (~inside).any() else None,
+            }
+    return {"final_by_region": split}
 
 
-def table_rows(result: MBRLComparison, steps: Sequence[int] = REPORT_STEPS) -> list[list[str]]:
-    """Per loss: mean ± std over seeds (of the mean over goals) at each step, then the final distance at the last
-    step split into goals inside / outside the meta-train region (mean over all seeds)."""
-    rows = []
-    for label, values in result.curves.items():
-        per_seed = values.mean(axis=1)
-        cells = [f"{per_seed[:, s].mean():.3f} ± {per_seed[:, s].std():.3f}" for s in steps if s < values.shape[2]]
-        last = values[:, :, -1]
-        inside = f"{last[result.inside].mean():.3f}" if result.inside.any() else "–"
-        outside = f"{last[~result.inside].mean():.3f}" if (~result.inside).any() else "–"
-        rows.append([label, *cells, inside, outside])
-    return rows
-
-
+# -- figures --------------------------------------------------------------------------------------------------
 def trained_paths(
     task: GoalReachingTask, loss_fn: LossFn, lr: float, goals: Tensor, updates: int, seed: int
 ) -> np.ndarray:
@@ -156,7 +190,24 @@ def trained_paths(
     return task.position(states).numpy()
 
 
-# -- figures ------------------------------------------------------------------------------------------------
+def trajectories_figure(context: Context, name: str, sector: Sequence[float], lr: float, updates: int) -> bytes:
+    """Figure 3a: the learned loss of the first meta-train seed at its tuned rate, 5 goals in the meta-train
+    sector and 5 on the left half of the circle; its real rollouts are counted as meta-test samples."""
+    recipe = context.recipe(name, seed=context.meta_seeds[0])
+    test = recipe.meta_test
+    task = make_task(test.task, {**test.task_options, "system": "real", "model_gradient": False})
+    assert isinstance(task, GoalReachingTask)
+    loss_fn = LossSpec(str(context.artifact_paths[name][context.meta_seeds[0]])).resolve(task, lr, task.device)
+    groups = {}
+    for label, angle, k in (("meta-train sector", sector, 0), ("left half of the circle", OTHER_GOALS_ANGLE, 1)):
+        sampler = make_task(test.task, {**test.task_options, "goal_angle": list(angle)})
+        goals = sampler.sample_goals(5, generator(stream_seed("test", 1000 + k)))
+        paths = trained_paths(task, loss_fn.named.fn, lr, goals, updates, stream_seed("test", k))
+        groups[f"goals in the {label} ({updates} updates)"] = (paths, goals.numpy())
+    context.count_samples(task.environment_samples)
+    return goal_trajectories(groups, f"{test.task}: learned loss only (lr {lr:.3g}), real rollouts")
+
+
 def goal_trajectories(groups: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) -> bytes:
     """Figure 3a: paths on the plane. ``groups[label] = (paths [n, T + 1, 2], goals [n, 2])``; each group gets one
     colour (e.g. meta-train goals blue, meta-test goals orange), goals are stars, starts circles."""
@@ -173,3 +224,33 @@ def goal_trajectories(groups: Mapping[str, tuple[np.ndarray, np.ndarray]], title
     ax.legend(loc="best")
     ax.grid(alpha=0.3)
     return png_bytes(fig)
+
+
+EXPERIMENT = Experiment(
+    name="mbrl",
+    paper="4.1.2, figure 3",
+    claim="a loss learned through a dynamics model trains policies on the real system, toward goals outside the "
+    "meta-train region, faster than the task loss through that model",
+    recipes=("mbrl_pointmass", "mbrl_reacher"),
+    run=run,
+    meta_seeds=3,
+    quick={
+        "mbrl_pointmass": (
+            "outer.steps=40",
+            "task_options.fit_steps=300",
+            "task_options.refit_every=20",
+            "meta_test.steps=10",
+            "meta_test.tasks=3",
+            "meta_test.seeds=1",
+        ),
+        "mbrl_reacher": (
+            "outer.steps=4",
+            "task_options.random_rollouts=16",
+            "task_options.fit_steps=200",
+            "meta_test.steps=5",
+            "meta_test.tasks=3",
+            "meta_test.seeds=1",
+        ),
+    },  # fmt: skip
+    quick_eval={"tasks": 3, "seeds": 2},
+)

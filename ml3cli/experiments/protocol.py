@@ -22,7 +22,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,11 +33,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from ml3cli import artifacts
+from ml3cli.engine import LossFn
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, t_quantile_975
 from ml3cli.losses import LossSpec, baseline_name, builtin_loss
 from ml3cli.recipes import Recipe, find_recipe, load_recipe, recipe_to_dict
 from ml3cli.tasks import make_task
+from ml3cli.tasks.base import Task
 
 #: the three verdicts an experiment can reach
 VERDICTS = ("reproduced", "partly", "not reproduced")
@@ -60,11 +62,6 @@ class Experiment:
     # --set overrides for a smoke run (--quick): one tuple for every recipe, or recipe name → its tuple
     quick: tuple[str, ...] | dict[str, tuple[str, ...]] = ()
     quick_eval: dict[str, int] = field(default_factory=lambda: {"tasks": 4, "seeds": 2})
-    #: tasks and seeds of the validation split the rates are tuned on (None: as many as the test; --quick: the
-    #: quick_eval sizes); smaller than the test where one evaluation is expensive (LeNet on a CPU)
-    validation: dict[str, int] | None = None
-    #: the tuning grid starts at fixed rate × 10^(k/2), |k| ≤ lr_half_width, and widens at an edge that wins
-    lr_half_width: int = 4
     cost: str = ""  # measured wall time of the full run on the reference machine, in words
 
     def quick_overrides(self, recipe: str) -> list[str]:
@@ -183,9 +180,27 @@ def meta_train_all(jobs: Sequence[MetaTrainJob], workers: int, say: Callable[[st
 
 
 # -- the fair comparison --------------------------------------------------------------------------------------------
-def lr_grid(center: float, half_width: int = 4) -> list[float]:
-    """A log grid of learning rates around ``center``, half a decade apart: center × 10^(k/2), |k| ≤ half_width."""
-    return [center * 10 ** (k / 2) for k in range(-half_width, half_width + 1)]
+def lr_grid(center: float, span: float = 2.0, step: float = 0.5) -> list[float]:
+    """A log grid of learning rates around ``center``, ``step`` decades apart, ``span`` decades either side."""
+    half_width = round(span / step)
+    return [center * 10 ** (k * step) for k in range(-half_width, half_width + 1)]
+
+
+@dataclass(frozen=True)
+class EvalSizes:
+    """The evaluation sizes of one comparison where they differ from the recipe's meta-test (None: the recipe's,
+    or --quick's): SGD steps, test tasks and seeds, the validation split the rates are tuned on (None: as large as
+    the test; smaller where one evaluation is costly), and the tuning grid (:func:`lr_grid` around the fixed rate,
+    widened by :func:`widen_until_interior`)."""
+
+    steps: int | None = None
+    tasks: int | None = None
+    seeds: int | None = None
+    validation_tasks: int | None = None
+    validation_seeds: int | None = None
+    grid_span: float = 2.0  # decades either side of the fixed rate
+    grid_step: float = 0.5  # decades between two rates
+    max_widenings: int = 3
 
 
 def validation_scores(
@@ -194,9 +209,8 @@ def validation_scores(
     """The final metric of ``loss`` at each rate, on tasks of the ``validation`` stream (diverging: +inf)."""
     candidates = [dataclasses.replace(loss, lr=lr, label=f"lr {lr!r}") for lr in lrs]
     scores = {}
-    for lr, curves in zip(
-        lrs, evaluate(task, candidates, tasks, seeds, steps, seed=0, stream="validation"), strict=True
-    ):
+    found = evaluate(task, candidates, tasks, seeds, steps, seed=0, stream="validation", record_at=())
+    for lr, curves in zip(lrs, found, strict=True):
         value = float(metric_at(curves, steps, metric).mean())
         scores[lr] = value if math.isfinite(value) else math.inf
     return scores
@@ -204,23 +218,34 @@ def validation_scores(
 
 def tune_interior(
     task, loss: NamedLoss, center: float, tasks: int, seeds: int, steps: int, metric: str | None = None,
-    max_widenings: int = 3, half_width: int = 4,
+    sizes: EvalSizes | None = None,
 ) -> tuple[float, dict[float, float]]:  # fmt: skip
-    """The rate with the lowest final validation metric, on a grid (:func:`lr_grid`) widened by two half-decades
-    at the edge that won until the choice is interior or ``max_widenings`` are spent. Returns the rate and every
-    score."""
-    grid = lr_grid(center, half_width)
+    """The rate of ``loss`` with the lowest final metric on ``tasks`` × ``seeds`` validation tasks, on the grid of
+    ``sizes`` widened until the choice is interior (:func:`widen_until_interior`). Returns the rate and every score."""
+    return widen_until_interior(
+        lambda lrs: validation_scores(task, loss, lrs, tasks, seeds, steps, metric), center, sizes or EvalSizes()
+    )
+
+
+def widen_until_interior(
+    score: Callable[[list[float]], dict[float, float]], center: float, sizes: EvalSizes | None = None
+) -> tuple[float, dict[float, float]]:
+    """The rate with the lowest ``score(lrs) → {lr: final validation metric}`` (lower is better, +inf: diverged) on
+    the grid of ``sizes`` around ``center``, widened by two more rates at the edge that won until the choice is
+    interior or ``sizes.max_widenings`` are spent. Any baseline with a learning rate can be tuned by it."""
+    sizes = sizes or EvalSizes()
+    grid = lr_grid(center, sizes.grid_span, sizes.grid_step)
     scores: dict[float, float] = {}
-    for _ in range(max_widenings + 1):
+    for _ in range(sizes.max_widenings + 1):
         todo = [lr for lr in grid if lr not in scores]
         if todo:
-            scores.update(validation_scores(task, loss, todo, tasks, seeds, steps, metric))
+            scores.update(score(todo))
         ordered = sorted(scores)
         best = min(ordered, key=lambda lr: scores[lr])
         if best == ordered[0]:
-            grid = [ordered[0] / 10 ** (k / 2) for k in (1, 2)]
+            grid = [ordered[0] / 10 ** (k * sizes.grid_step) for k in (1, 2)]
         elif best == ordered[-1]:
-            grid = [ordered[-1] * 10 ** (k / 2) for k in (1, 2)]
+            grid = [ordered[-1] * 10 ** (k * sizes.grid_step) for k in (1, 2)]
         else:
             break
     return best, dict(sorted(scores.items()))
@@ -253,6 +278,22 @@ class Paired:
         return self.high < 0
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """A baseline other than the test task's built-in loss, for :func:`compare_losses`.
+
+    ``make(meta_seed)`` gives the task object the baseline trains on and its loss: a task of the test family whose
+    tasks and θ₀ are drawn exactly as the test task's (the same options but for how the gradient is taken, e.g. the
+    final distance differentiated through a dynamics model or through a simulator), so the pairs stay paired. With
+    ``per_meta_seed`` there is one baseline per meta-train seed (``make(m)``: e.g. the dynamics model learned with
+    that seed), tuned and tested on its own, and paired with that seed's learned loss; without, ``make(None)``.
+    """
+
+    name: str  # for tables, e.g. "task loss through P"
+    make: Callable[[int | None], tuple[Task, LossFn]]
+    per_meta_seed: bool = False
+
+
 def compare_losses(
     context: Context,
     recipe_name: str,
@@ -261,112 +302,208 @@ def compare_losses(
     test_task: str | None = None,
     test_options: dict[str, Any] | None = None,
     label: str | None = None,
+    baseline: Baseline | None = None,
+    sizes: EvalSizes | None = None,
+    extra: Callable[[dict[str, LossCurves]], dict[str, Any]] | None = None,
+    curves_out: dict[str, LossCurves] | None = None,
+    control: bool = False,
 ) -> dict[str, Any]:
     """The fair comparison of one recipe's learned losses (one per meta-train seed) against its baseline, on the
     task's metric (its task loss), or on one of its report metrics (``metric``, e.g. ``|θ−ν|``), lower is better.
     The learning rates are chosen on the same metric. By default on the recipe's meta-test tasks; ``test_task``
-    and ``test_options`` (merged over the recipe's meta-test options) give a transfer row, named ``label``."""
+    and ``test_options`` (merged over the recipe's meta-test options) give a transfer row, named ``label``.
+
+    ``baseline``: another baseline than the task's built-in loss (:class:`Baseline`). ``sizes``: evaluation sizes
+    other than the recipe's (:class:`EvalSizes`). ``extra(curves)``: numbers beyond the comparison from every
+    loss's whole test curves (label → :class:`LossCurves`), stored under ``extra``; ``curves_out`` receives the
+    same curves. ``control``: a comparison shown beside the claim, left out of the experiment's verdict. The
+    environment samples the tasks spend (tuning and test, baselines included) are added to the context.
+    """
     recipe = context.recipe(recipe_name, seed=context.meta_seeds[0])
     test = recipe.meta_test
     options = (
         {**test.task_options, **(test_options or {})} if test_task in (None, test.task) else dict(test_options or {})
     )
     task = make_task(test_task or test.task, options, where="meta_test.task_options")
-    exp = context.experiment
-    tasks, seeds = test.tasks, test.seeds
-    if context.quick:
-        tasks, seeds = exp.quick_eval["tasks"], exp.quick_eval["seeds"]
-    validation = {"tasks": tasks, "seeds": seeds} if context.quick or exp.validation is None else exp.validation
-    steps, fixed = test.steps, recipe.meta_test_lr
-    base = test.baseline or baseline_name(task)
+    sizes = sizes or EvalSizes()
+    quick = context.experiment.quick_eval if context.quick else {}
+    steps, fixed = sizes.steps or test.steps, recipe.meta_test_lr
+    tasks = sizes.tasks or quick.get("tasks") or test.tasks
+    seeds = sizes.seeds or quick.get("seeds") or test.seeds
+    tune_tasks = min(sizes.validation_tasks or tasks, tasks)
+    tune_seeds = min(sizes.validation_seeds or seeds, seeds)
+    if baseline is None:
+        name = test.baseline or baseline_name(task)
+        baseline = Baseline(name, lambda _: (task, builtin_loss(task, name, fixed).fn))
+    keys: list[int | None] = list(context.artifact_paths[recipe_name]) if baseline.per_meta_seed else [None]
+    counted: dict[int, tuple[Task, int]] = {id(task): (task, task.environment_samples)}  # task → samples before
 
-    name = label or f"{recipe_name} on {task.name}"
+    def samples() -> int:
+        return sum(t.environment_samples - before for t, before in counted.values())
+
+    def tune(on: Task, loss: NamedLoss) -> tuple[float, dict[float, float]]:
+        return tune_interior(on, loss, fixed, tune_tasks, tune_seeds, steps, metric, sizes)
+
+    shown_label = label or f"{recipe_name} on {task.name}"
     context.say(
-        f"comparing {name}: tuning the rates of {1 + len(context.artifact_paths[recipe_name])} losses on "
-        f"{validation['tasks']} validation tasks × {validation['seeds']} seeds"
+        f"comparing {shown_label}: tuning the rates of {len(keys) + len(context.artifact_paths[recipe_name])} "
+        f"losses on {tune_tasks} validation tasks × {tune_seeds} seeds"
     )
-
-    def tune(loss: NamedLoss) -> tuple[float, dict[float, float]]:
-        return tune_interior(
-            task, loss, fixed, validation["tasks"], validation["seeds"], steps, metric, half_width=exp.lr_half_width
-        )
-
     started = time.perf_counter()
-    base_tuned, base_scores = tune(builtin_loss(task, base, fixed))
+    base: dict[int | None, tuple[Task, NamedLoss, float, dict[float, float]]] = {}
+    for key in keys:
+        base_task, fn = baseline.make(key)
+        counted.setdefault(id(base_task), (base_task, base_task.environment_samples))
+        loss = NamedLoss(baseline.name, fn, fixed, "builtin")
+        base[key] = (base_task, loss, *tune(base_task, loss))
     learned: dict[int, NamedLoss] = {}
     learned_tuned: dict[int, tuple[float, dict[float, float]]] = {}
     for m, path in context.artifact_paths[recipe_name].items():
         learned[m] = LossSpec(str(path)).resolve(task, fixed, task.device).named
-        learned_tuned[m] = tune(learned[m])
-    tuning_seconds = time.perf_counter() - started
+        learned_tuned[m] = tune(task, learned[m])
+    tuning_seconds, tuning_samples = time.perf_counter() - started, samples()
     context.say(f"  tuned in {tuning_seconds:.0f} s; testing on {tasks} tasks × {seeds} seeds")
 
     def at(loss: NamedLoss, lr: float, label: str) -> NamedLoss:
         return dataclasses.replace(loss, lr=lr, label=label)
 
-    candidates = [
-        builtin_loss(task, base, fixed, "baseline@fixed"),
-        builtin_loss(task, base, base_tuned, "baseline@tuned"),
-    ]
+    candidates = []
     for m, loss in learned.items():
         candidates += [at(loss, fixed, f"learned{m}@fixed"), at(loss, learned_tuned[m][0], f"learned{m}@tuned")]
     started = time.perf_counter()
     curves = {c.label: c for c in evaluate(task, candidates, tasks, seeds, steps, seed=0)}
+    for key, (base_task, loss, tuned_lr, _) in base.items():
+        tag = "baseline" if key is None else f"baseline{key}"
+        pair = [at(loss, fixed, f"{tag}@fixed"), at(loss, tuned_lr, f"{tag}@tuned")]
+        curves.update({c.label: c for c in evaluate(base_task, pair, tasks, seeds, steps, seed=0)})
     test_seconds = time.perf_counter() - started
+    if curves_out is not None:
+        curves_out.update(curves)
 
-    def final(label: str) -> np.ndarray:
-        return metric_at(curves[label], steps, metric)
+    extras: dict[str, Any] = {  # the task's other report metrics (e.g. accuracy) after the last step
+        "report_metrics": {
+            label: {name: float(metric_at(c, steps, name).mean()) for name in c.extras} for label, c in curves.items()
+        }
+    }
+    if not any(extras["report_metrics"].values()):
+        del extras["report_metrics"]
+    extras.update(extra(curves) if extra is not None else {})
+    total = samples()
+    context.count_samples(total)
+    if total:
+        extras["environment_samples"] = {"tuning": tuning_samples, "test": total - tuning_samples}
 
-    def stack(kind: str) -> np.ndarray:
-        return np.stack([final(f"learned{m}@{kind}") for m in learned])
+    def per_key(values: dict[int | None, Any]) -> Any:
+        return values[None] if keys == [None] else {str(m): value for m, value in values.items()}
 
-    same = Paired.of(stack("fixed"), final("baseline@fixed"))
-    tuned = Paired.of(stack("tuned"), final("baseline@tuned"))
-    shown = [s for s in report_steps if s <= steps] + ([steps] if steps not in report_steps else [])
-    return {
-        "recipe": recipe_name,
-        "label": name,
-        "task": task.name,
-        "metric": metric or task.metric,
-        "baseline": base,
-        "steps": steps,
-        "tasks": tasks,
-        "test_seeds": seeds,
-        "meta_seeds": list(learned),
-        "lr": {
+    return comparison_record(
+        recipe=recipe_name,
+        label=shown_label,
+        task=task.name,
+        metric=metric or task.metric,
+        report_metric=metric,
+        baseline=baseline.name,
+        steps=steps,
+        tasks=tasks,
+        seeds=seeds,
+        meta_seeds=list(learned),
+        curves=curves,
+        lr={
             "fixed": fixed,
-            "validation": validation,
-            "baseline_tuned": base_tuned,
-            "baseline_scores": base_scores,
+            "baseline_tuned": per_key({key: b[2] for key, b in base.items()}),
+            "baseline_scores": per_key({key: b[3] for key, b in base.items()}),
             "learned_tuned": {str(m): lr for m, (lr, _) in learned_tuned.items()},
             "learned_scores": {str(m): scores for m, (_, scores) in learned_tuned.items()},
+            "validation": {"tasks": tune_tasks, "seeds": tune_seeds},
+            "grid": {"span_decades": sizes.grid_span, "step_decades": sizes.grid_step},
         },
-        "final": {  # [meta-train seed][test seed] for the learned losses, [test seed] for the baseline
-            "learned_fixed": stack("fixed").tolist(),
-            "learned_tuned": stack("tuned").tolist(),
-            "baseline_fixed": final("baseline@fixed").tolist(),
-            "baseline_tuned": final("baseline@tuned").tolist(),
-        },
-        "curves": {
-            label: {str(s): float(metric_at(c, s, metric).mean()) for s in shown} for label, c in curves.items()
-        },
-        "same_lr": dataclasses.asdict(same),
-        "tuned": dataclasses.asdict(tuned),
-        "verdict": verdict(same, tuned),
-        "seconds": {"tuning": round(tuning_seconds, 2), "test": round(test_seconds, 2)},
-        # the task's other report metrics (e.g. accuracy) of every loss after the last step, mean over test seeds
-        "extra": {
-            "report_metrics": {
-                label: {name: float(metric_at(c, steps, name).mean()) for name in c.extras}
-                for label, c in curves.items()
-            }
-        },
-    }
+        seconds={"tuning": round(tuning_seconds, 2), "test": round(test_seconds, 2)},
+        report_steps=report_steps,
+        extra=extras,
+        control=control,
+    )
 
 
 def metric_at(curves: LossCurves, step: int, metric: str | None = None) -> np.ndarray:
     """Per test seed, the mean over its tasks of the task metric (or the report metric ``metric``) at ``step``."""
     return curves.at(step) if metric is None else curves.extras[metric][:, :, step].mean(axis=1)
+
+
+def comparison_record(
+    *,
+    recipe: str,
+    label: str,
+    task: str,
+    metric: str,
+    baseline: str,
+    steps: int,
+    tasks: int,
+    seeds: int,
+    meta_seeds: Sequence[int],
+    curves: Mapping[str, LossCurves],
+    lr: dict[str, Any],
+    seconds: dict[str, float],
+    report_steps: Sequence[int] = (0, 1, 10, 50, 100),
+    report_metric: str | None = None,
+    extra: dict[str, Any] | None = None,
+    control: bool = False,
+) -> dict[str, Any]:
+    """A comparison as ``results.json`` stores it, from the test curves (:func:`compare_losses`, or a protocol of
+    its own).
+
+    ``curves`` holds ``learned{m}@fixed`` and ``learned{m}@tuned`` for every meta-train seed m, and the baseline's
+    as ``baseline@fixed`` / ``baseline@tuned``, or, for a baseline per meta-train seed (another learned loss, a
+    model learned with that seed), ``baseline{m}@fixed`` / ``baseline{m}@tuned``: each is then paired with the
+    learned loss of its seed, and ``baseline@…`` in the stored curves is their mean. ``lr`` as in
+    :func:`compare_losses` (``baseline_tuned`` a dict per meta-train seed for a baseline per seed). The final metric
+    is read at ``steps`` (the task loss, or the report metric ``report_metric``, named ``metric``)."""
+    per_seed = "baseline@fixed" not in curves
+
+    def final(label: str) -> np.ndarray:
+        return metric_at(curves[label], steps, report_metric)
+
+    def stack(kind: str) -> np.ndarray:
+        return np.stack([final(f"learned{m}@{kind}") for m in meta_seeds])
+
+    def base(kind: str) -> np.ndarray:
+        return np.stack([final(f"baseline{m}@{kind}") for m in meta_seeds]) if per_seed else final(f"baseline@{kind}")
+
+    same = Paired.of(stack("fixed"), base("fixed"))
+    tuned = Paired.of(stack("tuned"), base("tuned"))
+    shown = [s for s in report_steps if s <= steps] + ([steps] if steps not in report_steps else [])
+    table = {
+        label: {str(s): float(metric_at(c, s, report_metric).mean()) for s in shown} for label, c in curves.items()
+    }
+    if per_seed:  # the figure and the tables read baseline@…: the mean over meta-train seeds
+        for kind in ("fixed", "tuned"):
+            table[f"baseline@{kind}"] = {
+                str(s): float(np.mean([table[f"baseline{m}@{kind}"][str(s)] for m in meta_seeds])) for s in shown
+            }
+    return {
+        "recipe": recipe,
+        "label": label,
+        "task": task,
+        "metric": metric,
+        "baseline": baseline,
+        "steps": steps,
+        "tasks": tasks,
+        "test_seeds": seeds,
+        "meta_seeds": list(meta_seeds),
+        "lr": lr,
+        "final": {  # [meta-train seed][test seed]; the baseline's [test seed], or [meta-train seed][test seed]
+            "learned_fixed": stack("fixed").tolist(),
+            "learned_tuned": stack("tuned").tolist(),
+            "baseline_fixed": base("fixed").tolist(),
+            "baseline_tuned": base("tuned").tolist(),
+        },
+        "curves": table,
+        "same_lr": dataclasses.asdict(same),
+        "tuned": dataclasses.asdict(tuned),
+        "verdict": verdict(same, tuned),
+        "seconds": seconds,
+        "extra": extra or {},
+        "control": control,
+    }
 
 
 def verdict(same: Paired, tuned: Paired) -> dict[str, str]:
@@ -382,8 +519,10 @@ def verdict(same: Paired, tuned: Paired) -> dict[str, str]:
 
 
 def overall_verdict(comparisons: Sequence[dict[str, Any]]) -> str:
-    """All comparisons reproduced → reproduced; none better in any sense → not reproduced; else partly."""
-    found = [c["verdict"]["verdict"] for c in comparisons]
+    """All comparisons reproduced → reproduced; none better in any sense → not reproduced; else partly. Controls
+    (``control``: a comparison shown beside the claim, not part of it) do not count."""
+    judged = [c for c in comparisons if not c.get("control")] or list(comparisons)
+    found = [c["verdict"]["verdict"] for c in judged]
     if found and all(v == "reproduced" for v in found):
         return "reproduced"
     if all(v == "not reproduced" for v in found):
@@ -458,6 +597,9 @@ class ComparisonRecord(BaseModel):
     #: what an experiment reports beyond the learned-vs-baseline comparison (another baseline such as iLQR or PPO,
     #: samples to 80% of the final gain, ...), named by the experiment
     extra: dict[str, Any] = {}
+    #: a control shown beside the claim (e.g. a loss learned WITHOUT the extra information against the baseline,
+    #: where the paper expects no gain): it has its verdict, but the experiment's verdict leaves it out
+    control: bool = False
 
 
 class ResultsRecord(BaseModel):

@@ -32,6 +32,8 @@ Data sheet
     on g (the public reference's reacher task loss is in joint space).
     Hand-written loss: ``final_distance``, the mean of the ``final_distance`` input (the task loss through P with
     ``model_gradient: true``; without it, its gradient is zero: there is no model at meta-test).
+    Environment samples (``Task.environment_samples``): every step of the REAL system, one per task and time step
+    (P's random-rollout data and refits at meta-train, every collected rollout at meta-test); steps in P are free.
 """
 
 from __future__ import annotations
@@ -239,6 +241,7 @@ class GoalReachingTask(Task):
     def policy_rollout(self, theta: Theta, goal: Tensor, start: Tensor) -> Tensor:
         """States ``[n, T + 1, 4]`` of the batch of policies θ on the real system (no gradient)."""
         act_all = vmap(self.act)
+        self.environment_samples += start.shape[0] * self.horizon
         with torch.no_grad():
             return self.real_rollout(lambda t, s: act_all(theta, s, goal), start, goal)
 
@@ -248,6 +251,7 @@ class GoalReachingTask(Task):
         chunks = -(-self.horizon // hold)
         actions = (2 * torch.rand(n, chunks, 1, 2, generator=generator) - 1) * self.max_action
         actions = actions.expand(n, chunks, hold, 2).reshape(n, chunks * hold, 2)[:, : self.horizon]
+        self.environment_samples += n * self.horizon
         states = self.real_rollout(lambda t, s: actions[:, t], start, torch.zeros(n, 2))
         return states, actions
 

@@ -29,6 +29,9 @@ Data sheet
     loss is ‖s_{0:15} − g_int‖ + ‖s_{15:T} − g‖ over the stacked states).
     Reported at meta-test: the final position x_T and whether x_T ≥ ``reach_x`` (0.45).
     Hand-written loss: ``final_distance`` (the task loss itself, descended directly: the "direct task loss").
+    Environment samples (``Task.environment_samples``): every step of the car this task takes, one per task and
+    time step, for loss inputs, task loss, shaping terms and report metrics alike (the car is the environment, and a
+    rollout recomputed for another purpose is counted again).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_
 from torch import Tensor, nn
 
 from ml3cli.envs.mountain_car import GOAL, HORIZON, INTERMEDIATE_GOAL, INTERMEDIATE_STEPS, START, MountainCar
+from ml3cli.functional import vmap_batch_size
 from ml3cli.metaloss import ACTIVATIONS, LossInput
 from ml3cli.tasks.base import Task, TaskOptions, Theta
 
@@ -170,6 +174,7 @@ class MountainCarTask(Task):
 
     def rollout(self, theta: Theta, task: CarBatch) -> tuple[Tensor, Tensor]:
         """States ``[T + 1, 2]`` and actions ``[T, 1]`` of π_θ from the task's start (ONE task)."""
+        self.environment_samples += vmap_batch_size(task.start) * self.options.horizon
         return self.car.rollout(lambda s: self.predict(theta, s), task.start, self.options.horizon)
 
     def loss_inputs(self, theta: Theta, task: CarBatch) -> dict[str, Tensor]:

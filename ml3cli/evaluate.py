@@ -7,7 +7,7 @@ losses are paired. The recorded metric is the task's own task loss on held-out q
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,12 +71,16 @@ def train_curve(
     steps: int,
     report: bool = False,
     gen: torch.Generator | None = None,
+    record_at: Collection[int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Train a batch of optimizees with ``loss_fn`` for ``steps`` SGD steps.
 
     Returns the task loss ``[steps + 1, n]`` and, with ``report``, each of the task's report metrics likewise.
     A task that ``collects_data`` gathers fresh data with the current θ (from ``gen``) before every step and
-    every measurement.
+    every measurement. ``record_at``: the steps to measure besides the last (NaN at the others; None: every
+    step), for a protocol that reads a few steps of a long run (measuring can cost as much as the step). A task
+    that collects data is measured at every step whatever ``record_at`` says: its measurement rollouts draw from
+    the generator its training rollouts draw from, so skipping one would change the training.
     """
     if task.collects_data and gen is None:
         raise ValueError(f"task {task.name!r} collects data and needs a generator")
@@ -84,22 +88,33 @@ def train_curve(
     step_fn = vmap(lambda theta, batch: sgd_step(task, loss_fn, theta, batch, lr))
     metric_fn = vmap(task.task_loss)
     report_fn = vmap(task.report_metrics) if report else None
-    history: list[torch.Tensor] = []
-    extras: dict[str, list[torch.Tensor]] = {}
+    history: list[torch.Tensor | None] = []
+    extras: dict[str, list[torch.Tensor | None]] = {}
+    every = record_at is None or task.collects_data
+    wanted = {*(record_at or ()), steps}
 
-    def record(theta) -> None:
+    def record(theta, step: int) -> None:
+        if not every and step not in wanted:
+            history.append(None)
+            for values in extras.values():
+                values.append(None)
+            return
         measured = gather(theta, "task_loss") if gather is not None else batch
         history.append(metric_fn(theta, measured))
         if report_fn is not None:
             for name, values in report_fn(theta, measured).items():
-                extras.setdefault(name, []).append(values)
+                extras.setdefault(name, [None] * (len(history) - 1)).append(values)
+
+    def stack(values: list[torch.Tensor | None]) -> torch.Tensor:
+        shape = next(v for v in values if v is not None)
+        return torch.stack([torch.full_like(shape, math.nan) if v is None else v for v in values])
 
     with torch.no_grad():
-        for _ in range(steps):
-            record(theta)
+        for step in range(steps):
+            record(theta, step)
             theta = step_fn(theta, gather(theta, "inner") if gather is not None else batch)
-        record(theta)
-    return torch.stack(history), {name: torch.stack(values) for name, values in extras.items()}
+        record(theta, steps)
+    return stack(history), {name: stack(values) for name, values in extras.items()}
 
 
 def has_report_metrics(task: Task) -> bool:
@@ -116,13 +131,14 @@ def evaluate(
     seed: int = 0,
     on_seed: Callable[[int], None] | None = None,
     stream: str = "test",
+    record_at: Collection[int] | None = None,
 ) -> list[LossCurves]:
     """Meta-test every loss on ``tasks`` test tasks for each seed: ``seeds`` the seeds themselves, or a count of
     seeds from ``seed`` on (``seed``, ``seed + 1``, …). Seed s draws its tasks and θ₀ from the random stream
     ``stream`` of s (:func:`ml3cli.runtime.stream_seed`: never the draws of meta-training, and ``validation``
     never those of ``test``).
 
-    ``on_seed(done)`` is called after each seed (for progress bars).
+    ``on_seed(done)`` is called after each seed (for progress bars). ``record_at``: see :func:`train_curve`.
     """
     values: dict[str, list[np.ndarray]] = {loss.label: [] for loss in losses}
     extras: dict[str, dict[str, list[np.ndarray]]] = {loss.label: {} for loss in losses}
@@ -135,7 +151,7 @@ def evaluate(
         after_draws = gen.get_state()
         for loss in losses:
             gen.set_state(after_draws)  # every loss sees the same rollout randomness (paired comparisons)
-            curve, reported = train_curve(task, loss.fn, theta, batch, loss.lr, steps, report, gen)
+            curve, reported = train_curve(task, loss.fn, theta, batch, loss.lr, steps, report, gen, record_at)
             values[loss.label].append(curve.T.cpu().double().numpy())
             for name, series in reported.items():
                 extras[loss.label].setdefault(name, []).append(series.T.cpu().double().numpy())

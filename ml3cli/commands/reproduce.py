@@ -125,7 +125,10 @@ def print_summary(console: Console, document: dict[str, Any]) -> None:
                 fmt(paired["mean"]), f"{fmt(paired['low'])} … {fmt(paired['high'])}",
             )  # fmt: skip
         console.print(table)
-        console.print(f"verdict: [bold]{c['verdict']['verdict']}[/]: {c['verdict']['why']}")
+        control = (
+            " (a control: not part of the claim, left out of the experiment's verdict)" if c.get("control") else ""
+        )
+        console.print(f"verdict: [bold]{c['verdict']['verdict']}[/]: {c['verdict']['why']}{control}")
     console.print(
         f"[bold]{document['experiment']}: {document['verdict']}[/] ({document['wall_seconds']['total']:.0f} s)"
     )
@@ -139,9 +142,12 @@ def summarize(comparison: dict[str, Any], kind: str) -> dict[str, Any]:
     learned = np.array(comparison["final"][f"learned_{kind}"]).mean(axis=1)
     lr = comparison["lr"]
     learned_lrs = sorted(set(lr["learned_tuned"].values())) if kind == "tuned" else [lr["fixed"]]
+    # a baseline per meta-train seed (one learned with it) has a tuned rate per seed
+    base_lr = lr["baseline_tuned"] if kind == "tuned" else lr["fixed"]
+    base_lrs = sorted(set(base_lr.values())) if isinstance(base_lr, dict) else [base_lr]
     return {
         "baseline": float(np.mean(comparison["final"][f"baseline_{kind}"])),
-        "baseline_lr": f"{lr['fixed'] if kind == 'fixed' else lr['baseline_tuned']:.3g}",
+        "baseline_lr": "/".join(f"{v:.3g}" for v in base_lrs),
         "learned": float(learned.mean()),
         "learned_sd": float(learned.std(ddof=1)) if learned.size > 1 else float("nan"),
         "learned_lr": "/".join(f"{v:.3g}" for v in learned_lrs),
@@ -152,7 +158,7 @@ def list_experiments(console: Console) -> None:
     """Every experiment: paper section, recipes, meta-train seeds and the measured wall time of its last runs."""
     table = Table(title="ml3 reproduce: the paper's experiments", title_justify="left")
     for column in ("name", "paper", "recipes", "seeds", "full", "--quick"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "name")  # the name is what to type: never broken
     for name in REPRODUCIBLE:
         exp = experiment(name)
         table.add_row(

@@ -22,7 +22,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -184,9 +184,8 @@ def validation_scores(
     """The final metric of ``loss`` at each rate, on tasks of the ``validation`` stream (diverging: +inf)."""
     candidates = [dataclasses.replace(loss, lr=lr, label=f"lr {lr!r}") for lr in lrs]
     scores = {}
-    for lr, curves in zip(
-        lrs, evaluate(task, candidates, tasks, seeds, steps, seed=0, stream="validation"), strict=True
-    ):
+    found = evaluate(task, candidates, tasks, seeds, steps, seed=0, stream="validation", record_at=())
+    for lr, curves in zip(lrs, found, strict=True):
         value = float(metric_at(curves, steps, metric).mean())
         scores[lr] = value if math.isfinite(value) else math.inf
     return scores
@@ -194,16 +193,27 @@ def validation_scores(
 
 def tune_interior(
     task, loss: NamedLoss, center: float, tasks: int, seeds: int, steps: int, metric: str | None = None,
-    max_widenings: int = 3,
+    max_widenings: int = 3, half_width: int = 4,
 ) -> tuple[float, dict[float, float]]:  # fmt: skip
-    """The rate with the lowest final validation metric, on a grid widened (by two half-decades at the edge that
-    won) until the choice is interior or ``max_widenings`` are spent. Returns the rate and every score."""
-    grid = lr_grid(center)
+    """The rate with the lowest final validation metric, on a grid (``half_width`` half-decades either side of
+    ``center``) widened by two half-decades at the edge that won until the choice is interior or ``max_widenings``
+    are spent. Returns the rate and every score."""
+    return widen_until_interior(
+        lambda lrs: validation_scores(task, loss, lrs, tasks, seeds, steps, metric), center, max_widenings, half_width
+    )
+
+
+def widen_until_interior(
+    score: Callable[[list[float]], dict[float, float]], center: float, max_widenings: int = 3, half_width: int = 4
+) -> tuple[float, dict[float, float]]:
+    """:func:`tune_interior` for any ``score(lrs) → {lr: final validation metric}`` (lower is better; +inf for a
+    diverging rate), e.g. of a baseline that is not a loss over the task's inputs."""
+    grid = lr_grid(center, half_width)
     scores: dict[float, float] = {}
     for _ in range(max_widenings + 1):
         todo = [lr for lr in grid if lr not in scores]
         if todo:
-            scores.update(validation_scores(task, loss, todo, tasks, seeds, steps, metric))
+            scores.update(score(todo))
         ordered = sorted(scores)
         best = min(ordered, key=lambda lr: scores[lr])
         if best == ordered[0]:
@@ -336,6 +346,82 @@ def metric_at(curves: LossCurves, step: int, metric: str | None = None) -> np.nd
     return curves.at(step) if metric is None else curves.extras[metric][:, :, step].mean(axis=1)
 
 
+def comparison_record(
+    *,
+    recipe: str,
+    label: str,
+    task: str,
+    metric: str,
+    baseline: str,
+    steps: int,
+    tasks: int,
+    seeds: int,
+    meta_seeds: Sequence[int],
+    curves: Mapping[str, LossCurves],
+    lr: dict[str, Any],
+    seconds: dict[str, float],
+    report_steps: Sequence[int] = (0, 1, 10, 50, 100),
+    report_metric: str | None = None,
+    extra: dict[str, Any] | None = None,
+    control: bool = False,
+) -> dict[str, Any]:
+    """A comparison as :func:`compare_losses` writes it, from curves measured by a protocol of its own.
+
+    ``curves`` holds ``learned{m}@fixed`` and ``learned{m}@tuned`` for every meta-train seed m, and the baseline's
+    as ``baseline@fixed`` / ``baseline@tuned``, or, for a baseline per meta-train seed (another learned loss, a
+    model learned with that seed), ``baseline{m}@fixed`` / ``baseline{m}@tuned``: each is then paired with the
+    learned loss of its seed, and ``baseline@…`` in the stored curves is their mean. ``lr`` as in
+    :func:`compare_losses` (``baseline_tuned`` a dict per meta-train seed for a baseline per seed). The final metric
+    is read at ``steps`` (the task loss, or the report metric ``report_metric``, named ``metric``)."""
+    per_seed = "baseline@fixed" not in curves
+
+    def final(label: str) -> np.ndarray:
+        return metric_at(curves[label], steps, report_metric)
+
+    def stack(kind: str) -> np.ndarray:
+        return np.stack([final(f"learned{m}@{kind}") for m in meta_seeds])
+
+    def base(kind: str) -> np.ndarray:
+        return np.stack([final(f"baseline{m}@{kind}") for m in meta_seeds]) if per_seed else final(f"baseline@{kind}")
+
+    same = Paired.of(stack("fixed"), base("fixed"))
+    tuned = Paired.of(stack("tuned"), base("tuned"))
+    shown = [s for s in report_steps if s <= steps] + ([steps] if steps not in report_steps else [])
+    table = {
+        label: {str(s): float(metric_at(c, s, report_metric).mean()) for s in shown} for label, c in curves.items()
+    }
+    if per_seed:  # the figure and the tables read baseline@…: the mean over meta-train seeds
+        for kind in ("fixed", "tuned"):
+            table[f"baseline@{kind}"] = {
+                str(s): float(np.mean([table[f"baseline{m}@{kind}"][str(s)] for m in meta_seeds])) for s in shown
+            }
+    return {
+        "recipe": recipe,
+        "label": label,
+        "task": task,
+        "metric": metric,
+        "baseline": baseline,
+        "steps": steps,
+        "tasks": tasks,
+        "test_seeds": seeds,
+        "meta_seeds": list(meta_seeds),
+        "lr": lr,
+        "final": {
+            "learned_fixed": stack("fixed").tolist(),
+            "learned_tuned": stack("tuned").tolist(),
+            "baseline_fixed": base("fixed").tolist(),
+            "baseline_tuned": base("tuned").tolist(),
+        },
+        "curves": table,
+        "same_lr": dataclasses.asdict(same),
+        "tuned": dataclasses.asdict(tuned),
+        "verdict": verdict(same, tuned),
+        "seconds": seconds,
+        "extra": extra or {},
+        "control": control,
+    }
+
+
 def verdict(same: Paired, tuned: Paired) -> dict[str, str]:
     """Tuned against tuned decides; the same-rate comparison explains a partial result."""
     if tuned.significant:
@@ -349,8 +435,10 @@ def verdict(same: Paired, tuned: Paired) -> dict[str, str]:
 
 
 def overall_verdict(comparisons: Sequence[dict[str, Any]]) -> str:
-    """All comparisons reproduced → reproduced; none better in any sense → not reproduced; else partly."""
-    found = [c["verdict"]["verdict"] for c in comparisons]
+    """All comparisons reproduced → reproduced; none better in any sense → not reproduced; else partly. Controls
+    (``control``: a comparison shown beside the claim, not part of it) do not count."""
+    judged = [c for c in comparisons if not c.get("control")] or list(comparisons)
+    found = [c["verdict"]["verdict"] for c in judged]
     if found and all(v == "reproduced" for v in found):
         return "reproduced"
     if all(v == "not reproduced" for v in found):
@@ -425,6 +513,9 @@ class ComparisonRecord(BaseModel):
     #: what an experiment reports beyond the learned-vs-baseline comparison (another baseline such as iLQR or PPO,
     #: samples to 80% of the final gain, ...), named by the experiment
     extra: dict[str, Any] = {}
+    #: a control shown beside the claim (e.g. a loss learned WITHOUT the extra information against the baseline,
+    #: where the paper expects no gain): it has its verdict, but the experiment's verdict leaves it out
+    control: bool = False
 
 
 class ResultsRecord(BaseModel):

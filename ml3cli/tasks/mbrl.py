@@ -239,6 +239,7 @@ class GoalReachingTask(Task):
     def policy_rollout(self, theta: Theta, goal: Tensor, start: Tensor) -> Tensor:
         """States ``[n, T + 1, 4]`` of the batch of policies θ on the real system (no gradient)."""
         act_all = vmap(self.act)
+        self.environment_samples += start.shape[0] * self.horizon
         with torch.no_grad():
             return self.real_rollout(lambda t, s: act_all(theta, s, goal), start, goal)
 

@@ -293,3 +293,56 @@ def test_meta_train_then_transfer_the_reacher_loss_to_the_sawyer(monkeypatch, ca
     )  # fmt: skip
     assert result.code == 0, result.output
     assert "inertia_error" in result.output
+
+
+# -- ml3 reproduce inverse_dynamics ----------------------------------------------------------------------------
+#: the four recipes shrunk to seconds: tiny data sets and networks, 2 outer steps, 5 SGD steps at meta-test
+TINY_REPRODUCE = (
+    "outer.steps=2", "inner.steps=2", "meta_loss.hidden=[8]",
+    *(f"{where}.{k}={v}" for where in ("task_options", "meta_test.task_options")
+      for k, v in {**TINY, "hidden": "[8]"}.items()),
+    "meta_test.steps=5",
+)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_reproduce_inverse_dynamics_writes_the_three_comparisons_per_robot(tmp_path, monkeypatch):
+    """Per robot: prior vs torque MSE, no prior vs torque MSE (a control), prior vs no prior paired seed with
+    seed; the experiment's verdict from the non-controls only; the data sets counted as environment samples."""
+    import dataclasses
+    import json
+
+    from rich.console import Console
+
+    from ml3cli.commands.options import ReproduceOptions
+    from ml3cli.commands.reproduce import reproduce
+    from ml3cli.experiments import experiment
+    from ml3cli.experiments.protocol import overall_verdict, validate_results
+
+    monkeypatch.chdir(tmp_path)
+    exp = dataclasses.replace(experiment("inverse_dynamics"), quick=TINY_REPRODUCE, quick_eval={"tasks": 2, "seeds": 2})
+    options = ReproduceOptions(quick=True, meta_seeds=2, jobs=2, out_dir=tmp_path / "out")
+    reproduce(exp, options, Console(quiet=True))
+    document = validate_results(json.loads((tmp_path / "out" / "results.json").read_text()), "results.json")
+    comparisons = document["comparisons"]
+    assert [c["control"] for c in comparisons] == [False, True, False] * 2
+    assert [c["recipe"] for c in comparisons] == [
+        "inverse_dynamics_reacher", "inverse_dynamics_reacher_noprior", "inverse_dynamics_reacher",
+        "inverse_dynamics_sawyer", "inverse_dynamics_sawyer_noprior", "inverse_dynamics_sawyer",
+    ]  # fmt: skip
+    assert document["verdict"] == overall_verdict([c for c in comparisons if not c["control"]])
+    for robot in (comparisons[:3], comparisons[3:]):
+        with_prior, without, learned_vs_learned = robot
+        assert learned_vs_learned["baseline"] == without["recipe"]
+        # the loss without the prior is the baseline, at the same rates and with the same numbers
+        assert learned_vs_learned["final"]["baseline_tuned"] == without["final"]["learned_tuned"]
+        assert learned_vs_learned["lr"]["baseline_tuned"] == without["lr"]["learned_tuned"]
+        assert with_prior["final"]["learned_tuned"] == learned_vs_learned["final"]["learned_tuned"]
+        assert with_prior["final"]["baseline_fixed"] == without["final"]["baseline_fixed"]  # MSE once per robot
+        assert learned_vs_learned["tuned"]["pairs"] == 4  # 2 meta-train seeds × 2 test seeds
+        # rates chosen on validation trajectories, interior or at the end of the widening
+        assert with_prior["lr"]["validation"]["data_seed"] != 0
+        assert set(with_prior["extra"]["inertia_error"]) >= {"baseline@tuned", "learned0@tuned"}
+    # 4 recipes × 2 seeds meta-trained on 3 trajectories × 40 samples; meta-test: test and validation per robot
+    assert document["environment_samples"] == {"meta_train": 8 * 120, "meta_test": 2 * 2 * 120}
+    assert (tmp_path / "out" / "figure.png").read_bytes()[:4] == b"\x89PNG"

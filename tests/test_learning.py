@@ -53,3 +53,15 @@ def test_reference_recipe_beats_mse_on_every_seed():
     learned, mse = learned_vs_mse(recipe, eval_seed=recipe.seed)
     assert len(learned) == recipe.meta_test.seeds
     assert (learned < mse).all(), f"learned {learned} vs mse {mse}"
+
+
+def test_record_at_measures_only_the_steps_asked_and_trains_the_same():
+    """``record_at`` leaves NaN where nothing is measured and the same numbers where something is."""
+    from ml3cli.losses import builtin_loss
+
+    task = make_task("sine_shifted", {"points": 16, "query_points": 16, "hidden": [8]})
+    loss = builtin_loss(task, "mse", 1e-2)
+    every = evaluate(task, [loss], 2, 2, 6)[0]
+    some = evaluate(task, [loss], 2, 2, 6, record_at=(0, 3))[0]
+    np.testing.assert_array_equal(some.values[:, :, [0, 3, 6]], every.values[:, :, [0, 3, 6]])
+    assert np.isnan(some.values[:, :, [1, 2, 4, 5]]).all()

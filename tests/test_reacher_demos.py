@@ -204,3 +204,64 @@ def test_behavioural_cloning_baselines_train_the_policy():
     assert all(
         v.shape == theta[k].shape and torch.isfinite(v).all() and not torch.equal(v, theta[k]) for k, v in moved.items()
     )
+
+
+def test_the_baseline_through_the_simulator_sees_the_real_distance_and_has_a_gradient():
+    """``model_gradient: true``: the final_distance input is the torch arm's rollout, equal to MuJoCo's, and the
+    hand-written loss on it has a gradient in θ (on the collected rollout it has none)."""
+    options = {"goals": [list(g) for g in TEST_GOALS[:2]], "demonstrations": False, "horizon": 12,
+               "policy_hidden": [8]}  # fmt: skip
+    real, through = make_task("reacher_demos", options), make_task("reacher_demos", {**options, "model_gradient": True})
+    gen = generator(0)
+    batch, theta = real.sample_tasks(2, gen), real.init_theta(2, gen)
+    one = {k: v[0] for k, v in theta.items()}
+    collected = real.collect(theta, batch, gen, "task_loss")
+    task = type(collected)(*(f[0] for f in collected))
+    assert real.environment_samples == 2 * 12  # two real rollouts of T steps
+    for which, expect_gradient in ((real, False), (through, True)):
+        loss = lambda th, which=which: which.builtin_losses["final_distance"](**which.loss_inputs(th, task))  # noqa: E731
+        value = float(loss(one))
+        assert value == pytest.approx(float(real.final_distance(task)) * real.position_scale, rel=1e-5)
+        gradient = torch.func.grad(loss)(one)
+        assert (sum(float(g.abs().sum()) for g in gradient.values()) > 0) == expect_gradient
+
+
+def test_the_demonstrations_are_counted_as_environment_samples(tmp_path):
+    task = tiny_demo_task(cache_dir=str(tmp_path))
+    task.demonstrations()
+    task.demonstrations()  # read once
+    assert task.environment_samples == 2 * 12
+
+
+@pytest.mark.slow
+def test_reproduce_reacher_demos_writes_the_comparison_the_cloning_baselines_and_figures(tmp_path, monkeypatch):
+    import dataclasses
+    import json
+
+    from rich.console import Console
+
+    from ml3cli.commands.options import ReproduceOptions
+    from ml3cli.commands.reproduce import reproduce
+    from ml3cli.experiments import experiment
+    from ml3cli.experiments.protocol import VERDICTS, validate_results
+
+    tiny = ("outer.steps=2", "outer.tasks=2", "meta_loss.hidden=[8]", "meta_test.steps=2",
+            *(f"{where}.{k}={v}" for where in ("task_options", "meta_test.task_options")
+              for k, v in (("horizon", 12), ("policy_hidden", "[8]"), ("expert_iterations", 10))))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    exp = dataclasses.replace(experiment("reacher_demos"), quick=tiny, quick_eval={"tasks": 3, "seeds": 2})
+    options = ReproduceOptions(quick=True, meta_seeds=2, jobs=2, out_dir=tmp_path / "out")
+    reproduce(exp, options, Console(quiet=True))
+    document = validate_results(json.loads((tmp_path / "out" / "results.json").read_text()), "results.json")
+    (comparison,) = document["comparisons"]
+    assert document["verdict"] in VERDICTS and comparison["baseline"] == "final distance through the simulator"
+    assert set(comparison["extra"]["cloning"]) == {
+        "behavioural cloning", "behavioural cloning on own rollouts (DAgger-like)"
+    }  # fmt: skip
+    for found in comparison["extra"]["cloning"].values():
+        assert len(found["final_tuned"]) == 2 and found["learned_tuned_minus_this_tuned"]["pairs"] == 4
+    # meta-train: 4 demonstrations and real rollouts; meta-test: real and simulated rollouts
+    assert document["environment_samples"]["meta_train"] > 2 * 4 * 12
+    assert document["environment_samples"]["meta_test"] > 0
+    for name in ("figure.png", "targets.png", "final_distance.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"

@@ -214,6 +214,7 @@ def _run_meta_train(
         curves = evaluate(
             test_task, [learned, builtin_loss(test_task, baseline, recipe.meta_test_lr)], test.tasks, test.seeds,
             test.steps, recipe.seed, on_seed=lambda done: progress.update(bar, completed=done),
+            record_at=(),  # only the final step is kept: measuring every step doubled a long meta-test
         )  # fmt: skip
     metrics = {
         "meta_train": {k: v for k, v in result.final.items() if k != "step"} | {"outer_steps": recipe.outer.steps},

@@ -87,12 +87,18 @@ def status_table(documents: list[dict[str, Any]]) -> str:
             fixed, tuned = summarize(c, "fixed"), summarize(c, "tuned")
             lines.append(
                 f"| [{c['label']}](docs/results.md#{document['experiment']}) | {document['paper']} "
-                f"| **{c['verdict']['verdict']}** | {cell(c['metric'])} after {c['steps']} steps "
+                f"| {verdict_cell(c)} | {cell(c['metric'])} after {c['steps']} steps "
                 f"| {fmt(fixed['learned'])} vs {fmt(fixed['baseline'])}, {difference(c['same_lr'])} "
                 f"| {fmt(tuned['learned'])} vs {fmt(tuned['baseline'])}, {difference(c['tuned'])} "
                 f"| {len(c['meta_seeds'])} | {measured(RESULTS / document['experiment'])} |"
             )
     return "\n".join(lines)
+
+
+def verdict_cell(comparison: dict[str, Any]) -> str:
+    """The verdict in bold; a control's (not part of the claim) plain and marked."""
+    found = comparison["verdict"]["verdict"]
+    return f"{found} (control)" if comparison.get("control") else f"**{found}**"
 
 
 def results_page(documents: list[dict[str, Any]]) -> str:
@@ -143,7 +149,10 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
                 f"| learned @ {kind} lr | {s['learned_lr']} | {fmt(s['learned'])} | {fmt(s['learned_sd'])} "
                 f"| {difference(paired)} | {paired['learned_better_on']}/{paired['pairs']} pairs |"
             )
-        lines += ["", f"Verdict: {c['verdict']['verdict']}: {c['verdict']['why']}.", ""]
+        control = (
+            " A control, not part of the claim: the experiment's verdict leaves it out." if c.get("control") else ""
+        )
+        lines += ["", f"Verdict: {c['verdict']['verdict']}: {c['verdict']['why']}.{control}", ""]
         lines += extra_lines(c)
     dirty = " (with uncommitted changes)" if prov.get("dirty") else ""
     lines += [

@@ -125,7 +125,10 @@ def print_summary(console: Console, document: dict[str, Any]) -> None:
                 fmt(paired["mean"]), f"{fmt(paired['low'])} … {fmt(paired['high'])}",
             )  # fmt: skip
         console.print(table)
-        console.print(f"verdict: [bold]{c['verdict']['verdict']}[/]: {c['verdict']['why']}")
+        control = (
+            " (a control: not part of the claim, left out of the experiment's verdict)" if c.get("control") else ""
+        )
+        console.print(f"verdict: [bold]{c['verdict']['verdict']}[/]: {c['verdict']['why']}{control}")
     console.print(
         f"[bold]{document['experiment']}: {document['verdict']}[/] ({document['wall_seconds']['total']:.0f} s)"
     )
@@ -155,7 +158,7 @@ def list_experiments(console: Console) -> None:
     """Every experiment: paper section, recipes, meta-train seeds and the measured wall time of its last runs."""
     table = Table(title="ml3 reproduce: the paper's experiments", title_justify="left")
     for column in ("name", "paper", "recipes", "seeds", "full", "--quick"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "name")  # the name is what to type: never broken
     for name in REPRODUCIBLE:
         exp = experiment(name)
         table.add_row(

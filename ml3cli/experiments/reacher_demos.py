@@ -1,35 +1,54 @@
-"""Loss shaping with expert demonstrations (paper, section 4.2.4, figure 6c–d): the learned loss against behavioural
-cloning on ReacherGoal (task ``reacher_demos``, recipe ``reacher_demos.yaml``; the table and figures:
-``benchmarks/reacher_demos.py``). The iLQR experts behind the demonstrations are data of the task
-(:mod:`ml3cli.control.reacher_expert`).
+"""Loss shaping with expert demonstrations (paper, section 4.2.4, figure 6c–d): a loss meta-trained with a
+behavioural-cloning task loss on iLQR demonstrations for 4 fingertip targets trains fresh ReacherGoal policies
+toward 6 NEW targets, for which no expert exists, with M_φ alone.
 
-Meta-test protocol, per evaluation seed s (θ₀ from ``generator(seed + s)`` exactly as
-:func:`ml3cli.evaluate.evaluate` draws them, so every method starts each target from the same θ₀):
+Task ``reacher_demos`` (:mod:`ml3cli.tasks.reacher_demos`: gymnasium's Reacher in MuJoCo, policies rolled out on
+the real arm, no model), recipe ``reacher_demos``, 3 meta-train seeds. The iLQR experts behind the
+demonstrations are data of the task (:mod:`ml3cli.control.reacher_expert`, solved once and cached under
+``$ML3_CACHE_DIR/reacher_demos``).
 
-* **learned**: a fresh policy per target is trained with M_φ only (``reacher_demos`` with ``demonstrations:
-  false``: no expert exists); before each update it is rolled out on the real arm and M_φ sees that trajectory.
-* **behavioural cloning** (figure 6d's baseline): the same fresh policy π_θ(s, g) trained by SGD on the
-  behavioural-cloning loss pooled over the demonstrations of the meta-TRAIN targets,
-  mean_i Σ_t ‖π_θ(s^E_{i,t}, g_i) − u^E_{i,t}‖² / max_action², then run on its (test) target. Nothing of the test
-  target enters its training: BC generalises through the goal input g. At the learned loss's learning rate and at
-  its own best rate from ``bc_lrs``, chosen by BC's final distance on the meta-train targets (its own data).
-* **behavioural cloning on own rollouts** (DAgger-like, a stronger baseline that gets what the recipe's
-  ``bc_states: policy`` meta-training got): each update rolls the policy out toward every meta-train target and
-  fits the expert's feedback law on those states (the meta-train task loss used directly as a training loss),
-  then the policy is run on its test target. Same learning rates.
+Comparison (:func:`run`), on the recipe's 6 meta-test targets × 3 test seeds, 50 policy updates from the same θ₀:
 
-Every curve is the REAL final fingertip distance ‖p_T − g‖ after 0 … ``updates`` updates, per seed and target.
+* **learned** (seed m): a fresh policy per target trained with M_φ only; before each update it is rolled out on
+  the real arm and M_φ sees that trajectory (``demonstrations: false``: nothing of an expert at meta-test).
+* **final distance through the simulator** (the task's own loss as the baseline): the same policy trained by SGD
+  on the final distance of its rollout in the torch copy of the arm (``model_gradient: true``:
+  :class:`~ml3cli.envs.reacher_torch.TorchReacherArm`, MuJoCo's equations, exact), differentiated through the
+  simulator: an oracle gradient the learned loss never gets.
+* Both at the recipe's rate (0.1) and each at its own rate chosen on validation tasks of the test family (the
+  same 6 targets, the family is a fixed list, with θ₀ from the ``validation`` stream, 1 seed:
+  :data:`VALIDATION_SEEDS`), on a grid of five rates half a decade apart around 0.1, widened while an edge wins.
+
+Metric: the REAL final fingertip distance ‖p_T − g‖ after 0/1/10/50 updates. ``extra``: the behavioural-cloning
+baselines of figure 6d (:func:`cloning_baselines`), at the learned loss's fixed rate and at their own rates
+chosen on the same validation tasks, with the paired difference learned − baseline at tuned rates:
+
+* **behavioural cloning**: the fresh policy π_θ(s, g) trained by SGD on the behavioural-cloning loss pooled over
+  the demonstrations of the meta-TRAIN targets, mean_i Σ_t ‖π_θ(s^E_{i,t}, g_i) − u^E_{i,t}‖² / max_action², then
+  run on its (test) target: it generalises through the goal input g;
+* **behavioural cloning on own rollouts** (DAgger-like, what the recipe's ``bc_states: policy`` meta-training
+  got): each update rolls the policy out toward every meta-train target and fits the expert's feedback law on
+  those states, then the policy is run on its test target.
+
+Changed from the former script: the curves on the meta-train targets are gone (the claim is about new targets),
+and the cloning baselines are tuned on the validation tasks like every other loss, not on the meta-train targets.
+
+Environment samples: at meta-train, the demonstrations (T = 65 real steps per target) and every real rollout; at
+meta-test, every real rollout (the learned loss's inputs, each measurement, the DAgger-like baseline's rollouts;
+the baseline through the simulator also collects a real rollout per update, which its loss ignores) and the
+baseline's differentiable rollouts in the simulator (one per task and update), tuning and figures included.
 
 Figures: 6c, the targets in end-effector space with the experts' and the learned loss's fingertip paths
-(:func:`targets_figure`, paths from :func:`trained_paths`); 6d, the final distance against updates
-(:func:`ml3cli.plots.distance_curves`).
+(``targets.png``, :func:`targets_figure`); 6d, the final distance against updates of every method at its tuned
+rate (``final_distance.png``, :func:`ml3cli.plots.distance_curves`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -40,17 +59,175 @@ from torch.func import grad, vmap
 
 from ml3cli.engine import LossFn, sgd_step
 from ml3cli.envs.reacher import LINKS
-from ml3cli.evaluate import NamedLoss, evaluate
-from ml3cli.plots import png_bytes
-from ml3cli.runtime import generator
+from ml3cli.evaluate import LossCurves, NamedLoss, evaluate
+from ml3cli.experiments.protocol import (
+    Context,
+    EvalSizes,
+    Experiment,
+    Paired,
+    comparison_record,
+    tune_interior,
+    widen_until_interior,
+)
+from ml3cli.losses import LossSpec
+from ml3cli.plots import distance_curves, png_bytes
+from ml3cli.runtime import generator, stream_seed
 from ml3cli.tasks import make_task
 from ml3cli.tasks.base import Theta
 from ml3cli.tasks.reacher_demos import DemoBatch, ReacherDemosTask
 
+RECIPE = "reacher_demos"
 REPORT_STEPS = (0, 1, 10, 50)
-LEARNED = "learned loss (no expert)"
+#: validation seeds (each the test's targets with other θ₀): the baseline's differentiable rollouts are costly
+VALIDATION_SEEDS = 1
+#: the rate grid starts at ±this many half-decades around the recipe's rate (widened while an edge wins)
+#: the tuning grid: half a decade apart, ±1 decade around the recipe's rate to start
+GRID = EvalSizes(grid_span=1.0)
+BASELINE = "final distance through the simulator"
+CLONING = ("behavioural cloning", "behavioural cloning on own rollouts (DAgger-like)")
 
 
+# -- the protocol ---------------------------------------------------------------------------------------------
+def run(context: Context) -> list[dict[str, Any]]:
+    """One comparison (learned against the final distance through the simulator), the cloning baselines in its
+    ``extra``, and figures 6c–d."""
+    recipe = context.recipe(RECIPE, seed=context.meta_seeds[0])
+    test = recipe.meta_test
+    where = "meta_test.task_options"
+    task = make_task(test.task, {**test.task_options, "demonstrations": False}, where=where)
+    through = make_task(test.task, {**test.task_options, "demonstrations": False, "model_gradient": True}, where=where)
+    tasks, seeds = test.tasks, test.seeds
+    if context.quick:
+        tasks, seeds = context.experiment.quick_eval["tasks"], context.experiment.quick_eval["seeds"]
+    tune_seeds = min(VALIDATION_SEEDS, seeds)
+    steps, fixed = test.steps, recipe.meta_test_lr
+    horizon = through.horizon
+
+    def tune(on: ReacherDemosTask, loss: NamedLoss) -> tuple[float, dict[float, float]]:
+        return tune_interior(on, loss, fixed, tasks, tune_seeds, steps, sizes=GRID)
+
+    started = time.perf_counter()
+    final_distance = through.builtin_losses["final_distance"]
+    baseline = NamedLoss(BASELINE, lambda inputs: final_distance(**inputs), fixed)
+    base_tuned, base_scores = tune(through, baseline)
+    learned = {m: LossSpec(str(path)).resolve(task, fixed, task.device).named
+               for m, path in context.artifact_paths[RECIPE].items()}  # fmt: skip
+    learned_tuned = {m: tune(task, loss) for m, loss in learned.items()}
+    tuning_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    curves: dict[str, LossCurves] = {}
+    for m, loss in learned.items():
+        curves.update(at_both_rates(task, loss, fixed, learned_tuned[m][0], f"learned{m}", tasks, seeds, steps))
+    curves.update(at_both_rates(through, baseline, fixed, base_tuned, "baseline", tasks, seeds, steps))
+    test_seconds = time.perf_counter() - started
+    # one differentiable rollout in the simulator per task and update of every baseline run, tuning included
+    baseline_runs = len(base_scores) * tune_seeds + (1 if base_tuned == fixed else 2) * seeds
+    context.count_samples(task.environment_samples + through.environment_samples)
+    context.count_samples(baseline_runs * tasks * steps * horizon)
+
+    cloning, cloning_curves = cloning_baselines(context, recipe.task_options, task, fixed, tasks, seeds, steps)
+    tuned_final = np.stack([curves[f"learned{m}@tuned"].at(steps) for m in learned])
+    for found in cloning.values():
+        paired = Paired.of(tuned_final, np.asarray(found["final_tuned"]))
+        found["learned_tuned_minus_this_tuned"] = dataclasses.asdict(paired)
+
+    record = comparison_record(
+        recipe=RECIPE, label=f"new targets: learned vs {BASELINE}", task=task.name, metric=task.metric,
+        baseline=BASELINE, steps=steps, tasks=tasks, seeds=seeds, meta_seeds=list(learned), curves=curves,
+        lr={"fixed": fixed, "baseline_tuned": base_tuned, "baseline_scores": base_scores,
+            "learned_tuned": {str(m): lr for m, (lr, _) in learned_tuned.items()},
+            "learned_scores": {str(m): scores for m, (_, scores) in learned_tuned.items()},
+            "validation": {"tasks": tasks, "seeds": tune_seeds}},
+        seconds={"tuning": round(tuning_seconds, 2), "test": round(test_seconds, 2)},
+        report_steps=REPORT_STEPS, extra={"cloning": cloning},
+    )  # fmt: skip
+
+    per_seed = {
+        f"learned loss, no expert (tuned, {len(learned)} meta-train seeds)": np.concatenate(
+            [curves[f"learned{m}@tuned"].per_seed for m in learned]
+        ),
+        f"{BASELINE} (tuned lr {base_tuned:.3g})": curves["baseline@tuned"].per_seed,
+        **{f"{name} (tuned lr {cloning[name]['lr']['tuned']:.3g})": c for name, c in cloning_curves.items()},
+    }
+    context.figures["final_distance.png"] = distance_curves(per_seed, "reacher_demos: new targets (no expert)")
+    first = context.meta_seeds[0]
+    context.figures["targets.png"] = figure_6c(context, recipe.task_options, task, learned[first],
+                                               learned_tuned[first][0], steps)  # fmt: skip
+    return [record]
+
+
+def at_both_rates(
+    task: ReacherDemosTask, loss: NamedLoss, fixed: float, tuned: float, tag: str, tasks: int, seeds: int, steps: int
+) -> dict[str, LossCurves]:
+    """``{tag}@fixed`` and ``{tag}@tuned`` on the test tasks; one run when the tuned rate is the fixed one."""
+    rates = [fixed] if tuned == fixed else [fixed, tuned]
+    runs = [dataclasses.replace(loss, lr=lr, label=f"{tag}@{lr!r}") for lr in rates]
+    found = evaluate(task, runs, tasks, seeds, steps, seed=0)
+    return {f"{tag}@fixed": found[0], f"{tag}@tuned": found[-1]}
+
+
+def cloning_baselines(
+    context: Context, train_options: dict[str, Any], task: ReacherDemosTask, fixed: float, tasks: int, seeds: int,
+    steps: int,
+) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:  # fmt: skip
+    """Both behavioural-cloning baselines on the test tasks at the fixed rate and at their own rates chosen on the
+    validation tasks: per baseline its rates, validation scores and final distance per test seed (mean over the
+    targets), and its curves ``[seeds, updates + 1]`` at the tuned rate (for figure 6d)."""
+    demo_task = make_task(RECIPE, {**train_options, "demonstrations": True, "bc_states": "expert"})
+    dagger_task = make_task(RECIPE, {**train_options, "demonstrations": True, "bc_states": "policy"})
+    bc_loss, _ = bc_loss_fn(demo_task)
+    makers: dict[str, Callable[[float], Update]] = {
+        CLONING[0]: lambda rate: cloning_update(bc_loss, rate),
+        CLONING[1]: lambda rate: dagger_update(dagger_task, rate),
+    }
+    before = task.environment_samples + dagger_task.environment_samples
+    tune_seeds = min(VALIDATION_SEEDS, seeds)
+    found: dict[str, dict[str, Any]] = {}
+    tuned_curves: dict[str, np.ndarray] = {}
+    for name, make in makers.items():
+
+        def score(lrs: list[float], make=make) -> dict[float, float]:
+            out = {}
+            for rate in lrs:
+                final = float(update_curves(task, make(rate), tasks, tune_seeds, steps, "validation")[:, :, -1].mean())
+                out[rate] = final if math.isfinite(final) else math.inf
+            return out
+
+        best, scores = widen_until_interior(score, fixed, sizes=GRID)
+        at_fixed = update_curves(task, make(fixed), tasks, seeds, steps, "test")
+        at_tuned = at_fixed if best == fixed else update_curves(task, make(best), tasks, seeds, steps, "test")
+        tuned_curves[name] = at_tuned.mean(axis=1)
+        found[name] = {
+            "lr": {"fixed": fixed, "tuned": best, "scores": scores},
+            "final_fixed": at_fixed[:, :, -1].mean(axis=1).tolist(),
+            "final_tuned": at_tuned[:, :, -1].mean(axis=1).tolist(),
+            "curves": {
+                kind: {str(s): float(values[:, :, s].mean()) for s in REPORT_STEPS if s <= steps}
+                for kind, values in (("fixed", at_fixed), ("tuned", at_tuned))
+            },
+        }
+    # the demonstrations were counted at meta-train; here the rollouts of the cloned policies and of DAgger
+    context.count_samples(task.environment_samples + dagger_task.environment_samples - before)
+    return found, tuned_curves
+
+
+def figure_6c(
+    context: Context, train_options: dict[str, Any], task: ReacherDemosTask, loss: NamedLoss, lr: float, steps: int
+) -> bytes:
+    """The targets with the experts' paths and the paths of policies trained by ``loss`` (test seed 0)."""
+    demo_task = make_task(RECIPE, {**train_options, "demonstrations": True})
+    experts = np.stack([demo_task.position(torch.from_numpy(d.states)).numpy() for d in demo_task.demonstrations()])
+    before = task.environment_samples
+    paths, _ = trained_paths(task, loss.fn, lr, steps, stream_seed("test", 0))
+    context.count_samples(task.environment_samples - before)
+    return targets_figure(
+        demo_task.goal_list.numpy(), task.goal_list.numpy(), experts, paths,
+        f"reacher_demos: targets (figure 6c); learned-loss paths after {steps} updates",
+    )  # fmt: skip
+
+
+# -- the behavioural-cloning baselines ------------------------------------------------------------------------
 def bc_loss_fn(demo_task: ReacherDemosTask) -> tuple[Callable[[Theta], Tensor], DemoBatch]:
     """The pooled behavioural-cloning loss of ONE θ over every demonstration of ``demo_task``, and the batch."""
     demos = demo_task.sample_tasks(len(demo_task.goal_list), generator(0))  # the targets in order (no draw used)
@@ -108,12 +285,14 @@ def update_curve(
 
 
 def update_curves(
-    task: ReacherDemosTask, update: Update, goals: int, seeds: int, updates: int, seed: int
+    task: ReacherDemosTask, update: Update, goals: int, seeds: int, updates: int, stream: str = "test"
 ) -> np.ndarray:
-    """``[seeds, goals, updates + 1]`` for a baseline ``update``, θ₀ drawn as :func:`evaluate` draws them."""
+    """``[seeds, goals, updates + 1]`` for a baseline ``update``: the targets and θ₀ of seed s drawn from the
+    random stream ``stream`` of s exactly as :func:`~ml3cli.evaluate.evaluate` draws them (paired with the
+    losses)."""
     out = []
     for s in range(seeds):
-        gen = generator(seed + s)
+        gen = generator(stream_seed(stream, s))
         batch = task.sample_tasks(goals, gen)
         theta = task.init_theta(goals, gen)
         curve, _ = update_curve(task, update, theta, batch, updates, gen)
@@ -121,93 +300,19 @@ def update_curves(
     return np.stack(out)
 
 
-@dataclass
-class DemosComparison:
-    """``curves[split][label] = [seeds, goals, updates + 1]`` for split ``test`` / ``train`` (the meta-train
-    targets); ``lrs[label]``; ``bc_scores[baseline][lr]``: each baseline's mean final distance on the meta-train
-    targets (other seeds) at each candidate learning rate."""
-
-    curves: dict[str, dict[str, np.ndarray]]
-    lrs: dict[str, float]
-    bc_scores: dict[str, dict[float, float]]
-    train_goals: np.ndarray
-    test_goals: np.ndarray
-
-
-def compare(
-    train_options: dict[str, Any],
-    test_options: dict[str, Any],
-    learned_fn: LossFn,
-    lr: float,
-    seeds: int = 3,
-    updates: int = 50,
-    bc_lrs: Sequence[float] = (1e-3, 3e-3, 0.01, 0.03, 0.1),
-    seed: int = 0,
-) -> DemosComparison:
-    """Run the protocol of this module. ``train_options`` are the meta-train task options (their goals have
-    demonstrations), ``test_options`` those of the meta-test targets (never given an expert)."""
-    demo_task = make_task("reacher_demos", {**train_options, "demonstrations": True, "bc_states": "expert"})
-    dagger_task = make_task("reacher_demos", {**train_options, "demonstrations": True, "bc_states": "policy"})
-    bc_loss, _ = bc_loss_fn(demo_task)
-    splits = {
-        "test": make_task("reacher_demos", {**test_options, "demonstrations": False}),
-        "train": make_task("reacher_demos", {**train_options, "demonstrations": False}),
-    }
-    train_task = splits["train"]
-    n_train = len(train_task.goal_list)
-    makers = {
-        "behavioural cloning": lambda rate: cloning_update(bc_loss, rate),
-        "behavioural cloning on own rollouts (DAgger-like)": lambda rate: dagger_update(dagger_task, rate),
-    }
-    scores: dict[str, dict[float, float]] = {}
-    labels: dict[str, tuple[Update, float]] = {}
-    for name, make in makers.items():
-        scores[name] = {}
-        for rate in bc_lrs:  # chosen on the meta-train targets (other seeds), never on the test targets
-            curves = update_curves(train_task, make(rate), n_train, seeds, updates, 10_000 + seed)
-            final = float(curves[:, :, -1].mean())
-            scores[name][rate] = final if math.isfinite(final) else math.inf
-        best = min(scores[name], key=lambda k, name=name: scores[name][k])
-        labels[f"{name} (lr {lr:g})"] = (make(lr), lr)
-        labels[f"{name} (tuned lr {best:g})"] = (make(best), best)
-    curves_by_split: dict[str, dict[str, np.ndarray]] = {}
-    for split, task in splits.items():
-        goals = len(task.goal_list)
-        learned = evaluate(task, [NamedLoss(LEARNED, learned_fn, lr)], goals, seeds, updates, seed)[0].values
-        curves_by_split[split] = {LEARNED: learned}
-        for label, (update, _) in labels.items():
-            curves_by_split[split][label] = update_curves(task, update, goals, seeds, updates, seed)
-    lrs = {LEARNED: lr, **{label: rate for label, (_, rate) in labels.items()}}
-    return DemosComparison(curves_by_split, lrs, scores, train_task.goal_list.numpy(), splits["test"].goal_list.numpy())
-
-
-def table_rows(result: DemosComparison, split: str, steps: Sequence[int] = REPORT_STEPS) -> list[list[str]]:
-    """Per method: the final distance after each of ``steps`` updates, mean ± sd over every (seed, target)."""
-    rows = []
-    for label, values in result.curves[split].items():
-        cells = [f"{values[:, :, s].mean():.4f} ± {values[:, :, s].std():.4f}" for s in steps if s < values.shape[2]]
-        rows.append([label, *cells])
-    return rows
-
-
 def trained_paths(
-    task: ReacherDemosTask, loss_fn: LossFn | None, lr: float, updates: int, seed: int, bc_loss=None
+    task: ReacherDemosTask, loss_fn: LossFn, lr: float, updates: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Real fingertip paths ``[goals, T + 1, 2]`` and their targets ``[goals, 2]`` after ``updates`` updates of the
-    evaluation seed ``seed``'s policies, trained with ``loss_fn`` (the learned loss) or, when it is None, with
-    ``bc_loss``."""
+    """Real fingertip paths ``[goals, T + 1, 2]`` and their targets ``[goals, 2]`` after ``updates`` updates with
+    ``loss_fn`` of the policies drawn from ``generator(seed)``."""
     gen = generator(seed)
     goals = len(task.goal_list)
     batch = task.sample_tasks(goals, gen)
     theta = task.init_theta(goals, gen)
-    if loss_fn is None:
-        _, theta = update_curve(task, cloning_update(bc_loss, lr), theta, batch, updates, gen)
-    else:
-        step_all = vmap(lambda th, b: sgd_step(task, loss_fn, th, b, lr))
-        with torch.no_grad():
-            for _ in range(updates):
-                theta = step_all(theta, task.collect(theta, batch, gen, "inner"))
+    step_all = vmap(lambda th, b: sgd_step(task, loss_fn, th, b, lr))
     with torch.no_grad():
+        for _ in range(updates):
+            theta = step_all(theta, task.collect(theta, batch, gen, "inner"))
         states = task.collect(theta, batch, gen, "task_loss").states
     return task.position(states).numpy(), batch.goal.numpy()
 
@@ -256,3 +361,18 @@ def targets_figure(
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
     ax.grid(alpha=0.3)
     return png_bytes(fig)
+
+
+EXPERIMENT = Experiment(
+    name="reacher_demos",
+    paper="4.2.4, figure 6c–d",
+    claim=(
+        "a loss meta-trained to clone iLQR experts on 4 targets trains ReacherGoal policies toward new targets, "
+        "without any expert, better than the task loss differentiated through the simulator"
+    ),
+    recipes=(RECIPE,),
+    run=run,
+    meta_seeds=3,
+    quick=("outer.steps=10", "meta_test.steps=5"),
+    quick_eval={"tasks": 6, "seeds": 2},
+)

@@ -21,6 +21,10 @@ Data sheet
     Task loss (``torque_mse``): mean over held-out samples of Σ_j (û_j − u_j)². Extra (shaping) term
     ``inertia_prior`` = mean over held-out samples of ‖M_θ(q) − M(q)‖²_F (the physics prior, meta-train only).
     Reported at meta-test: ``inertia_error`` = mean ‖M_θ(q) − M(q)‖_F on the held-out samples.
+    Environment samples (``Task.environment_samples``): the split's data set, one sample per simulated time point
+    ((``trajectories`` + ``held_out_trajectories``) × ``samples``: one inverse-dynamics and one mass-matrix query
+    of the simulator each), counted once per task object whether generated or read from the cache; training on
+    it simulates nothing more.
 """
 
 from __future__ import annotations
@@ -315,6 +319,7 @@ class InverseDynamics(Task):
         )
         cache = None if opts.no_cache else (Path(opts.cache_dir) if opts.cache_dir else default_cache_dir())
         data = load_or_generate(settings, cache)
+        self.environment_samples += (opts.trajectories + opts.held_out_trajectories) * opts.samples
         self.joint_limits = torch.as_tensor(data["limits"], dtype=torch.float32)
         split = opts.trajectories
 

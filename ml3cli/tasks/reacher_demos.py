@@ -21,9 +21,14 @@ Data sheet
     rollout labelled by the expert's feedback law (``bc_states: policy``, DAgger-like); with ``demonstrations:
     false`` (meta-test: no expert exists, none is ever computed) the real final distance ‖p_T − g‖ of the
     collected rollout, the metric of figure 6d. Reported beside it in both cases: ``final_distance``.
-    Hand-written loss: ``final_distance`` (as ``reacher_goal``; its gradient is zero without a model, so as a
-    baseline it leaves θ₀ unchanged). The behavioural-cloning baseline of figure 6d (a policy cloned from the
-    training demonstrations, run on the test targets) is :mod:`ml3cli.experiments.reacher_demos`.
+    Hand-written loss: ``final_distance`` (as ``reacher_goal``). On the collected rollout its gradient is zero;
+    with ``model_gradient: true`` the final_distance input is that of π_θ rolled out in
+    :class:`~ml3cli.envs.reacher_torch.TorchReacherArm` (MuJoCo's equations in torch, equal to ``mj_step`` to 1e-9):
+    the task loss differentiated through the simulator, the baseline of ``ml3 reproduce reacher_demos``. The
+    behavioural-cloning baselines of figure 6d are :mod:`ml3cli.experiments.reacher_demos`.
+    Environment samples (``Task.environment_samples``): the steps of the experts' demonstrations replayed on the real
+    arm (T per target) and every collected real rollout (T per task); the differentiable rollouts of
+    ``model_gradient: true`` run inside ``vmap`` and are counted by the experiment that uses them.
 """
 
 from __future__ import annotations
@@ -70,7 +75,11 @@ class ReacherDemosOptions(MBRLOptions):
     """``reacher_goal``'s options on the real system, with a fixed list of targets and their experts."""
 
     system: Literal["real"] = Field("real", description="always the real arm: behavioural cloning needs no model")
-    model_gradient: Literal[False] = Field(False, description="no model-based baseline here")
+    model_gradient: bool = Field(
+        False,
+        description="the final_distance input is that of π_θ rolled out in the torch copy of the simulator (MuJoCo's "
+        "equations, differentiable): the baseline 'final distance through the simulator'; no learned model P",
+    )
     inputs: Literal["absolute", "relative"] = Field("relative", description="M_φ's inputs (see reacher_goal)")
     goals: list[tuple[float, float]] = Field(
         [list(g) for g in TRAIN_GOALS], min_length=1, description="the fingertip targets (x, y) in metres"
@@ -116,6 +125,27 @@ class ReacherDemosTask(ReacherGoalTask):
         super().__init__(options, device)
         self.goal_list = torch.tensor(self.options.goals, dtype=torch.float32)
         self._demos: list | None = None
+        self._torch_arm = None  # built on first use (model_gradient: true)
+
+    # -- the simulator made differentiable (the baseline through the simulator) ----------------------------
+    def ensure_model(self) -> None:
+        """No learned model P here: ``model_gradient`` rolls out in the torch copy of the simulator."""
+
+    def begin_outer_step(self, step: int, theta: Theta | None, generator: torch.Generator) -> None:
+        """Nothing to fit: the real arm is rolled out in :meth:`collect`, and there is no P."""
+
+    def model_rollout(self, theta: Theta, goal: Tensor, start: Tensor) -> Tensor:
+        """States ``[T + 1, 4]`` of π_θ (ONE task) in the torch copy of the arm, differentiable in θ: float64 like
+        MuJoCo, so the value is the real rollout's (the joint limit at ±3 rad, not modelled, stays far)."""
+        if self._torch_arm is None:
+            from ml3cli.envs.reacher_torch import TorchReacherArm
+
+            self._torch_arm = TorchReacherArm(self.arm.frame_skip)
+        states = [start.double()]
+        for _ in range(self.horizon):
+            action = self.act(theta, states[-1].to(start.dtype), goal).double()
+            states.append(self._torch_arm.step(states[-1], action))
+        return torch.stack(states).to(start.dtype)
 
     # -- the experts (meta-train only) ---------------------------------------------------------------------
     def demonstrations(self) -> list:
@@ -139,6 +169,8 @@ class ReacherDemosTask(ReacherGoalTask):
                 frame_skip=self.arm.frame_skip,
                 iterations=opts.expert_iterations,
             )
+            # the data the experts give: each demonstration is T steps of the real arm (solved or read once)
+            self.environment_samples += len(self._demos) * self.horizon
         return self._demos
 
     # -- tasks ---------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ Protocol (:func:`~ml3cli.experiments.protocol.compare_losses`), per recipe, 3 me
 (one per test seed, the same θ₀ for every loss) is trained for 50 SGD updates with each loss only: the learned loss
 (its gradient reaches θ through the actions, ``loss_gradient: policy``, as the recipes meta-train it) against the
 direct task loss (``final_distance`` differentiated through the car, ``loss_gradient: dynamics``: under ``policy``
-it would have no gradient), both at the recipe's rate (100) and each at its own rate chosen on validation θ₀ (the
-``validation`` stream), widened until interior. Metric: the final distance ‖s_T − goal‖ after 0/1/2/5/10/20/50
-updates, on 5 test seeds (the start is fixed: a test seed is a θ₀).
+it would have no gradient), both at the recipe's rate (100) and each at its own rate chosen on validation θ₀
+(the ``validation`` stream, 3 θ₀: ``TUNING``), widened until interior. Metric: the final distance ‖s_T − goal‖
+after 0/1/2/5/10/20/50 updates, on 5 test seeds (the start is fixed: a test seed is a θ₀).
 
 ``extra``: per loss, on how many (meta-train seed, test seed) pairs x_T ≥ 0.45 after each of the updates 2 … 50;
 iLQR (:class:`ml3cli.control.ilqr.ILQR`, control-limited, from zero actions, 50 iterations) on the plain cost
@@ -37,7 +37,7 @@ import torch
 from ml3cli.control.ilqr import ILQR, ILQRResult
 from ml3cli.engine import LossFn, sgd_step
 from ml3cli.evaluate import LossCurves, NamedLoss
-from ml3cli.experiments.protocol import Baseline, Context, Experiment, Paired, compare_losses
+from ml3cli.experiments.protocol import Baseline, Context, EvalSizes, Experiment, Paired, compare_losses
 from ml3cli.functional import vmap_batch_size
 from ml3cli.losses import LossSpec
 from ml3cli.plots import png_bytes
@@ -51,6 +51,8 @@ ILQR_ITERATIONS = 50
 #: iLQR finds)
 ILQR_CONTROL_COSTS = {"iLQR": 0.0, "iLQR + 1e-6·Σa²": 1e-6}
 SHAPED, UNSHAPED = "mountain_car_shaped", "mountain_car"
+#: the validation split: 1 task (the one start and goal) × 3 θ₀ from the validation stream, not the test's 5 θ₀
+TUNING = EvalSizes(validation_tasks=1, validation_seeds=3)
 
 
 # -- the protocol ---------------------------------------------------------------------------------------------
@@ -77,7 +79,12 @@ def run(context: Context) -> list[dict[str, Any]]:
 
         comparisons.append(
             compare_losses(
-                context, name, report_steps=REPORT_STEPS, baseline=direct_baseline(context, name), extra=extra
+                context,
+                name,
+                report_steps=REPORT_STEPS,
+                baseline=direct_baseline(context, name),
+                sizes=TUNING,
+                extra=extra,
             )
         )
         curves[name] = found
@@ -85,9 +92,11 @@ def run(context: Context) -> list[dict[str, Any]]:
     if SHAPED in by_name and UNSHAPED in by_name:
         shaped, unshaped = by_name[SHAPED]["final"], by_name[UNSHAPED]["final"]
         by_name[SHAPED].setdefault("extra", {})["shaped_vs_unshaped"] = {
-            kind: dataclasses.asdict(Paired.of(np.array(shaped[f"learned_{kind}"]), np.array(unshaped[f"learned_{kind}"])))
+            kind: dataclasses.asdict(
+                Paired.of(np.array(shaped[f"learned_{kind}"]), np.array(unshaped[f"learned_{kind}"]))
+            )
             for kind in ("fixed", "tuned")
-        }  # fmt: skip
+        }
     context.figures["final_distance.png"] = distance_figure(curves, ilqr_runs, task)
     context.figures["trajectories.png"] = trajectories_figure(context, comparisons, ilqr_runs, task)
     return comparisons
@@ -122,7 +131,7 @@ def reach_check(curves: Mapping[str, LossCurves], reach: float) -> dict[str, Any
             kept = np.concatenate([(v >= reach).all(axis=-1).reshape(-1) for v in x])
             lowest = np.concatenate([v.min(axis=-1).reshape(-1) for v in x])
             checked[f"{who}@{kind}"] = {"kept": int(kept.sum()), "of": kept.size, "min_x_T": float(lowest.mean())}
-    return checked  # fmt: skip
+    return checked
 
 
 def ilqr_baseline(task: MountainCarTask, iterations: int, control_cost: float = 0.0) -> tuple[ILQRResult, int]:
@@ -208,7 +217,7 @@ def trajectories_figure(
     for label, result in ilqr_runs.items():
         trajectories[f"{label}, {result.iterations} iterations"] = result.states.numpy()
     opts = task.options
-    return car_trajectories(trajectories, opts.goal, opts.intermediate_goal, task.car.dt)  # fmt: skip
+    return car_trajectories(trajectories, opts.goal, opts.intermediate_goal, task.car.dt)
 
 
 def distance_figure(
@@ -230,7 +239,7 @@ def distance_figure(
         distance = np.array([np.linalg.norm(s[-1].numpy() - goal) for s in result.trajectories])
         padded = np.concatenate([distance, np.full(max(0, updates + 1 - distance.size), distance[-1])])
         lines[f"{label} (iterations)"] = padded[: updates + 1]
-    return final_distance_curves(lines)  # fmt: skip
+    return final_distance_curves(lines)
 
 
 def car_trajectories(

@@ -11,9 +11,9 @@ Layering: an experiment may use the engine, the tasks, the baselines and the pri
 (:mod:`ml3cli.tasks`), a method the learned losses are compared with (:mod:`ml3cli.baselines`), a solver or
 simulator (:mod:`ml3cli.control`, :mod:`ml3cli.envs`), or anything a command of the CLI needs.
 
-Modules: :mod:`~ml3cli.experiments.mbrl` (figure 3), :mod:`~ml3cli.experiments.mountain_car` (figure 6a–b),
-:mod:`~ml3cli.experiments.reacher_demos` (figure 6c–d). The protocols still in ``benchmarks/`` (model-free RL,
-MNIST, inverse dynamics) land here as modules of the same shape.
+Modules: :mod:`~ml3cli.experiments.mbrl` (figure 3), :mod:`~ml3cli.experiments.mfrl` (figure 4),
+:mod:`~ml3cli.experiments.mountain_car` (figure 6a–b), :mod:`~ml3cli.experiments.reacher_demos` (figure 6c–d). The
+protocols still in ``benchmarks/`` (MNIST, inverse dynamics) land here as modules of the same shape.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ REPRODUCIBLE: dict[str, str] = {
     "sine_reference": "ml3cli.experiments.sine_reference",
     "shaped_sine": "ml3cli.experiments.shaped_sine",
     "mnist_binary": "ml3cli.experiments.mnist_binary",
+    "mfrl": "ml3cli.experiments.mfrl",
 }
 
 

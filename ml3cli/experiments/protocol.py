@@ -194,11 +194,12 @@ def validation_scores(
 
 def tune_interior(
     task, loss: NamedLoss, center: float, tasks: int, seeds: int, steps: int, metric: str | None = None,
-    max_widenings: int = 3,
+    max_widenings: int = 3, half_width: int = 4,
 ) -> tuple[float, dict[float, float]]:  # fmt: skip
-    """The rate with the lowest final validation metric, on a grid widened (by two half-decades at the edge that
-    won) until the choice is interior or ``max_widenings`` are spent. Returns the rate and every score."""
-    grid = lr_grid(center)
+    """The rate with the lowest final validation metric, on a grid (:func:`lr_grid` of ``half_width``) widened (by
+    two half-decades at the edge that won) until the choice is interior or ``max_widenings`` are spent. Returns the
+    rate and every score."""
+    grid = lr_grid(center, half_width)
     scores: dict[float, float] = {}
     for _ in range(max_widenings + 1):
         todo = [lr for lr in grid if lr not in scores]
@@ -242,6 +243,21 @@ class Paired:
         return self.high < 0
 
 
+@dataclass(frozen=True)
+class EvalSizes:
+    """Evaluation sizes of one comparison that replace the recipe's meta-test ones (None: the recipe's, or
+    --quick's): SGD steps, test tasks and seeds, validation tasks and seeds for the learning-rate choice (None:
+    as many as the test), and the tuning grid (:func:`tune_interior`)."""
+
+    steps: int | None = None
+    tasks: int | None = None
+    seeds: int | None = None
+    validation_tasks: int | None = None
+    validation_seeds: int | None = None
+    grid_half_width: int = 4
+    max_widenings: int = 3
+
+
 def compare_losses(
     context: Context,
     recipe_name: str,
@@ -250,11 +266,18 @@ def compare_losses(
     test_task: str | None = None,
     test_options: dict[str, Any] | None = None,
     label: str | None = None,
+    sizes: EvalSizes | None = None,
+    curves_out: dict[str, LossCurves] | None = None,
 ) -> dict[str, Any]:
     """The fair comparison of one recipe's learned losses (one per meta-train seed) against its baseline, on the
     task's metric (its task loss), or on one of its report metrics (``metric``, e.g. ``|θ−ν|``), lower is better.
     The learning rates are chosen on the same metric. By default on the recipe's meta-test tasks; ``test_task``
-    and ``test_options`` (merged over the recipe's meta-test options) give a transfer row, named ``label``."""
+    and ``test_options`` (merged over the recipe's meta-test options) give a transfer row, named ``label``.
+
+    ``sizes`` replaces the recipe's (or --quick's) evaluation sizes (steps, test tasks and seeds, validation tasks
+    and seeds, the tuning grid) where an experiment needs other ones; ``curves_out``, where given, receives every
+    test curve by its label (``baseline@fixed``, ``learned0@tuned``, ...) for numbers beyond the record. The
+    environment samples the task steps (tuning included) are added to the context's meta-test count."""
     recipe = context.recipe(recipe_name, seed=context.meta_seeds[0])
     test = recipe.meta_test
     options = (
@@ -265,15 +288,23 @@ def compare_losses(
     if context.quick:
         tasks, seeds = context.experiment.quick_eval["tasks"], context.experiment.quick_eval["seeds"]
     steps, fixed = test.steps, recipe.meta_test_lr
+    sizes = sizes or EvalSizes()
+    steps, tasks, seeds = sizes.steps or steps, sizes.tasks or tasks, sizes.seeds or seeds
+    tune_tasks, tune_seeds = sizes.validation_tasks or tasks, sizes.validation_seeds or seeds
     base = test.baseline or baseline_name(task)
 
+    def tune(loss: NamedLoss) -> tuple[float, dict[float, float]]:
+        return tune_interior(
+            task, loss, fixed, tune_tasks, tune_seeds, steps, metric, sizes.max_widenings, sizes.grid_half_width
+        )
+
     started = time.perf_counter()
-    base_tuned, base_scores = tune_interior(task, builtin_loss(task, base, fixed), fixed, tasks, seeds, steps, metric)
+    base_tuned, base_scores = tune(builtin_loss(task, base, fixed))
     learned: dict[int, NamedLoss] = {}
     learned_tuned: dict[int, tuple[float, dict[float, float]]] = {}
     for m, path in context.artifact_paths[recipe_name].items():
         learned[m] = LossSpec(str(path)).resolve(task, fixed, task.device).named
-        learned_tuned[m] = tune_interior(task, learned[m], fixed, tasks, seeds, steps, metric)
+        learned_tuned[m] = tune(learned[m])
     tuning_seconds = time.perf_counter() - started
 
     def at(loss: NamedLoss, lr: float, label: str) -> NamedLoss:
@@ -288,6 +319,9 @@ def compare_losses(
     started = time.perf_counter()
     curves = {c.label: c for c in evaluate(task, candidates, tasks, seeds, steps, seed=0)}
     test_seconds = time.perf_counter() - started
+    context.count_samples(task.environment_samples)
+    if curves_out is not None:
+        curves_out.update(curves)
 
     def final(label: str) -> np.ndarray:
         return metric_at(curves[label], steps, metric)

@@ -118,6 +118,8 @@ def test_collect_rolls_out_every_task_reproducibly():
     again = task.collect(theta, batch, gen, "inner")
     for a, b in zip(inner, again, strict=True):
         assert torch.equal(a, b)
+    # every simulator step is counted: 2 goals × (2 + 3 + 2 episodes) × 6 steps
+    assert task.environment_samples == 2 * (2 + 3 + 2) * 6
     # the rewards are the paper's formula of the recorded distances and the applied actions
     expected = -inner.distance + 1 / (inner.distance + 0.001) - inner.action.clamp(-1, 1).abs().sum(-1)
     torch.testing.assert_close(inner.reward, expected, rtol=1e-5, atol=1e-4)

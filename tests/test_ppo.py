@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 from ml3cli.baselines.ppo import (
+    ObservationNormalizer,
     PPOConfig,
     RewardScaler,
     clipped_surrogate,
+    episodes_per_update,
     gae,
     normalize,
     ppo_loss,
@@ -92,19 +95,57 @@ def test_reward_scaler_divides_by_the_running_std_of_the_discounted_return(float
     np.testing.assert_allclose(scaled.numpy(), rewards.numpy() / np.sqrt(var + 1e-8)[:, None, None], rtol=1e-3)
 
 
+def test_observation_normalizer_tracks_the_running_mean_and_variance_per_task(float64):
+    """Gymnasium's NormalizeObservation: the prior (count 1e-4, mean 0, var 1) barely weighs against the samples,
+    every task keeps its own statistics, outputs are clipped to ±clip, and evaluation does not update them."""
+    normalizer = ObservationNormalizer(2, 1, clip=10.0)
+    first = torch.tensor([[[1.0], [3.0]], [[10.0], [10.0]]])  # two tasks, two episodes, one feature
+    out = normalizer(first)
+    torch.testing.assert_close(normalizer.mean.squeeze(-1), torch.tensor([2.0, 10.0]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([-1.0, 1.0]), rtol=1e-3, atol=0)  # var 1 of (1, 3)
+    assert float(normalizer.var[1]) < 0.01 and float(out[1].abs().max()) < 0.1  # a constant input: near 0
+    second = torch.tensor([[[5.0], [5.0]], [[10.0], [10.0]]])
+    normalizer(second)
+    every = torch.tensor([1.0, 3.0, 5.0, 5.0])
+    torch.testing.assert_close(normalizer.mean[0, 0], every.mean(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(normalizer.var[0, 0], every.var(unbiased=False), rtol=1e-3, atol=0)
+    assert len(normalizer.seen) == 2  # what the policy acted on while training
+    normalizer.training = False
+    state = (normalizer.mean.clone(), normalizer.var.clone())
+    normalizer(torch.full((2, 2, 1), 100.0))
+    assert torch.equal(normalizer.mean, state[0]) and torch.equal(normalizer.var, state[1])
+    assert len(normalizer.seen) == 2
+    # far outside the statistics: clipped to ±10
+    assert torch.equal(normalizer(torch.full((2, 1, 1), 1e6))[0], torch.full((1, 1), 10.0))
+
+
+def test_an_update_rolls_out_cleanrls_2048_samples_in_whole_episodes():
+    reacher = make_task("reacher_goal_mf", {"horizon": 50})
+    assert episodes_per_update(reacher, PPOConfig()) == 41  # 2,050 samples
+    assert episodes_per_update(reacher, PPOConfig(steps_per_update=None)) == reacher.options.episodes
+    ant = make_task("ant_goal", {"horizon": 100})
+    assert episodes_per_update(ant, PPOConfig()) == 21
+
+
 def test_train_ppo_is_deterministic_and_shaped():
     task = make_task("reacher_goal_mf", {"hidden": [8], "episodes": 2, "task_loss_episodes": 2, "horizon": 10})
     gen = generator(0)
     batch, theta = task.sample_tasks(2, gen), task.init_theta(2, gen)
     state = gen.get_state()
-    config = PPOConfig(minibatch_size=8, update_epochs=2)
+    config = PPOConfig(steps_per_update=30, num_minibatches=4, update_epochs=2)
     first = train_ppo(task, theta, batch, 3, gen, config)
     gen.set_state(state)
     second = train_ppo(task, theta, batch, 3, gen, config)
-    assert first.performance.shape == (4, 2) and first.samples_per_update == 20
+    assert first.performance.shape == (4, 2) and first.samples_per_update == 30
     np.testing.assert_array_equal(first.performance, second.performance)
     assert any(not torch.equal(first.theta[k], theta[k]) for k in theta)  # PPO moved the policy
-    # paired with the learned loss's meta-test: the same evaluation rollout before the first update
+    # every rollout is counted: 3 updates × 3 episodes and 4 evaluations × 2 episodes, 10 steps each, 2 goals, twice
+    assert task.environment_samples == 2 * 2 * 10 * (3 * 3 + 4 * 2)
+    # paired with the learned loss's meta-test: the same evaluation rollout before the first update, exactly so
+    # without the observation normaliser (with it, the policy sees obs / sqrt(1 + 1e-8) clipped to ±10, and a
+    # clipped joint velocity changes the rollout)
     gen.set_state(state)
     _, extras = train_curve(task, lambda inputs: likelihood(**inputs), theta, batch, 0.1, 1, report=True, gen=gen)
-    np.testing.assert_array_equal(first.performance[0], extras["performance"][0].numpy())
+    gen.set_state(state)
+    raw = train_ppo(task, theta, batch, 1, gen, dataclasses.replace(config, normalize_obs=False))
+    np.testing.assert_array_equal(raw.performance[0], extras["performance"][0].numpy())

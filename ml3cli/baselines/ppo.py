@@ -8,13 +8,16 @@ The objective is written here as pure functions (tested against hand-computed va
     L_V      = ½ mean_t max((V − R̂)², (V_old + clip(V − V_old, −ε, ε) − R̂)²)           (clipped value loss)
     L        = L_clip − c_H · entropy + c_V · L_V
 
-Defaults are those of CleanRL's ``ppo_continuous_action.py`` (vwxyzjn/cleanrl): Adam 3e-4 (eps 1e-5) annealed
-linearly to 0, γ 0.99, λ 0.95, 10 epochs, clip 0.2 (also on the value), entropy 0, value weight 0.5, gradient norm
-0.5, advantages normalised per minibatch, rewards scaled by the running std of the discounted return
-(``NormalizeReward``), a separate 64-64 tanh critic with CleanRL's orthogonal init. CleanRL's 2048 samples per
-update in 32 minibatches are minibatches of 64: kept as ``minibatch_size`` 64, while the samples per update are the
-learned loss's (``episodes × horizon`` of the task). Not copied: CleanRL's observation normalisation (the
-policy is the task's, shared with the learned loss, and sees raw observations in both methods).
+The setup is the whole of CleanRL's ``ppo_continuous_action.py`` (vwxyzjn/cleanrl): Adam 3e-4 (eps 1e-5) annealed
+linearly to 0 over the run's updates (pass the run's whole budget as ``updates``), γ 0.99, λ 0.95, 2,048 samples
+per update in 32 minibatches, 10 epochs, clip 0.2 (also on the value), entropy 0, value weight 0.5, gradient norm
+0.5, advantages normalised per minibatch, a separate 64-64 tanh critic with CleanRL's orthogonal init, and its
+environment wrappers: observations normalised by their running mean and variance and clipped to ±10
+(``NormalizeObservation``, ``TransformObservation``), rewards scaled by the running std of the discounted return
+and clipped to ±10 (``NormalizeReward``, ``TransformReward``). Episodes are whole here (the task's ``horizon``), so
+an update rolls out ⌈2048 / horizon⌉ episodes per goal (ReacherGoal: 41 × 50 = 2,050 samples); the policy is the
+task's (same architecture and θ₀ as the learned loss's), fed the normalised observation. ``steps_per_update=None``
+uses the task's own ``episodes × horizon`` instead (the learned loss's samples per update).
 
 :func:`train_ppo` trains one policy per goal of a task batch at once: θ and the critic's ψ are stacked on a task
 axis, the per-task losses are summed (the tasks share no parameter, and Adam is element-wise, so this equals
@@ -42,11 +45,12 @@ class PPOConfig:
 
     lr: float = 3e-4  #: Adam's learning rate
     adam_eps: float = 1e-5  #: Adam's ε
-    anneal_lr: bool = True  #: decay the learning rate linearly to 0 over the updates
+    anneal_lr: bool = True  #: decay the learning rate linearly to 0 over the updates (the run's whole budget)
+    steps_per_update: int | None = 2048  #: samples per goal per update (whole episodes: ⌈this / horizon⌉ of them)
     gamma: float = 0.99  #: discount γ
     gae_lambda: float = 0.95  #: GAE's λ
     update_epochs: int = 10  #: passes over each rollout
-    minibatch_size: int = 64  #: samples per minibatch
+    num_minibatches: int = 32  #: minibatches per epoch (CleanRL: 2048 samples in minibatches of 64)
     clip_coef: float = 0.2  #: ε of the clipped surrogate (and of the value clipping)
     clip_vloss: bool = True  #: clip the value loss as well
     ent_coef: float = 0.0  #: c_H, weight of the entropy bonus
@@ -54,6 +58,9 @@ class PPOConfig:
     max_grad_norm: float = 0.5  #: clip each task's gradient to this global norm
     norm_adv: bool = True  #: normalise advantages per minibatch
     normalize_reward: bool = True  #: scale rewards by the running std of the discounted return
+    clip_reward: float | None = 10.0  #: clip the scaled rewards to ± this (None: no clipping)
+    normalize_obs: bool = True  #: normalise observations by their running mean and variance
+    clip_obs: float | None = 10.0  #: clip the normalised observations to ± this (None: no clipping)
     value_hidden: tuple[int, ...] = (64, 64)  #: the critic's hidden widths (tanh)
 
 
@@ -164,6 +171,40 @@ class RewardScaler:
         return rewards * scale.view(-1, *([1] * (rewards.ndim - 1)))
 
 
+class ObservationNormalizer:
+    """Gymnasium's ``NormalizeObservation`` (then ``TransformObservation`` clipping) for a batch of tasks: per task,
+    (s − mean) / sqrt(var + 1e-8) clipped to ± ``clip``, the running mean and variance (prior: count 1e-4, mean 0,
+    var 1) updated with every observation the policy sees while training. ``training=False`` (the evaluation
+    rollouts) uses the statistics without updating them. ``seen`` keeps the normalised observations of the current
+    training rollout, ``[n, E, obs_dim]`` per time step, which are what the policy acted on."""
+
+    def __init__(self, n: int, obs_dim: int, clip: float | None):
+        self.clip = clip
+        self.count = torch.full((n, 1), 1e-4, dtype=torch.float64)
+        self.mean = torch.zeros(n, obs_dim, dtype=torch.float64)
+        self.var = torch.ones(n, obs_dim, dtype=torch.float64)
+        self.training = True
+        self.seen: list[Tensor] = []
+
+    def __call__(self, obs: Tensor) -> Tensor:
+        """``obs[n, E, obs_dim]`` → normalised observations of the same shape and dtype."""
+        x = obs.double()
+        if self.training:
+            batch_mean, batch_var, batch_count = x.mean(1), x.var(1, unbiased=False), x.shape[1]
+            delta = batch_mean - self.mean
+            total = self.count + batch_count
+            self.mean = self.mean + delta * batch_count / total
+            m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+            self.var, self.count = m2 / total, total
+        out = (x - self.mean.unsqueeze(1)) / (self.var.unsqueeze(1) + 1e-8).sqrt()
+        if self.clip is not None:
+            out = out.clamp(-self.clip, self.clip)
+        out = out.to(obs.dtype)
+        if self.training:
+            self.seen.append(out)
+        return out
+
+
 # -- the trainer ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PPOResult:
@@ -195,6 +236,13 @@ def _clip_per_task(params: list[Tensor], max_norm: float) -> None:
         p.grad.mul_(scale.view(-1, *([1] * (p.ndim - 1))))
 
 
+def episodes_per_update(task: ModelFreeRL, config: PPOConfig) -> int:
+    """Whole episodes per goal in one PPO update: ⌈steps_per_update / horizon⌉, or the task's own ``episodes``."""
+    if config.steps_per_update is None:
+        return task.options.episodes
+    return max(2, math.ceil(config.steps_per_update / task.options.horizon))
+
+
 def train_ppo(
     task: ModelFreeRL,
     theta: Theta,
@@ -203,51 +251,66 @@ def train_ppo(
     generator: torch.Generator,
     config: PPOConfig | None = None,
 ) -> PPOResult:
-    """Train one policy per goal of ``batch`` from ``theta`` (leading task axis) with PPO for ``updates`` updates.
+    """Train one policy per goal of ``batch`` from ``theta`` (leading task axis) with PPO for ``updates`` updates
+    (the learning rate anneals to 0 over them: they are the run's whole budget).
 
-    Each update rolls out ``task.options.episodes`` episodes per goal (the same samples per update as an inner
-    step of the learned loss) with the task's own rollout code; performance is measured before the first and after
-    every update on ``task_loss_episodes`` fresh episodes, exactly as ``ml3 meta-test`` measures the learned loss.
-    All randomness (rollouts, critic init, minibatch order) comes from ``generator``; the draws up to the first
-    training rollout are the same as :func:`ml3cli.evaluate.train_curve`'s, so both start from identical data.
+    Each update rolls out :func:`episodes_per_update` episodes per goal with the task's own rollout code;
+    performance is measured before the first and after every update on ``task_loss_episodes`` fresh episodes
+    (the observation statistics frozen), as ``ml3 meta-test`` measures the learned loss. All randomness (rollouts,
+    critic init, minibatch order) comes from ``generator``; the draws up to the first training rollout are the
+    same as :func:`ml3cli.evaluate.train_curve`'s, so both start from the same evaluation rollout (exactly so
+    without ``normalize_obs``; with it, θ₀ acts on obs / sqrt(1 + 1e-8) clipped to ±10, and an observation beyond
+    ±10, such as the ant's joint velocities, changes the rollout).
     """
     config = config or PPOConfig()
     n = batch.goal.shape[0]
     theta = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
     critic = ValueNet(task.spec.obs_dim, config.value_hidden)
     # the critic draws from a copy of the generator, so that PPO's rollouts see the same randomness as the learned
-    # loss's meta-test from the same state (the first evaluation and the first training rollout are identical)
+    # loss's meta-test from the same state (the first evaluation rollout is the same)
     critic_generator = torch.Generator()
     critic_generator.set_state(generator.get_state())
     psi = {k: v.requires_grad_() for k, v in init_value(task, n, config.value_hidden, critic_generator).items()}
     params = list(theta.values()) + list(psi.values())
     optimizer = torch.optim.Adam(params, lr=config.lr, eps=config.adam_eps)
     scaler = RewardScaler(n, config.gamma) if config.normalize_reward else None
+    normalizer = ObservationNormalizer(n, task.spec.obs_dim, config.clip_obs) if config.normalize_obs else None
     policy = vmap(task.policy)
     values_of = vmap(lambda psi, obs: functional_call(critic, psi, (obs,)))
+    episodes = episodes_per_update(task, config)
+    samples = episodes * task.options.horizon
+    minibatch = math.ceil(samples / config.num_minibatches)
     perf, rets = [], []
 
-    def measure() -> None:
+    def rollout(count: int, training: bool):
+        if normalizer is not None:
+            normalizer.training, normalizer.seen = training, []
         with torch.no_grad():
-            data = task.collect({k: v.detach() for k, v in theta.items()}, batch, generator, "task_loss")
+            data = task.rollout({k: v.detach() for k, v in theta.items()}, batch.goal, count, generator, normalizer)
+        obs = torch.stack(normalizer.seen, 2) if normalizer is not None and training else data.obs
+        return data, obs
+
+    def measure() -> None:
+        data, _ = rollout(task.options.task_loss_episodes, training=False)
         perf.append(performance(data.distance, data.start_distance, task.spec.metric).mean(-1).numpy())
         rets.append(data.reward.sum(-1).mean(-1).numpy())
 
-    samples = task.options.episodes * task.options.horizon
     for update in range(updates):
         measure()
         if config.anneal_lr:
             for group in optimizer.param_groups:
                 group["lr"] = (1.0 - update / updates) * config.lr
+        data, seen = rollout(episodes, training=True)
         with torch.no_grad():
-            data = task.collect({k: v.detach() for k, v in theta.items()}, batch, generator, "inner")
             rewards = scaler(data.reward) if scaler is not None else data.reward
-            old_values = values_of(psi, data.obs)  # [n, E, T]
+            if config.clip_reward is not None:
+                rewards = rewards.clamp(-config.clip_reward, config.clip_reward)
+            old_values = values_of(psi, seen)  # [n, E, T]
             advantages, returns = gae(rewards, old_values, config.gamma, config.gae_lambda)
-            mu, sigma = policy(theta, data.obs)
+            mu, sigma = policy(theta, seen)
             old_log_prob = gaussian_log_prob(data.action, mu, sigma)
         flat = lambda x: x.reshape(n, samples, *x.shape[3:])  # noqa: E731
-        obs, action = flat(data.obs), flat(data.action)
+        obs, action = flat(seen), flat(data.action)
         old_log_prob, advantages, returns, old_values = map(flat, (old_log_prob, advantages, returns, old_values))
 
         def loss_one(theta, psi, obs, action, old_log_prob, advantage, ret, old_value):
@@ -259,8 +322,8 @@ def train_ppo(
         batched_loss = vmap(loss_one)
         for _ in range(config.update_epochs):
             order = torch.randperm(samples, generator=generator)
-            for start in range(0, samples, config.minibatch_size):
-                idx = order[start : start + config.minibatch_size]
+            for start in range(0, samples, minibatch):
+                idx = order[start : start + minibatch]
                 if idx.numel() < 2:  # a normalised advantage needs two samples
                     continue
                 loss = batched_loss(

@@ -3,8 +3,7 @@
 A module here reads top to bottom: a docstring naming the paper's section and figure, the task and recipes it
 uses and the meta-test protocol; then the code of that protocol (the comparison against the baselines, the
 learning-rate choice, the table rows); then the figures (PNG bytes, drawn with :mod:`ml3cli.plots`'s plumbing).
-``ml3 reproduce`` runs those that declare ``EXPERIMENT`` (:data:`REPRODUCIBLE`); the scripts in ``benchmarks/`` run
-the others.
+``ml3 reproduce NAME`` runs the one that :data:`REPRODUCIBLE` names.
 
 Layering: an experiment may use the engine, the tasks, the baselines and the primitives (``envs``, ``control``,
 ``rl``, ``metaloss``, ``plots``, ...); nothing in those imports an experiment, and no experiment imports another
@@ -12,9 +11,8 @@ Layering: an experiment may use the engine, the tasks, the baselines and the pri
 (:mod:`ml3cli.tasks`), a method the learned losses are compared with (:mod:`ml3cli.baselines`), a solver or
 simulator (:mod:`ml3cli.control`, :mod:`ml3cli.envs`), or anything a command of the CLI needs.
 
-Modules: :mod:`~ml3cli.experiments.inverse_dynamics` (figure 5c–d), :mod:`~ml3cli.experiments.mbrl` (figure 3),
-:mod:`~ml3cli.experiments.mountain_car` (figure 6a–b), :mod:`~ml3cli.experiments.reacher_demos` (figure 6c–d). The
-protocols still in ``benchmarks/`` (model-free RL, MNIST) land here as modules of the same shape.
+Modules: one per experiment of :data:`REPRODUCIBLE`; :mod:`~ml3cli.experiments.protocol` holds what they share
+(the meta-training plan, the fair comparison, the verdict, the schema of ``results.json``).
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ REPRODUCIBLE: dict[str, str] = {
     "mnist_binary": "ml3cli.experiments.mnist_binary",
     "inverse_dynamics": "ml3cli.experiments.inverse_dynamics",
     "mbrl": "ml3cli.experiments.mbrl",
+    "mfrl": "ml3cli.experiments.mfrl",
     "mountain_car": "ml3cli.experiments.mountain_car",
     "reacher_demos": "ml3cli.experiments.reacher_demos",
 }

@@ -25,7 +25,9 @@ Data sheet
     of (initial − current) distances Σ_t (d_0 − d_t), each averaged over the evaluation episodes; ``report_metrics``
     gives it as ``performance`` (higher is better) with the mean return R_g(τ) as ``return``.
     Built-in loss: ``likelihood`` (−log π(a|s) of the own samples, no reward signal) only fills the engine's
-    baseline slot; the model-free baseline is PPO (``ml3cli/baselines/ppo.py``, ``benchmarks/mfrl_reacher.py``).
+    baseline slot; the model-free baseline is PPO (``ml3cli/baselines/ppo.py``, ``ml3 reproduce mfrl``).
+    Environment samples: every simulator step of every rollout (``collect`` for the inner steps and for the task
+    loss, and PPO's rollouts through :meth:`ModelFreeRL.rollout`) adds to ``environment_samples``.
 """
 
 from __future__ import annotations
@@ -241,10 +243,21 @@ class ModelFreeRL(Task):
             zeros(),
         )
 
-    def rollout(self, theta: Theta, goals: Tensor, episodes: int, generator: torch.Generator) -> Rollout:
-        """``episodes`` episodes of every task's policy (θ with a leading task axis) on the simulator."""
+    def rollout(
+        self,
+        theta: Theta,
+        goals: Tensor,
+        episodes: int,
+        generator: torch.Generator,
+        observe: Callable[[Tensor], Tensor] | None = None,
+    ) -> Rollout:
+        """``episodes`` episodes of every task's policy (θ with a leading task axis) on the simulator; the policy
+        sees ``observe(obs[n, E, obs_dim])`` where given (PPO's observation normalisation), the returned rollout
+        holds the raw observations. Every simulator step is counted in ``environment_samples``."""
         batched = vmap(self.policy)
-        return self.pool.rollout(lambda obs: batched(theta, obs), goals, episodes, self.options.horizon, generator)
+        policy = (lambda obs: batched(theta, obs)) if observe is None else (lambda obs: batched(theta, observe(obs)))
+        self.environment_samples += goals.shape[0] * episodes * self.options.horizon
+        return self.pool.rollout(policy, goals, episodes, self.options.horizon, generator)
 
     def collect(self, theta: Theta, batch: MFRLBatch, generator: torch.Generator, purpose: str) -> MFRLBatch:
         episodes = self.options.episodes if purpose == "inner" else self.options.task_loss_episodes

@@ -1,0 +1,68 @@
+"""``ml3 reproduce mfrl``: the numbers of a learning curve (samples to 80% of the gain, final level), the verdict
+rule against PPO, and a --quick run end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from ml3cli.commands.options import ReproduceOptions
+from ml3cli.commands.reproduce import reproduce
+from ml3cli.experiments import REPRODUCIBLE, experiment
+from ml3cli.experiments.mfrl import final_level, ppo_verdict, ratio, samples_to_gain
+from ml3cli.experiments.protocol import VERDICTS, Paired, validate_results
+
+
+def test_final_level_is_the_mean_of_the_last_tenth():
+    curve = np.arange(20.0)
+    assert final_level(curve) == pytest.approx(18.5)  # the last 2 of 20 points
+    assert final_level(np.array([1.0, 5.0])) == 5.0  # at least one point
+    np.testing.assert_allclose(final_level(np.stack([curve, 2 * curve])), [18.5, 37.0])
+
+
+def test_samples_to_gain_interpolates_the_crossing_of_80_percent():
+    samples = np.arange(11) * 100
+    # start 0, final (last point) 10: 80% is 8, crossed between 700 (7) and 800 (9) → 750
+    curve = np.array([0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 10.0])
+    assert samples_to_gain(curve, samples) == pytest.approx(750.0)
+    # a faster start reaches it sooner; a curve that never improves has no such point
+    assert samples_to_gain(np.array([0, 9, 10, 10, 10, 10, 10, 10, 10, 10, 10.0]), samples) == pytest.approx(
+        100 * 8 / 9
+    )
+    assert samples_to_gain(np.array([0, -1, -2, -1, -1, -1, -1, -1, -1, -1, -1.0]), samples) is None
+    assert ratio(3000.0, 1000.0) == 3.0 and ratio(None, 1000.0) is None
+
+
+def test_the_verdict_needs_a_faster_start_and_a_final_level_not_worse():
+    level = Paired(0.5, -0.2, 1.2, 3, 9)  # learned − PPO as a loss: the interval reaches below 0
+    worse = Paired(2.0, 1.0, 3.0, 0, 9)  # the whole interval above 0: the learned loss ends worse
+    assert ppo_verdict(True, True, 1000.0, 3000.0, level)["verdict"] == "reproduced"
+    assert ppo_verdict(True, False, 1000.0, 3000.0, worse)["verdict"] == "partly"
+    assert "faster start" in ppo_verdict(True, False, 1000.0, 3000.0, worse)["why"]
+    assert ppo_verdict(False, True, 5000.0, 3000.0, level)["verdict"] == "partly"
+    assert ppo_verdict(False, False, None, 3000.0, worse)["verdict"] == "not reproduced"
+    assert "never" in ppo_verdict(True, True, 1000.0, None, level)["why"]
+
+
+@pytest.mark.slow
+def test_quick_reproduction_of_mfrl(tmp_path, monkeypatch):
+    """The whole experiment at its --quick sizes: the results validate, the verdicts are the rule's, PPO's numbers
+    are in extra, the figures exist and the environment samples of both phases are counted."""
+    assert "mfrl" in REPRODUCIBLE
+    monkeypatch.chdir(tmp_path)
+    options = ReproduceOptions(quick=True, meta_seeds=2, jobs=2, out_dir=tmp_path / "out")
+    document = reproduce(experiment("mfrl"), options, Console(quiet=True))
+    validate_results(document, "mfrl")
+    assert document["verdict"] in VERDICTS
+    assert (tmp_path / "out" / "figure.png").is_file() and (tmp_path / "out" / "samples.png").is_file()
+    samples = document["environment_samples"]
+    assert samples["meta_train"] > 0 and samples["meta_test"] > 0
+    reacher, ant, *transfer = document["comparisons"]
+    assert [len(t["extra"]["hidden"]) for t in transfer] == [1, 3, 4]
+    for row in (reacher, ant):
+        ppo = row["extra"]["ppo"]
+        assert row["verdict"]["verdict"] in VERDICTS and "likelihood_verdict" in row["extra"]
+        assert ppo["samples_per_update"]["ppo"] >= 2048 and ppo["config"]["normalize_obs"]
+        assert len(ppo["lr_check"]["scores"]) == 3
+        assert set(ppo["samples_to_80pct"]) >= {"learned", "ppo", "ratio_ppo_over_learned"}

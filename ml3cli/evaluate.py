@@ -18,11 +18,6 @@ from ml3cli.engine import LossFn, sgd_step
 from ml3cli.runtime import generator, stream_seed
 from ml3cli.tasks.base import Task
 
-#: learning rates tried when a baseline's rate is tuned (on tasks the test never sees).
-BASELINE_LR_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-#: tuning draws its tasks from seeds this far from the test seeds, so that it never sees a test task.
-TUNING_SEED_OFFSET = 10_000
-
 
 @dataclass(frozen=True)
 class NamedLoss:
@@ -169,29 +164,82 @@ def evaluate(
     ]
 
 
-def tune_lr(
+def metric_at(curves: LossCurves, step: int, metric: str | None = None) -> np.ndarray:
+    """Per seed, the mean over its tasks of the task metric (or the report metric ``metric``) at ``step``."""
+    return curves.at(step) if metric is None else curves.extras[metric][:, :, step].mean(axis=1)
+
+
+def lr_grid(center: float, span: float = 2.0, step: float = 0.5) -> list[float]:
+    """A log grid of learning rates around ``center``, ``step`` decades apart, ``span`` decades either side."""
+    half_width = round(span / step)
+    return [center * 10 ** (k * step) for k in range(-half_width, half_width + 1)]
+
+
+def widen_until_interior(
+    score: Callable[[list[float]], dict[float, float]],
+    center: float,
+    span: float = 2.0,
+    step: float = 0.5,
+    max_widenings: int = 3,
+) -> tuple[float, dict[float, float]]:
+    """The rate with the lowest ``score(lrs) → {lr: final validation metric}`` (lower is better, +inf: diverged) on
+    :func:`lr_grid` around ``center``, widened by two more rates at the edge that won until the choice is interior
+    or ``max_widenings`` are spent; returns it and every score. A rate at the edge of the grid may only be the
+    edge of what was tried, so a comparison that stopped there would not be a tuned one."""
+    grid = lr_grid(center, span, step)
+    scores: dict[float, float] = {}
+    for _ in range(max_widenings + 1):
+        todo = [lr for lr in grid if lr not in scores]
+        if todo:
+            scores.update(score(todo))
+        ordered = sorted(scores)
+        best = min(ordered, key=lambda lr: scores[lr])
+        if best == ordered[0]:
+            grid = [ordered[0] / 10 ** (k * step) for k in (1, 2)]
+        elif best == ordered[-1]:
+            grid = [ordered[-1] * 10 ** (k * step) for k in (1, 2)]
+        else:
+            break
+    return best, dict(sorted(scores.items()))
+
+
+def validation_scores(
     task: Task,
     loss: NamedLoss,
     lrs: Sequence[float],
     tasks: int,
     seeds: int | Sequence[int],
     steps: int,
-    seed: int = 0,
-) -> tuple[float, dict[float, float]]:
-    """The learning rate from ``lrs`` with the lowest mean final metric of ``loss`` on ``task``.
+    metric: str | None = None,
+) -> dict[float, float]:
+    """The final metric of ``loss`` at each rate, on tasks of the ``validation`` stream (diverging: +inf)."""
+    candidates = [NamedLoss(f"{loss.label}@{lr!r}", loss.fn, lr, loss.source) for lr in lrs]
+    scores = {}
+    found = evaluate(task, candidates, tasks, seeds, steps, seed=0, stream="validation", record_at=())
+    for lr, curves in zip(lrs, found, strict=True):
+        value = float(metric_at(curves, steps, metric).mean())
+        scores[lr] = value if math.isfinite(value) else math.inf
+    return scores
 
-    The tasks come from the ``validation`` random stream, so the choice never sees a test task. Diverging rates
-    score +inf.
-    """
-    candidates = [NamedLoss(f"{loss.label}@{lr:g}", loss.fn, lr, loss.source) for lr in lrs]
-    scores: dict[float, float] = {}
-    for candidate, curves in zip(
-        candidates, evaluate(task, candidates, tasks, seeds, steps, seed, stream="validation"), strict=True
-    ):
-        final = float(curves.at(steps).mean())
-        scores[candidate.lr] = final if math.isfinite(final) else math.inf
-    best = min(scores, key=lambda lr: scores[lr])
-    return best, scores
+
+def tune_lr(
+    task: Task,
+    loss: NamedLoss,
+    center: float,
+    tasks: int,
+    seeds: int | Sequence[int],
+    steps: int,
+    metric: str | None = None,
+    span: float = 2.0,
+    step: float = 0.5,
+    max_widenings: int = 3,
+) -> tuple[float, dict[float, float]]:
+    """The learning rate of ``loss`` with the lowest mean final metric on validation tasks of ``task``'s family
+    (the ``validation`` random stream: never a test task), on a grid around ``center`` widened until the choice
+    is interior (:func:`widen_until_interior`). Returns the rate and every score."""
+    return widen_until_interior(
+        lambda lrs: validation_scores(task, loss, lrs, tasks, seeds, steps, metric), center, span, step, max_widenings
+    )
 
 
 @dataclass(frozen=True)

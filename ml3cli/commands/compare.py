@@ -21,7 +21,7 @@ from ml3cli.commands.output import fmt, fmt_spread, progress_bar
 from ml3cli.commands.parsing import evaluation_seeds, parse_steps
 from ml3cli.commands.runs import check_out_dir, new_run_dir, write_json, write_settings
 from ml3cli.errors import ML3Error
-from ml3cli.evaluate import BASELINE_LR_SWEEP, LossCurves, evaluate, paired_difference, tune_lr
+from ml3cli.evaluate import LossCurves, evaluate, paired_difference, tune_lr
 from ml3cli.losses import (
     LossSpec,
     artifact_infos,
@@ -70,9 +70,10 @@ def run(
     tuning = None
     if options.tune_baseline_lr:  # on validation tasks of the test family: never a test task
         name = baseline_name(task)
-        best, scores = tune_lr(
-            task, builtin_loss(task, name, 1.0), BASELINE_LR_SWEEP, tasks, seeds, steps
-        )  # the same seed numbers as the test, drawn from the validation stream
+        center = options.lr or recorded.lr or 1e-3
+        best, scores = tune_lr(  # the same seed numbers as the test, drawn from the validation stream
+            task, builtin_loss(task, name, center), center, tasks, seeds, steps
+        )
         losses.append(builtin_loss(task, name, best, f"{name} (tuned lr)"))
         tuning = {"loss": name, "on_task": task.name, "stream": "validation", "best_lr": best, "final_by_lr": scores}
 

@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict
 from ml3cli import artifacts
 from ml3cli.engine import LossFn
 from ml3cli.errors import ML3Error
-from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, t_quantile_975
+from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, metric_at, t_quantile_975, tune_lr
+from ml3cli.evaluate import widen_until_interior as widen_rates
 from ml3cli.losses import LossSpec, baseline_name, builtin_loss
 from ml3cli.recipes import Recipe, find_recipe, load_recipe, recipe_to_dict
 from ml3cli.tasks import make_task
@@ -180,17 +181,11 @@ def meta_train_all(jobs: Sequence[MetaTrainJob], workers: int, say: Callable[[st
 
 
 # -- the fair comparison --------------------------------------------------------------------------------------------
-def lr_grid(center: float, span: float = 2.0, step: float = 0.5) -> list[float]:
-    """A log grid of learning rates around ``center``, ``step`` decades apart, ``span`` decades either side."""
-    half_width = round(span / step)
-    return [center * 10 ** (k * step) for k in range(-half_width, half_width + 1)]
-
-
 @dataclass(frozen=True)
 class EvalSizes:
     """The evaluation sizes of one comparison where they differ from the recipe's meta-test (None: the recipe's,
     or --quick's): SGD steps, test tasks and seeds, the validation split the rates are tuned on (None: as large as
-    the test; smaller where one evaluation is costly), and the tuning grid (:func:`lr_grid` around the fixed rate,
+    the test; smaller where one evaluation is costly), and the tuning grid (:func:`ml3cli.evaluate.lr_grid` around the fixed rate,
     widened by :func:`widen_until_interior`)."""
 
     steps: int | None = None
@@ -203,52 +198,25 @@ class EvalSizes:
     max_widenings: int = 3
 
 
-def validation_scores(
-    task, loss: NamedLoss, lrs: Sequence[float], tasks: int, seeds: int, steps: int, metric: str | None = None
-) -> dict[float, float]:
-    """The final metric of ``loss`` at each rate, on tasks of the ``validation`` stream (diverging: +inf)."""
-    candidates = [dataclasses.replace(loss, lr=lr, label=f"lr {lr!r}") for lr in lrs]
-    scores = {}
-    found = evaluate(task, candidates, tasks, seeds, steps, seed=0, stream="validation", record_at=())
-    for lr, curves in zip(lrs, found, strict=True):
-        value = float(metric_at(curves, steps, metric).mean())
-        scores[lr] = value if math.isfinite(value) else math.inf
-    return scores
-
-
 def tune_interior(
     task, loss: NamedLoss, center: float, tasks: int, seeds: int, steps: int, metric: str | None = None,
     sizes: EvalSizes | None = None,
 ) -> tuple[float, dict[float, float]]:  # fmt: skip
-    """The rate of ``loss`` with the lowest final metric on ``tasks`` × ``seeds`` validation tasks, on the grid of
-    ``sizes`` widened until the choice is interior (:func:`widen_until_interior`). Returns the rate and every score."""
-    return widen_until_interior(
-        lambda lrs: validation_scores(task, loss, lrs, tasks, seeds, steps, metric), center, sizes or EvalSizes()
+    """:func:`ml3cli.evaluate.tune_lr` on the grid of ``sizes``: the rate of ``loss`` with the lowest final metric
+    on ``tasks`` × ``seeds`` validation tasks, chosen where it is interior. Returns the rate and every score."""
+    sizes = sizes or EvalSizes()
+    return tune_lr(
+        task, loss, center, tasks, seeds, steps, metric, sizes.grid_span, sizes.grid_step, sizes.max_widenings
     )
 
 
 def widen_until_interior(
     score: Callable[[list[float]], dict[float, float]], center: float, sizes: EvalSizes | None = None
 ) -> tuple[float, dict[float, float]]:
-    """The rate with the lowest ``score(lrs) → {lr: final validation metric}`` (lower is better, +inf: diverged) on
-    the grid of ``sizes`` around ``center``, widened by two more rates at the edge that won until the choice is
-    interior or ``sizes.max_widenings`` are spent. Any baseline with a learning rate can be tuned by it."""
+    """:func:`ml3cli.evaluate.widen_until_interior` on the grid of ``sizes``, for a baseline with a learning rate
+    that is not a loss over the task's inputs."""
     sizes = sizes or EvalSizes()
-    grid = lr_grid(center, sizes.grid_span, sizes.grid_step)
-    scores: dict[float, float] = {}
-    for _ in range(sizes.max_widenings + 1):
-        todo = [lr for lr in grid if lr not in scores]
-        if todo:
-            scores.update(score(todo))
-        ordered = sorted(scores)
-        best = min(ordered, key=lambda lr: scores[lr])
-        if best == ordered[0]:
-            grid = [ordered[0] / 10 ** (k * sizes.grid_step) for k in (1, 2)]
-        elif best == ordered[-1]:
-            grid = [ordered[-1] * 10 ** (k * sizes.grid_step) for k in (1, 2)]
-        else:
-            break
-    return best, dict(sorted(scores.items()))
+    return widen_rates(score, center, sizes.grid_span, sizes.grid_step, sizes.max_widenings)
 
 
 @dataclass(frozen=True)
@@ -422,11 +390,6 @@ def compare_losses(
         extra=extras,
         control=control,
     )
-
-
-def metric_at(curves: LossCurves, step: int, metric: str | None = None) -> np.ndarray:
-    """Per test seed, the mean over its tasks of the task metric (or the report metric ``metric``) at ``step``."""
-    return curves.at(step) if metric is None else curves.extras[metric][:, :, step].mean(axis=1)
 
 
 def comparison_record(

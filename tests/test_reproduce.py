@@ -145,3 +145,32 @@ def test_a_record_with_a_baseline_per_meta_train_seed_pairs_seed_with_seed():
     from ml3cli.commands.reproduce import summarize
 
     assert summarize(record, "tuned")["baseline_lr"] == "0.1/0.3"
+
+
+def check_quick_results(out, document: dict) -> None:
+    """What every experiment's --quick run must leave behind: a valid results.json equal to what was returned, a
+    verdict of the three, the comparison figure, and every comparison with one row per meta-train seed."""
+    written = json.loads((out / "results.json").read_text())
+    assert written == json.loads(json.dumps(document))
+    validate_results(written, str(out / "results.json"))
+    assert written["quick"] and written["verdict"] in VERDICTS
+    assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
+    for comparison in written["comparisons"]:
+        assert comparison["verdict"]["verdict"] in VERDICTS
+        assert len(comparison["final"]["learned_tuned"]) == len(comparison["meta_seeds"]) == 2
+
+
+def test_the_sine_experiment_runs_quick_end_to_end(tmp_path, monkeypatch):
+    """`ml3 reproduce sine --quick`: the paper's first experiment with its own smoke settings."""
+    monkeypatch.chdir(tmp_path)
+    options = ReproduceOptions(quick=True, jobs=2, out_dir=tmp_path / "out")
+    check_quick_results(tmp_path / "out", reproduce(experiment("sine"), options, Console(quiet=True)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sine_reference", "shaped_sine", "mnist_binary"])
+def test_the_supervised_experiments_run_quick_end_to_end(name, tmp_path, monkeypatch):
+    """The other supervised experiments at their --quick settings (the RL and robot ones have their own files)."""
+    monkeypatch.chdir(tmp_path)
+    options = ReproduceOptions(quick=True, jobs=2, out_dir=tmp_path / "out")
+    check_quick_results(tmp_path / "out", reproduce(experiment(name), options, Console(quiet=True)))

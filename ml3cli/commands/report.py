@@ -86,7 +86,9 @@ def status_table(documents: list[dict[str, Any]]) -> str:
         for c in document["comparisons"]:
             fixed, tuned = summarize(c, "fixed"), summarize(c, "tuned")
             lines.append(
-                f"| [{c['label']}](docs/results.md#{document['experiment']}) | {document['paper']} "
+                f"| [{c['label']}](docs/results.md#{document['experiment']})"
+                + (" (control, outside the verdict)" if c.get("control") else "")
+                + f" | {document['paper']} "
                 f"| {verdict_cell(c)} | {cell(c['metric'])} after {c['steps']} steps "
                 f"| {fmt(fixed['learned'])} vs {fmt(fixed['baseline'])}, {difference(c['same_lr'])} "
                 f"| {fmt(tuned['learned'])} vs {fmt(tuned['baseline'])}, {difference(c['tuned'])} "
@@ -184,21 +186,40 @@ def extra_lines(comparison: dict[str, Any]) -> list[str]:
             for label, values in metrics.items()
         ]
         lines.append("")
-    for key, value in extra.items():
-        lines.append(f"- {key.replace('_', ' ')}: {plain(value)}")
+    lines += bullets(extra)
     return [*lines, ""] if extra else lines
 
 
+#: keys of an experiment's extra numbers that the page leaves to the JSON and the figures (whole curves, the
+#: validation score of every rate tried)
+BULKY = ("curves", "scores", "baseline_scores", "learned_scores")
+
+
+def bullets(values: dict[str, Any], depth: int = 0) -> list[str]:
+    """Nested Markdown bullets for a mapping of an experiment's numbers: a scalar or a short list on its key's
+    line, a mapping as sub-bullets; bulky series stay in the JSON."""
+    lines = []
+    for key, value in values.items():
+        if key in BULKY:
+            continue
+        head = f"{'  ' * depth}- {cell(str(key).replace('_', ' '))}"
+        if isinstance(value, dict):
+            lines += [f"{head}:", *bullets(value, depth + 1)]
+        else:
+            lines.append(f"{head}: {plain(value)}")
+    return lines
+
+
 def plain(value: Any) -> str:
-    """A JSON value in one line of Markdown: numbers in 4 digits, lists and mappings inline."""
+    """A JSON scalar or list in one line of Markdown: numbers in 4 significant digits."""
     if isinstance(value, bool) or value is None:
         return str(value)
-    if isinstance(value, (int, float)):
-        return fmt(float(value)) if isinstance(value, float) else str(value)
-    if isinstance(value, dict):
-        return "; ".join(f"{k}: {plain(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return fmt(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(plain(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {plain(v)}" for k, v in value.items())
     return cell(str(value))
 
 

@@ -166,7 +166,7 @@ def list_experiments(console: Console) -> None:
             exp.paper,
             ", ".join(exp.recipes),
             str(exp.meta_seeds),
-            measured(RESULTS / name),
+            measured(RESULTS / name) if (RESULTS / name / "results.json").is_file() else exp.cost or "—",
             measured(Path("runs") / "reproduce" / f"{name}-quick"),
         )
     console.print(table)

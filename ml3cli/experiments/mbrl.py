@@ -255,4 +255,5 @@ EXPERIMENT = Experiment(
         ),
     },  # fmt: skip
     quick_eval={"tasks": 3, "seeds": 2},
+    cost="≈ 50 min (estimate; --jobs 2, 2 CPUs)",
 )

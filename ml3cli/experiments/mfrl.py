@@ -363,5 +363,5 @@ EXPERIMENT = Experiment(
         REACHER: ("outer.steps=4", "meta_test.tasks=2", "meta_test.steps=2"),
         ANT: ("outer.steps=2", "meta_test.tasks=2", "meta_test.steps=2"),
     },
-    cost="about 55 min with --jobs 2 on 2 CPU cores (estimated; --quick: 3.2 min measured, contended)",
+    cost="≈ 55 min (estimate; --jobs 2, 2 CPUs)",
 )

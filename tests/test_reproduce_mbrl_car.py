@@ -141,6 +141,8 @@ def test_mountain_car_quick_run(tmp_path, monkeypatch):
     assert shaped["extra"]["reach"]["learned@tuned"]["of"] == 2 * shaped["test_seeds"] * shaped["tasks"]
     assert shaped["extra"]["shaped_vs_unshaped"]["tuned"]["pairs"] == 4
     assert "shaped_vs_unshaped" not in unshaped.get("extra", {})
+    # the claim is the shaped loss's; the unshaped one is shown beside it, outside the verdict
+    assert (shaped["control"], unshaped["control"]) == (False, True)
     for figure in ("figure.png", "final_distance.png", "trajectories.png"):
         assert (tmp_path / "out" / figure).read_bytes()[:4] == b"\x89PNG"
 

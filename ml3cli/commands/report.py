@@ -157,9 +157,16 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
         lines += ["", f"Verdict: {c['verdict']['verdict']}: {c['verdict']['why']}.{control}", ""]
         lines += extra_lines(c)
     dirty = " (with uncommitted changes)" if prov.get("dirty") else ""
+    reused = [record for record in document["meta_train"] if record.get("reused")]
+    training = (
+        f"meta-training {seconds['meta_train'] / 60:.1f} min"
+        if not reused
+        else f"meta-training reused for {len(reused)} of {len(document['meta_train'])} artifacts, "
+        f"{seconds['meta_train_seconds_sum'] / 60:.1f} min of meta-training in all"
+    )
     lines += [
         f"Command: `{document['command']} --jobs {document['jobs']}`. Wall time {seconds['total'] / 60:.1f} min "
-        f"(meta-training {seconds['meta_train'] / 60:.1f} min, comparison {seconds['compare'] / 60:.1f} min). "
+        f"({training}, comparison {seconds['compare'] / 60:.1f} min). "
         f"Commit {str(prov.get('commit'))[:10]}{dirty}, ml3 {prov['ml3_version']}, torch {prov['torch_version']}, "
         f"Python {prov['python_version']}, {prov['machine']}, {prov['created']}.",
         "",

@@ -43,11 +43,11 @@ def test_the_index_lists_exactly_the_files_in_the_folder():
 @pytest.mark.parametrize("name", NAMES)
 def test_each_shipped_loss_loads_and_matches_its_index(name):
     """The file's SHA-256 is the index's; it loads by name; the index's task, inputs, provenance and headline are
-    the artifact's own; it is a few kilobytes."""
+    the artifact's own; it is tens of kilobytes at most."""
     entry = INDEX[name]
     path = shipped.SHIPPED_LOSSES / entry["file"]
     assert shipped.file_sha256(path) == entry["sha256"]
-    assert path.stat().st_size == entry["bytes"] < 64 * 1024
+    assert path.stat().st_size == entry["bytes"] < 128 * 1024  # tens of kilobytes at most (the demos loss: 74 KB)
     loss_fn = load_loss(name)
     info = loss_fn.info
     assert (info["task"], info["test_task"], info["seed"]) == (entry["task"], entry["test_task"], entry["seed"])

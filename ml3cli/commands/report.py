@@ -32,7 +32,7 @@ def run(console: Console, check: bool = False) -> None:
     documents = load_results(RESULTS)
     page = results_page(documents)
     readme = (
-        readme_with_table(README.read_text(encoding="utf-8"), status_table(documents)) if README.is_file() else None
+        readme_with_table(README.read_text(encoding="utf-8"), summary_table(documents)) if README.is_file() else None
     )
     if check:
         stale = [
@@ -101,6 +101,23 @@ def verdict_cell(comparison: dict[str, Any]) -> str:
     """The verdict in bold; a control's (not part of the claim) plain and marked."""
     found = comparison["verdict"]["verdict"]
     return f"{found} (control)" if comparison.get("control") else f"**{found}**"
+
+
+def summary_table(documents: list[dict[str, Any]]) -> str:
+    """The README's copy: one row per experiment (its verdict, claim, seeds and time); the numbers of every
+    comparison are on docs/results.md."""
+    lines = [
+        "| experiment | paper | claim | verdict | meta-train seeds | wall time |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for document in documents:
+        name = document["experiment"]
+        seeds = max(len(c["meta_seeds"]) for c in document["comparisons"])
+        lines.append(
+            f"| [{name}](docs/results.md#{name}) | {document['paper']} | {cell(document['claim'])} "
+            f"| **{document['verdict']}** | {seeds} | {measured(RESULTS / name)} |"
+        )
+    return "\n".join(lines)
 
 
 def results_page(documents: list[dict[str, Any]]) -> str:

@@ -194,3 +194,23 @@ def test_reacher_relative_inputs_are_invariant_to_rotating_arm_and_goal_together
     # and the offset still measures the distance: its norm is ‖fingertip − g‖ in position_scale units
     offset = task.relative_features(states, goal)[1]
     torch.testing.assert_close(offset.norm(dim=-1), task.distance(states, goal) * task.position_scale)
+
+
+def test_meta_train_records_the_real_rollouts_of_its_meta_test(tmp_path):
+    """The artifact's metrics count the real-system steps of the meta-test that `ml3 meta-train` runs after
+    meta-training (the model-based meta-training itself rolls out the real system only to fit P)."""
+    from rich.console import Console
+
+    from ml3cli import read_info
+    from ml3cli.commands.meta_train import run_meta_train
+
+    data = tiny_recipe(2)
+    data["task_options"].update(fit_steps=20)
+    data["meta_test"].update(tasks=2, seeds=2, steps=3, task_options={**data["task_options"], "system": "real"})
+    recipe = recipe_from_dict(data)
+    out = run_meta_train(recipe, tmp_path / "m.safetensors", Console(quiet=True), quiet=True)
+    metrics = read_info(out)["metrics"]
+    horizon = make_task("pointmass_goal", {"system": "real"}).horizon
+    # per seed, per loss (learned and the baseline): 2 tasks measured at steps 0…3 and rolled out for steps 0…2
+    assert metrics["meta_test"]["environment_samples"] == 2 * 2 * 2 * (4 + 3) * horizon
+    assert metrics["environment_samples"] == TINY_MODEL["random_rollouts"] * horizon

@@ -122,6 +122,7 @@ def run_tiny(name: str, quick: dict[str, tuple[str, ...]], tmp_path, monkeypatch
     validate_results(written, "results.json")
     assert written["verdict"] in VERDICTS
     assert written["environment_samples"]["meta_train"] > 0 and written["environment_samples"]["meta_test"] > 0
+    assert all(record["meta_test_environment_samples"] > 0 for record in written["meta_train"])
     return document
 
 

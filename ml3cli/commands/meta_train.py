@@ -229,6 +229,7 @@ def _run_meta_train(
             "final": {c.label: float(c.at(test.steps).mean()) for c in curves},
             "final_per_seed": {c.label: [float(v) for v in c.at(test.steps)] for c in curves},
             "baseline": baseline,
+            "environment_samples": test_task.environment_samples,  # its rollouts, not part of meta-training
         },
     }
     artifacts.save_loss(out_path, result.metaloss, base_info | {"metrics": metrics})

@@ -175,6 +175,10 @@ def meta_train_all(jobs: Sequence[MetaTrainJob], workers: int, say: Callable[[st
                 "meta_train_seconds": info["metrics"].get("meta_train_seconds"),
                 # simulator steps meta-training spent (recorded by tasks that roll out a real environment)
                 "environment_samples": int(info["metrics"].get("environment_samples", 0)),
+                # and the meta-test that `ml3 meta-train` runs after it (none recorded by artifacts before it was counted)
+                "meta_test_environment_samples": int(
+                    info["metrics"].get("meta_test", {}).get("environment_samples", 0)
+                ),
             }
         )
     return records

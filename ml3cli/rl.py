@@ -140,7 +140,11 @@ class EnvPool:
     ) -> Rollout:
         """Roll out ``policy(obs[n, E, obs_dim]) -> (mu, sigma)`` for ``episodes`` episodes per goal ``goals[n, 2]``.
 
-        All randomness comes from ``gen``: one reset seed per episode, then ε ~ N(0, I) per step.
+        All randomness comes from ``gen``: one reset seed per episode, then ε ~ N(0, I) per step. The simulator
+        gets the action clipped to its action space (what MuJoCo's ctrlrange does to it anyway). An episode whose
+        action is not finite (a diverged θ) is not stepped further and records NaN rewards and distances from
+        there: MuJoCo would reset the robot and report the distance of its rest pose, a finite number that a
+        learning-rate search could take for a result.
         """
         n = goals.shape[0]
         count = n * episodes
@@ -157,6 +161,7 @@ class EnvPool:
         observations, actions = [], []
         rewards = np.empty((count, horizon))
         distances = np.empty((count, horizon))
+        diverged = np.zeros(count, dtype=bool)
         for t in range(horizon):
             state = torch.as_tensor(obs, dtype=dtype).reshape(n, episodes, -1)
             with torch.no_grad():
@@ -165,8 +170,13 @@ class EnvPool:
             observations.append(state)
             actions.append(action)
             action_np = action.reshape(count, -1).double().numpy()
+            diverged |= ~np.isfinite(action_np).all(axis=1)
             for j, env in enumerate(self.envs[:count]):
-                obs[j], rewards[j, t], _, _, info = env.step(action_np[j])
+                if diverged[j]:
+                    rewards[j, t] = distances[j, t] = np.nan
+                    continue
+                applied = np.clip(action_np[j], env.action_space.low, env.action_space.high)
+                obs[j], rewards[j, t], _, _, info = env.step(applied)
                 distances[j, t] = info["distance"]
         as_tensor = lambda a: torch.as_tensor(a, dtype=dtype).reshape(n, episodes, *a.shape[1:])  # noqa: E731
         return Rollout(

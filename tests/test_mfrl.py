@@ -103,6 +103,26 @@ def tiny_reacher(**options):
     return make_task("reacher_goal_mf", base | options)
 
 
+def test_a_diverged_policy_records_nan_instead_of_a_reset_robot(capfd):
+    """θ with a NaN in the last layer: its episodes record NaN distances and rewards (so a learning-rate search
+    scores the rate as diverged), MuJoCo is never handed a NaN control (it would warn, reset the robot and report
+    the rest pose's distance), and the other task's episodes are untouched."""
+    task = tiny_reacher()
+    gen = generator(0)
+    batch, theta = task.sample_tasks(2, gen), task.init_theta(2, gen)
+    state = gen.get_state()
+    healthy = task.collect(theta, batch, gen, "inner")
+    last_bias = [name for name in theta if name.endswith("bias")][-1]
+    theta[last_bias] = theta[last_bias].clone()
+    theta[last_bias][1] = math.nan
+    gen.set_state(state)
+    broken = task.collect(theta, batch, gen, "inner")
+    assert torch.isnan(broken.distance[1]).all() and torch.isnan(broken.reward[1]).all()
+    assert torch.equal(broken.distance[0], healthy.distance[0]) and torch.equal(broken.reward[0], healthy.reward[0])
+    captured = capfd.readouterr()
+    assert "Nan, Inf or huge value" not in captured.out + captured.err
+
+
 def test_collect_rolls_out_every_task_reproducibly():
     task = tiny_reacher()
     gen = generator(0)

@@ -111,3 +111,20 @@ def test_the_dynamics_model_fits_even_when_called_under_no_grad():
     with torch.no_grad():
         loss = model.fit(generator(2), steps=5)
     assert np.isfinite(loss) and model.fitted
+
+
+def test_a_diverged_policy_on_the_real_reacher_gives_nan_states(capfd):
+    """θ with a NaN: its rollout on MuJoCo's arm is NaN from the first step (MuJoCo would reset the arm on a NaN
+    control and report its rest pose), the other task's rollout is untouched, MuJoCo prints no warning."""
+    task = make_task("reacher_goal", {"system": "real", "horizon": 12})
+    gen = generator(0)
+    batch, theta = task.sample_tasks(2, gen), task.init_theta(2, gen)
+    healthy = task.collect(theta, batch, gen, "inner").states
+    name = [n for n in theta if n.endswith("bias")][-1]
+    theta[name] = theta[name].clone()
+    theta[name][1] = float("nan")
+    broken = task.collect(theta, batch, gen, "inner").states
+    assert torch.isnan(broken[1, 1:]).all() and torch.equal(broken[1, 0], healthy[1, 0])
+    np.testing.assert_allclose(broken[0].numpy(), healthy[0].numpy())
+    captured = capfd.readouterr()
+    assert "Nan, Inf or huge value" not in captured.out + captured.err

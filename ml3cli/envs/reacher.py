@@ -71,6 +71,10 @@ class ReacherArm:
         return np.concatenate([data.qpos[:2], data.qvel[:2]])
 
     def step(self, data: mujoco.MjData, action: np.ndarray) -> np.ndarray:
+        """The state after ``action``; NaN for an action that is not finite (a diverged θ), with MuJoCo left
+        unstepped: on a NaN control it would reset the arm, and its rest pose would pass for a result."""
+        if not np.isfinite(action).all():
+            return np.full(4, np.nan)
         data.ctrl[:] = np.clip(action, -self.max_action, self.max_action)
         for _ in range(self.frame_skip):
             mujoco.mj_step(self.model, data)

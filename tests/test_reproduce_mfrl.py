@@ -45,6 +45,38 @@ def test_the_verdict_needs_a_faster_start_and_a_final_level_not_worse():
     assert "never" in ppo_verdict(True, True, 1000.0, None, level)["why"]
 
 
+def test_finished_ppo_runs_are_kept_and_read_back(tmp_path, monkeypatch):
+    """With a cache folder, each seed's PPO run is written once; a second call (the same budget and settings) reads
+    every run back, bit for bit, with its environment samples, and trains nothing; another rate trains again. An
+    interrupted call resumes after the seeds it finished."""
+    from ml3cli.baselines.ppo import PPOConfig
+    from ml3cli.experiments import mfrl
+    from ml3cli.tasks import make_task
+
+    trained = []
+    real = mfrl.train_ppo
+    monkeypatch.setattr(mfrl, "train_ppo", lambda *args: trained.append(1) or real(*args))
+
+    def task():
+        return make_task("reacher_goal_mf", {"hidden": [8], "episodes": 2, "task_loss_episodes": 2, "horizon": 10})
+
+    config = PPOConfig(steps_per_update=20, num_minibatches=2, update_epochs=1)
+    fresh = task()
+    first, per_update = mfrl.ppo_performance(fresh, 2, 2, 2, config, "test", tmp_path)
+    assert len(trained) == 2 and len(list(tmp_path.glob("ppo-*.json"))) == 2
+    again = task()
+    second, per_update_again = mfrl.ppo_performance(again, 2, 2, 2, config, "test", tmp_path)
+    assert len(trained) == 2 and per_update_again == per_update
+    np.testing.assert_array_equal(first, second)
+    assert first.dtype == second.dtype and again.environment_samples == fresh.environment_samples > 0
+    mfrl.ppo_performance(task(), 2, 2, 2, PPOConfig(lr=1e-3, steps_per_update=20, num_minibatches=2), "test", tmp_path)
+    assert len(trained) == 4
+    # a run stopped after its first seed: the next one trains the second seed only
+    sorted(tmp_path.glob("ppo-*.json"))[0].unlink()
+    mfrl.ppo_performance(task(), 2, 2, 2, config, "test", tmp_path)
+    assert len(trained) == 5
+
+
 @pytest.mark.slow
 def test_quick_reproduction_of_mfrl(tmp_path, monkeypatch):
     """The whole experiment at its --quick sizes: the results validate, the verdicts are the rule's, PPO's numbers

@@ -74,7 +74,8 @@ def reproduce(exp: Experiment, options: ReproduceOptions, console: Console) -> d
     if all(record["reused"] for record in records):
         console.print("no meta-training needed: every artifact was reused")
     paths = {recipe: {job.seed: job.artifact for job in plan if job.recipe == recipe} for recipe in exp.recipes}
-    context = Context(exp, options.quick, seeds, overrides, paths, say=console.print)
+    work_dir = Path("artifacts") / "reproduce" / tag / "baselines"
+    context = Context(exp, options.quick, seeds, overrides, paths, say=console.print, work_dir=work_dir)
     comparisons = exp.run(context)
     finished = time.perf_counter()
 

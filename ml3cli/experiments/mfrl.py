@@ -57,19 +57,25 @@ that make it fit: 5 (ReacherGoal) and 3 (AntGoal) test goals × 3 test seeds, va
 the learning-rate grid ×/÷ √10 around the recipe's rate (widened twice at most), PPO to 82,000 (ReacherGoal) and
 52,500 (AntGoal) samples per goal. On ReacherGoal PPO levels off within that budget (measured on 3 validation
 goals: Σ_t −d_t −7.7 → −1.7 after 80,000 samples, −1.6 after 120,000); on the reduced AntGoal it is far from a
-million samples and the row says what PPO does in 52,500.
+million samples and the row says what PPO does in 52,500. Each finished PPO run (one seed of one rate) is kept in
+``artifacts/reproduce/mfrl/baselines/``, so that a larger PPO budget can run in parts: an interrupted run, started
+again, trains only the runs it has not finished.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ml3cli import files
 from ml3cli.baselines.ppo import PPOConfig, train_ppo
 from ml3cli.evaluate import LossCurves
 from ml3cli.experiments.protocol import Context, EvalSizes, Experiment, Paired, compare_losses
@@ -159,27 +165,77 @@ def ratio(ppo: float | None, learned: float | None) -> float | None:
 
 # -- PPO ------------------------------------------------------------------------------------------------------------
 def ppo_performance(
-    task: ModelFreeRL, goals: int, seeds: int, updates: int, config: PPOConfig, stream: str
+    task: ModelFreeRL,
+    goals: int,
+    seeds: int,
+    updates: int,
+    config: PPOConfig,
+    stream: str,
+    cache: Path | None = None,
 ) -> tuple[np.ndarray, int]:
     """PPO's metric ``[seeds, updates + 1, goals]`` from the goals and θ₀ that :func:`ml3cli.evaluate.evaluate`
     draws for seeds 0 … seeds − 1 of ``stream`` (the learned loss's test goals for ``stream="test"``), and the
-    samples per update."""
+    samples per update.
+
+    ``cache``: a folder where each seed's finished run is kept (:func:`ppo_run_key` names it), so that a long PPO
+    budget can run in parts: a later call with the same task, goals, seed, stream, budget and settings reads the
+    run back (and counts its environment samples) instead of training again."""
     runs = []
     for s in range(seeds):
+        key = ppo_run_key(task, goals, s, stream, updates, config)
+        path = cache / f"ppo-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+        kept = json.loads(path.read_text(encoding="utf-8")) if cache is not None and path.is_file() else None
+        if kept is not None and kept["key"] == key:
+            runs.append(np.asarray(kept["performance"], dtype=kept["dtype"]))
+            per_update = kept["samples_per_update"]
+            task.environment_samples += kept["environment_samples"]
+            continue
+        before = task.environment_samples
         gen = generator(stream_seed(stream, s))
         batch, theta = task.sample_tasks(goals, gen), task.init_theta(goals, gen)
         result = train_ppo(task, theta, batch, updates, gen, config)
         runs.append(result.performance)
-    return np.stack(runs), result.samples_per_update
+        per_update = result.samples_per_update
+        if cache is not None:
+            files.write_text_atomic(
+                path,
+                json.dumps(
+                    {
+                        "key": key,
+                        "performance": result.performance.tolist(),
+                        "dtype": str(result.performance.dtype),
+                        "samples_per_update": per_update,
+                        "environment_samples": task.environment_samples - before,
+                    }
+                ),
+            )
+    return np.stack(runs), per_update
 
 
-def ppo_rate(task: ModelFreeRL, plan: RowPlan, center: float = PPOConfig.lr) -> tuple[float, dict[float, float]]:
+def ppo_run_key(
+    task: ModelFreeRL, goals: int, seed: int, stream: str, updates: int, config: PPOConfig
+) -> dict[str, Any]:
+    """Everything one PPO run's result depends on (the code aside, as for a reused artifact)."""
+    return {
+        "task": task.name,
+        "options": task.options.model_dump(mode="json"),
+        "goals": goals,
+        "seed": seed,
+        "stream": stream,
+        "updates": updates,
+        "config": json.loads(json.dumps(asdict(config))),
+    }
+
+
+def ppo_rate(
+    task: ModelFreeRL, plan: RowPlan, center: float = PPOConfig.lr, cache: Path | None = None
+) -> tuple[float, dict[float, float]]:
     """PPO's rate among ``center`` and one half-decade above and below: the best final level on validation goals
     (the same budget as the test run). Returns the rate and each rate's final level."""
     goals, seeds = plan.ppo_check
     scores = {}
     for lr in (center / math.sqrt(10), center, center * math.sqrt(10)):
-        perf, _ = ppo_performance(task, goals, seeds, plan.ppo_updates, PPOConfig(lr=lr), "validation")
+        perf, _ = ppo_performance(task, goals, seeds, plan.ppo_updates, PPOConfig(lr=lr), "validation", cache)
         level = float(final_level(perf.mean((0, 2))))
         scores[lr] = level if math.isfinite(level) else -math.inf
     return max(scores, key=lambda lr: scores[lr]), scores
@@ -192,9 +248,11 @@ def against_ppo(
     experiment's rule (the record's own verdict moves to ``extra.likelihood_verdict``)."""
     options = {**context.recipe(recipe).meta_test.task_options, **plan.test_options}
     task = make_task(record["task"], options)
-    lr, scores = ppo_rate(task, plan)
+    lr, scores = ppo_rate(task, plan, cache=context.work_dir)
     config = PPOConfig(lr=lr)
-    ppo, per_update = ppo_performance(task, record["tasks"], record["test_seeds"], plan.ppo_updates, config, "test")
+    ppo, per_update = ppo_performance(
+        task, record["tasks"], record["test_seeds"], plan.ppo_updates, config, "test", context.work_dir
+    )
     context.count_samples(task.environment_samples)
 
     learned_per_update = task.options.episodes * task.options.horizon

@@ -85,6 +85,9 @@ class Context:
     meta_test_samples: int = 0
     #: where progress goes (the command's console)
     say: Callable[[str], None] = field(default=lambda _: None, repr=False)
+    #: a folder beside the artifacts where a protocol may keep finished parts of a long baseline, so that a run
+    #: interrupted (or spread over several sessions) resumes them (None: nothing is kept)
+    work_dir: Path | None = None
 
     def count_samples(self, samples: int) -> None:
         """Add ``samples`` environment steps spent at meta-test (by any loss or baseline)."""

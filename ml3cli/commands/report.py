@@ -223,7 +223,7 @@ def extra_lines(comparison: dict[str, Any]) -> list[str]:
 
 #: keys of an experiment's extra numbers that the page leaves to the JSON and the figures (whole curves, the
 #: validation score of every rate tried)
-BULKY = ("curves", "scores", "baseline_scores", "learned_scores")
+BULKY = ("curves", "curve", "ppo_curve_full", "scores", "baseline_scores", "learned_scores")
 
 
 def bullets(values: dict[str, Any], depth: int = 0) -> list[str]:

@@ -45,6 +45,25 @@ def test_the_verdict_needs_a_faster_start_and_a_final_level_not_worse():
     assert "never" in ppo_verdict(True, True, 1000.0, None, level)["why"]
 
 
+def test_ppo_rate_widens_its_grid_until_the_choice_is_interior(monkeypatch):
+    """Final levels that grow up to 10× CleanRL's rate and fall after it: the three-rate check (its top edge
+    winning) widens upwards until the best rate has a worse one on either side; a diverged rate never wins."""
+    from ml3cli.experiments import mfrl
+
+    def fake(task, goals, seeds, updates, config, stream, cache=None):
+        if config.lr > 5e-3:
+            return np.full((seeds, updates + 1, goals), np.nan), 2048  # diverged
+        level = -abs(np.log10(config.lr / 3e-3))  # best at 3e-3
+        return np.full((seeds, updates + 1, goals), level), 2048
+
+    monkeypatch.setattr(mfrl, "ppo_performance", fake)
+    lr, levels = mfrl.ppo_rate(None, mfrl.FULL[mfrl.REACHER])
+    assert lr == pytest.approx(3e-3) and min(levels) < lr < max(levels)
+    assert len(levels) == 5 and levels[max(levels)] < levels[lr]
+    no_widening = mfrl.ppo_rate(None, mfrl.QUICK[mfrl.REACHER])
+    assert no_widening[0] == pytest.approx(3e-4 * 10**0.5) and len(no_widening[1]) == 3  # the edge: not widened
+
+
 def test_finished_ppo_runs_are_kept_and_read_back(tmp_path, monkeypatch):
     """With a cache folder, each seed's PPO run is written once; a second call (the same budget and settings) reads
     every run back, bit for bit, with its environment samples, and trains nothing; another rate trains again. An

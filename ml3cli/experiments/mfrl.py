@@ -20,8 +20,8 @@ Protocol, per recipe (:mod:`~ml3cli.experiments.protocol`):
    reward normalisation with clipping, 2,048 samples per update, the learning rate annealed to 0 over the run's
    whole budget) trains the same θ₀ (same architecture) on the same test goals with the same rollout code, until
    it levels off (``ppo_updates``). Its rate: CleanRL's 3e-4 and one half-decade above and below, each run on
-   validation goals for the same budget; the best final level is used on the test goals (the scores and whether
-   the choice was interior are in ``extra``). CleanRL's observation wrapper clips the normalised observation to
+   validation goals for the same budget, the grid widened by two rates while an edge wins (twice at most); the
+   best final level is used on the test goals (the scores and whether the choice was interior are in ``extra``). CleanRL's observation wrapper clips the normalised observation to
    ±10 from the first step, so PPO's θ₀ acts on clipped inputs where an observation exceeds 10 (the ant's joint
    velocities): its start level can differ from the learned loss's (both are reported; each gain is measured
    from its own start).
@@ -77,7 +77,7 @@ import numpy as np
 
 from ml3cli import files
 from ml3cli.baselines.ppo import PPOConfig, train_ppo
-from ml3cli.evaluate import LossCurves
+from ml3cli.evaluate import LossCurves, widen_until_interior
 from ml3cli.experiments.protocol import Context, EvalSizes, Experiment, Paired, compare_losses
 from ml3cli.plots import png_bytes
 from ml3cli.runtime import generator, stream_seed
@@ -97,6 +97,7 @@ class RowPlan:
     learned: EvalSizes
     ppo_updates: int
     ppo_check: tuple[int, int]  # validation goals, validation seeds
+    ppo_widenings: int = 2  # times PPO's rate grid may widen by two rates while an edge wins
     test_options: dict[str, Any] = field(default_factory=dict)
     label: str = ""
 
@@ -121,12 +122,13 @@ QUICK = {
     REACHER: RowPlan(
         EvalSizes(steps=4, tasks=2, seeds=2, validation_tasks=2, validation_seeds=1, grid_span=0.5,
                   max_widenings=0),
-        ppo_updates=3, ppo_check=(1, 1), label="ReacherGoal",
+        ppo_updates=3, ppo_check=(1, 1), ppo_widenings=0, label="ReacherGoal",
     ),
     ANT: RowPlan(
         EvalSizes(steps=3, tasks=2, seeds=2, validation_tasks=1, validation_seeds=1, grid_span=0.5,
                   max_widenings=0),
-        ppo_updates=2, ppo_check=(1, 1), test_options={"task_loss_episodes": 2}, label="AntGoal (reduced)",
+        ppo_updates=2, ppo_check=(1, 1), ppo_widenings=0, test_options={"task_loss_episodes": 2},
+        label="AntGoal (reduced)",
     ),
 }  # fmt: skip
 #: architecture transfer: hidden layers of 64 (2 is the main reacher row), and the sizes of those rows
@@ -230,15 +232,21 @@ def ppo_run_key(
 def ppo_rate(
     task: ModelFreeRL, plan: RowPlan, center: float = PPOConfig.lr, cache: Path | None = None
 ) -> tuple[float, dict[float, float]]:
-    """PPO's rate among ``center`` and one half-decade above and below: the best final level on validation goals
-    (the same budget as the test run). Returns the rate and each rate's final level."""
+    """PPO's rate: the best final level on validation goals (the same budget as the test run) among ``center`` and
+    one half-decade above and below, the grid widened by :func:`~ml3cli.evaluate.widen_until_interior` while an
+    edge wins (``plan.ppo_widenings`` times at most). Returns the rate and each rate's final level."""
     goals, seeds = plan.ppo_check
-    scores = {}
-    for lr in (center / math.sqrt(10), center, center * math.sqrt(10)):
-        perf, _ = ppo_performance(task, goals, seeds, plan.ppo_updates, PPOConfig(lr=lr), "validation", cache)
-        level = float(final_level(perf.mean((0, 2))))
-        scores[lr] = level if math.isfinite(level) else -math.inf
-    return max(scores, key=lambda lr: scores[lr]), scores
+    levels: dict[float, float] = {}
+
+    def score(lrs: list[float]) -> dict[float, float]:
+        for lr in lrs:
+            perf, _ = ppo_performance(task, goals, seeds, plan.ppo_updates, PPOConfig(lr=lr), "validation", cache)
+            level = float(final_level(perf.mean((0, 2))))
+            levels[lr] = level if math.isfinite(level) else -math.inf
+        return {lr: -levels[lr] for lr in lrs}  # as a loss: lower is better, a diverged rate +inf
+
+    lr, _ = widen_until_interior(score, center, span=0.5, step=0.5, max_widenings=plan.ppo_widenings)
+    return lr, dict(sorted(levels.items()))
 
 
 def against_ppo(

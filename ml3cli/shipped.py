@@ -71,6 +71,11 @@ def shipped_path(name: str, folder: Path | None = None) -> Path | None:
     return path
 
 
+def tasks_label(entry: dict[str, Any]) -> str:
+    """The entry's meta-train task, and its meta-test task where that differs (``sine → sine_shifted``)."""
+    return entry["task"] if entry["task"] == entry["test_task"] else f"{entry['task']} → {entry['test_task']}"
+
+
 def headline(entry: dict[str, Any]) -> str:
     """One line for the entry's headline metric, e.g. ``mse after 100 steps on sine_shifted: 1.46 vs mse 3.34``."""
     h = entry.get("headline") or {}

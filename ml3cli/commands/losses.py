@@ -22,7 +22,7 @@ from rich.table import Table
 from ml3cli import artifacts, files, shipped
 from ml3cli.errors import ML3Error
 from ml3cli.recipes import load_recipe, packaged_recipes, recipe_to_dict, summarize_recipe
-from ml3cli.shipped import INDEX_NAME, file_sha256, headline, index_document, read_index
+from ml3cli.shipped import INDEX_NAME, file_sha256, headline, index_document, read_index, tasks_label
 
 
 def run(console: Console, folder: Path | None = None) -> dict[str, dict[str, Any]]:
@@ -36,8 +36,7 @@ def run(console: Console, folder: Path | None = None) -> dict[str, dict[str, Any
     table.add_column("meta-trained for")
     table.add_column("headline (learned vs baseline, same lr)")
     for name, entry in entries.items():
-        tasks = entry["task"] if entry["task"] == entry["test_task"] else f"{entry['task']} → {entry['test_task']}"
-        table.add_row(name, tasks, entry["inputs"], entry["meta_trained_for"], headline(entry))
+        table.add_row(name, tasks_label(entry), entry["inputs"], entry["meta_trained_for"], headline(entry))
     console.print(table)
     console.print(
         'use one by name: `ml3 meta-test --loss sine --task sine_shifted`, `load_loss("sine")` in Python; '

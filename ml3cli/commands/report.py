@@ -21,7 +21,7 @@ from ml3cli.commands.reproduce import RESULTS, measured, summarize
 from ml3cli.errors import ML3Error
 from ml3cli.experiments import REPRODUCIBLE
 from ml3cli.experiments.protocol import validate_results
-from ml3cli.shipped import headline, read_index
+from ml3cli.shipped import headline, read_index, tasks_label
 
 PAGE = Path("docs") / "results.md"
 README = Path("README.md")
@@ -271,9 +271,8 @@ def shipped_table(entries: dict[str, dict[str, Any]]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in entries.items():
-        tasks = entry["task"] if entry["task"] == entry["test_task"] else f"{entry['task']} → {entry['test_task']}"
         seconds = entry.get("meta_train_seconds")
         took = f"{seconds:.0f} s" if isinstance(seconds, int | float) else ""
-        cells = (f"`{name}`", tasks, entry["inputs"], entry["meta_trained_for"], headline(entry), took)
+        cells = (f"`{name}`", tasks_label(entry), entry["inputs"], entry["meta_trained_for"], headline(entry), took)
         rows.append("| " + " | ".join(cell(str(c)) for c in cells) + " |")
     return "\n".join(rows)

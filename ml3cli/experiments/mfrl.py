@@ -21,8 +21,8 @@ Protocol, per recipe (:mod:`~ml3cli.experiments.protocol`):
    whole budget) trains the same θ₀ (same architecture) on the same test goals with the same rollout code, until
    it levels off (``ppo_updates``). Its rate: CleanRL's 3e-4 and one half-decade above and below, each run on
    validation goals for the same budget, the grid widened by two rates while an edge wins (twice at most); the
-   best final level is used on the test goals (the scores and whether the choice was interior are in ``extra``). CleanRL's observation wrapper clips the normalised observation to
-   ±10 from the first step, so PPO's θ₀ acts on clipped inputs where an observation exceeds 10 (the ant's joint
+   best final level is used on the test goals (the scores and whether the choice was interior are in ``extra``).
+   CleanRL's observation wrapper clips the normalised observation to ±10 from the first step, so PPO's θ₀ acts on clipped inputs where an observation exceeds 10 (the ant's joint
    velocities): its start level can differ from the learned loss's (both are reported; each gain is measured
    from its own start).
 3. **Numbers** (``extra.ppo``): the paper's metric (ReacherGoal Σ_t −d_t, AntGoal Σ_t (d₀ − d_t), per episode,
@@ -185,32 +185,20 @@ def ppo_performance(
     runs = []
     for s in range(seeds):
         key = ppo_run_key(task, goals, s, stream, updates, config)
-        path = cache / f"ppo-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
-        kept = json.loads(path.read_text(encoding="utf-8")) if cache is not None and path.is_file() else None
-        if kept is not None and kept["key"] == key:
-            runs.append(np.asarray(kept["performance"], dtype=kept["dtype"]))
-            per_update = kept["samples_per_update"]
-            task.environment_samples += kept["environment_samples"]
-            continue
-        before = task.environment_samples
-        gen = generator(stream_seed(stream, s))
-        batch, theta = task.sample_tasks(goals, gen), task.init_theta(goals, gen)
-        result = train_ppo(task, theta, batch, updates, gen, config)
-        runs.append(result.performance)
-        per_update = result.samples_per_update
-        if cache is not None:
-            files.write_text_atomic(
-                path,
-                json.dumps(
-                    {
-                        "key": key,
-                        "performance": result.performance.tolist(),
-                        "dtype": str(result.performance.dtype),
-                        "samples_per_update": per_update,
-                        "environment_samples": task.environment_samples - before,
-                    }
-                ),
-            )
+        path = ppo_run_path(cache, key) if cache is not None else None
+        kept = read_ppo_run(path, key) if path is not None else None
+        if kept is not None:
+            performance, per_update, samples = kept
+            task.environment_samples += samples
+        else:
+            before = task.environment_samples
+            gen = generator(stream_seed(stream, s))
+            batch, theta = task.sample_tasks(goals, gen), task.init_theta(goals, gen)
+            result = train_ppo(task, theta, batch, updates, gen, config)
+            performance, per_update = result.performance, result.samples_per_update
+            if path is not None:
+                keep_ppo_run(path, key, performance, per_update, task.environment_samples - before)
+        runs.append(performance)
     return np.stack(runs), per_update
 
 
@@ -227,6 +215,34 @@ def ppo_run_key(
         "updates": updates,
         "config": json.loads(json.dumps(asdict(config))),
     }
+
+
+def ppo_run_path(cache: Path, key: dict[str, Any]) -> Path:
+    """Where the run of ``key`` is kept in ``cache`` (a digest of the key names the file; the key is inside)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache / f"ppo-{digest}.json"
+
+
+def read_ppo_run(path: Path, key: dict[str, Any]) -> tuple[np.ndarray, int, int] | None:
+    """The run of ``key`` kept at ``path`` (performance, samples per update, environment samples), or None."""
+    if not path.is_file():
+        return None
+    kept = json.loads(path.read_text(encoding="utf-8"))
+    if kept["key"] != key:
+        return None
+    return np.asarray(kept["performance"], dtype=kept["dtype"]), kept["samples_per_update"], kept["environment_samples"]
+
+
+def keep_ppo_run(path: Path, key: dict[str, Any], performance: np.ndarray, per_update: int, samples: int) -> None:
+    """Write one finished run with its key (atomically: an interrupt leaves no half-written run)."""
+    document = {
+        "key": key,
+        "performance": performance.tolist(),
+        "dtype": str(performance.dtype),
+        "samples_per_update": per_update,
+        "environment_samples": samples,
+    }
+    files.write_text_atomic(path, json.dumps(document))
 
 
 def ppo_rate(

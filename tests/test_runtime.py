@@ -24,12 +24,21 @@ def page_faults_of_one_step() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def assert_freed_memory_is_reused(faults: list[int]) -> None:
+    """Every step after the first few touches memory it already owns: without reuse each faults ~24,500 times.
+
+    A step can still meet a stray fault or a thousand (another allocation in the process between two steps moves
+    the heap's top), so the bound is on the typical step and, loosely, on the worst one."""
+    later = sorted(faults[3:])
+    assert later[len(later) // 2] < 100, faults
+    assert later[-1] < 24_576 // 4, faults
+
+
 @linux_only
 def test_a_repeated_step_reuses_freed_memory_without_page_faults():
     if not keep_freed_memory():
         pytest.skip("not glibc")
-    faults = [page_faults_of_one_step() for _ in range(6)]
-    assert max(faults[3:]) < 1000, faults  # 24,576 pages are touched per step
+    assert_freed_memory_is_reused([page_faults_of_one_step() for _ in range(8)])
 
 
 @linux_only
@@ -38,7 +47,6 @@ def test_configure_sets_threads_and_keeps_freed_memory():
     try:
         configure(1, seed=3)
         assert torch.get_num_threads() == 1
-        faults = [page_faults_of_one_step() for _ in range(6)]
-        assert max(faults[3:]) < 1000, faults
+        assert_freed_memory_is_reused([page_faults_of_one_step() for _ in range(8)])
     finally:
         torch.set_num_threads(threads)

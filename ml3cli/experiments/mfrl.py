@@ -3,8 +3,8 @@ losses trains fresh policies on held-out goals in fewer environment samples than
 of other depths.
 
 Tasks ``reacher_goal_mf`` (ReacherGoal, the main, full-size row) and ``ant_goal`` with the reduced recipe
-``mfrl_ant_small`` (goals on a 1 m circle, 100-step episodes: PPO to a million samples on the ant is hours on a
-CPU, so the ant row runs at the budget given below, not the paper's). Recipes ``mfrl_reacher`` and
+``mfrl_ant_small`` (goals on a 1 m circle, 100-step episodes instead of the paper's full AntGoal; PPO runs
+until it levels off on this smaller task, 630,000 samples per goal, below). Recipes ``mfrl_reacher`` and
 ``mfrl_ant_small``, 3 meta-train seeds each.
 
 Protocol, per recipe (:mod:`~ml3cli.experiments.protocol`):
@@ -51,15 +51,17 @@ meta-test (validation and test rollouts of every loss, PPO's training and evalua
 Budget of the full run (``ml3 reproduce mfrl --jobs 2``; sizes in :data:`FULL` and :data:`TRANSFER`), estimated
 from rates measured on the 2-core machine (ReacherGoal ≈ 8,000 and AntGoal ≈ 2,000 simulator steps/s, a PPO
 update's 320 minibatch steps ≈ 1.5 s): meta-training 3 × mfrl_reacher + 3 × mfrl_ant_small ≈ 11 min at 2 jobs;
-ReacherGoal row ≈ 17 min (PPO's rate check 5 min, PPO 6 min); AntGoal row ≈ 20 min (PPO's check 5 min, PPO
-6 min, the learned losses' test 6 min); the three transfer rows ≈ 7 min; about 55 min in all. The smaller sizes
-that make it fit: 5 (ReacherGoal) and 3 (AntGoal) test goals × 3 test seeds, validation on 2–4 goals × 1 seed,
-the learning-rate grid ×/÷ √10 around the recipe's rate (widened twice at most), PPO to 82,000 (ReacherGoal) and
-52,500 (AntGoal) samples per goal. On ReacherGoal PPO levels off within that budget (measured on 3 validation
-goals: Σ_t −d_t −7.7 → −1.7 after 80,000 samples, −1.6 after 120,000); on the reduced AntGoal it is far from a
-million samples and the row says what PPO does in 52,500. Each finished PPO run (one seed of one rate) is kept in
-``artifacts/reproduce/mfrl/baselines/``, so that a larger PPO budget can run in parts: an interrupted run, started
-again, trains only the runs it has not finished.
+ReacherGoal row ≈ 17 min (PPO's rate check 5 min, PPO 6 min); AntGoal row ≈ 2.5 h of one core (PPO's check
+≈ 1 h, PPO on the test goals ≈ 1.5 h, the learned losses' test 6 min); the three transfer rows ≈ 7 min. The
+smaller sizes that make it fit: 5 (ReacherGoal) and 3 (AntGoal) test goals × 3 test seeds, validation on 2–4
+goals × 1 seed, the learning-rate grid ×/÷ √10 around the recipe's rate (widened twice at most), PPO to 82,000
+(ReacherGoal) and 630,000 (AntGoal) samples per goal. PPO levels off within both budgets: on ReacherGoal
+(measured on 3 validation goals) Σ_t −d_t −7.7 → −1.7 after 80,000 samples, −1.6 after 120,000; on the reduced
+AntGoal (one run on 2 validation goals at 3e-4, 480 updates) Σ_t (d₀ − d_t) −102 → +49 after 294,000 samples,
++65 after 588,000 and +60 to +71 from there to a million. Each finished PPO run (one seed of one rate) is kept
+in ``artifacts/reproduce/mfrl/baselines/``, so that the ant's PPO can run in parts: an interrupted run, started
+again, trains only the runs it has not finished (and runs started beside it with the same settings fill the
+same folder).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class RowPlan:
 
 #: the full run. ReacherGoal: 30 updates × 200 samples for the learned loss (it levels off by update 10–20), PPO
 #: 40 updates × 2,050 samples (82,000 per goal), 5 goals × 3 test seeds. AntGoal (reduced recipe): 25 updates
-#: × 200 samples for the learned loss, PPO 25 updates × 2,100 samples (≈ 52,000 per goal), 3 goals × 3 test seeds;
+#: × 200 samples for the learned loss, PPO 300 updates × 2,100 samples (630,000 per goal), 3 goals × 3 test seeds;
 #: evaluation on 2 episodes instead of the recipe's 4 (the ant's rollouts dominate the run's time).
 FULL = {
     REACHER: RowPlan(
@@ -115,7 +117,7 @@ FULL = {
     ANT: RowPlan(
         EvalSizes(steps=25, tasks=3, seeds=3, validation_tasks=2, validation_seeds=1, grid_span=0.5,
                   max_widenings=2),
-        ppo_updates=25, ppo_check=(2, 1), test_options={"task_loss_episodes": 2}, label="AntGoal (reduced)",
+        ppo_updates=300, ppo_check=(2, 1), test_options={"task_loss_episodes": 2}, label="AntGoal (reduced)",
     ),
 }  # fmt: skip
 QUICK = {
@@ -182,24 +184,35 @@ def ppo_performance(
     ``cache``: a folder where each seed's finished run is kept (:func:`ppo_run_key` names it), so that a long PPO
     budget can run in parts: a later call with the same task, goals, seed, stream, budget and settings reads the
     run back (and counts its environment samples) instead of training again."""
-    runs = []
-    for s in range(seeds):
-        key = ppo_run_key(task, goals, s, stream, updates, config)
-        path = ppo_run_path(cache, key) if cache is not None else None
-        kept = read_ppo_run(path, key) if path is not None else None
-        if kept is not None:
-            performance, per_update, samples = kept
-            task.environment_samples += samples
-        else:
-            before = task.environment_samples
-            gen = generator(stream_seed(stream, s))
-            batch, theta = task.sample_tasks(goals, gen), task.init_theta(goals, gen)
-            result = train_ppo(task, theta, batch, updates, gen, config)
-            performance, per_update = result.performance, result.samples_per_update
-            if path is not None:
-                keep_ppo_run(path, key, performance, per_update, task.environment_samples - before)
-        runs.append(performance)
-    return np.stack(runs), per_update
+    runs = [ppo_run(task, goals, s, stream, updates, config, cache) for s in range(seeds)]
+    return np.stack([performance for performance, _ in runs]), runs[0][1]
+
+
+def ppo_run(
+    task: ModelFreeRL,
+    goals: int,
+    seed: int,
+    stream: str,
+    updates: int,
+    config: PPOConfig,
+    cache: Path | None = None,
+) -> tuple[np.ndarray, int]:
+    """One seed of :func:`ppo_performance`: the metric ``[updates + 1, goals]`` and the samples per update, read
+    back from ``cache`` when that run was kept there (its environment samples are counted all the same)."""
+    key = ppo_run_key(task, goals, seed, stream, updates, config)
+    path = ppo_run_path(cache, key) if cache is not None else None
+    kept = read_ppo_run(path, key) if path is not None else None
+    if kept is not None:
+        performance, per_update, samples = kept
+        task.environment_samples += samples
+        return performance, per_update
+    before = task.environment_samples
+    gen = generator(stream_seed(stream, seed))
+    batch, theta = task.sample_tasks(goals, gen), task.init_theta(goals, gen)
+    result = train_ppo(task, theta, batch, updates, gen, config)
+    if path is not None:
+        keep_ppo_run(path, key, result.performance, result.samples_per_update, task.environment_samples - before)
+    return result.performance, result.samples_per_update
 
 
 def ppo_run_key(
@@ -445,5 +458,5 @@ EXPERIMENT = Experiment(
         REACHER: ("outer.steps=4", "meta_test.tasks=2", "meta_test.steps=2"),
         ANT: ("outer.steps=2", "meta_test.tasks=2", "meta_test.steps=2"),
     },
-    cost="≈ 55 min (estimate; --jobs 2, 2 CPUs)",
+    cost="≈ 3 h (estimate; --jobs 2, 2 CPUs; the ant's PPO ≈ 2.5 h of one core)",
 )

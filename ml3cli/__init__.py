@@ -12,7 +12,16 @@ The public names are imported on first use (PEP 562), so that ``import ml3cli`` 
 
 from __future__ import annotations
 
-import importlib
+import sys
+
+if sys.orig_argv[1:3] == ["-m", "ml3cli"] or sys.argv[0].endswith(("/ml3", "\\ml3", "\\ml3.exe")):
+    # the command line is starting: a Ctrl-C before it can handle one ends it quietly (ml3cli.entry takes over)
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+
+import importlib  # noqa: E402
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"

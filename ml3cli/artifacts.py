@@ -3,11 +3,14 @@
 Layout of an artifact (``*.safetensors``):
 
 * tensors: M_φ's ``state_dict`` (float32 unless trained otherwise);
-* metadata ``format`` = ``ml3-loss``, ``format_version``, ``sha256`` (of the tensors, names, dtypes and shapes)
-  and ``ml3`` = a JSON document: versions, task, loss inputs, architecture, effective recipe, seed, metrics.
+* metadata ``format`` = ``ml3-loss``, ``format_version``, ``sha256`` (of the tensors' names, dtypes, shapes and
+  bytes and of the JSON document: :mod:`ml3cli.metadata`) and ``ml3`` = a JSON document: versions, task, loss
+  inputs, architecture, effective recipe, seed, metrics.
 
 Files are written atomically (temp file in the same folder, fsync, rename) and read without pickle; the reader
-checks sizes before it allocates, the format version, the checksum and the architecture.
+checks sizes before it allocates, the format version, the checksum, the document's schema
+(:class:`~ml3cli.metadata.ArtifactRecord`) and that the tensors are the declared architecture's, all before it
+builds M_φ.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml3cli import shipped
+from ml3cli import metadata, shipped
 from ml3cli.errors import ML3Error
 from ml3cli.files import write_bytes_atomic
-from ml3cli.loss_inputs import ACTIVATION_NAMES, OUTPUT_NAMES, LossInput
+from ml3cli.loss_inputs import LossInput, parameter_shapes
+from ml3cli.metadata import check_format  # noqa: F401  (re-exported: the checkpoint reader uses it from here)
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so that reading metadata (ml3 inspect) needs none
     import torch
@@ -34,7 +38,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so that reading m
     from ml3cli.metaloss import MetaLoss
 
 FORMAT = "ml3-loss"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the metadata document too (1: the tensors only)
 MAX_ARTIFACT_BYTES = 256 * 2**20  # a meta-loss is a few kB; anything this large is not one of ours
 MAX_HEADER_BYTES = 16 * 2**20
 
@@ -83,13 +87,37 @@ def save_loss(path: str | Path, metaloss: MetaLoss, info: dict[str, Any]) -> Pat
         "architecture": architecture_of(metaloss),
         **info,
     }
-    metadata = {
+    try:
+        text = json.dumps(document, allow_nan=True)
+    except (TypeError, ValueError) as err:
+        raise ML3Error(f"cannot write artifact {path}: its metadata is not JSON ({err})") from None
+    # what a reader would refuse is not written
+    parsed = metadata.parse_document(Path(path), text, "artifact")
+    metadata.validated(metadata.ArtifactRecord, parsed, Path(path), "the artifact metadata to write")
+    header = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "sha256": tensors_sha256(tensors),
-        "ml3": json.dumps(document, allow_nan=True),
+        "sha256": metadata.document_sha256(tensors_sha256(tensors), text),
+        "ml3": text,
     }
-    return write_bytes_atomic(path, save(tensors, metadata=metadata))
+    return write_bytes_atomic(path, save(tensors, metadata=header))
+
+
+def upgrade_format(path: str | Path) -> Path:
+    """Rewrite an artifact of an older format version in the current one, atomically: the same tensors and the
+    same metadata document, now covered by the checksum. The file is checked as any load checks it first."""
+    from safetensors.torch import load, save
+
+    path = Path(path)
+    data, header, info = _checked(path)
+    tensors = load(data)
+    fields = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "sha256": metadata.document_sha256(tensors_sha256(tensors), info["_document"]),
+        "ml3": info["_document"],
+    }
+    return write_bytes_atomic(path, save(tensors, metadata=fields))
 
 
 # -- load -----------------------------------------------------------------------------------------------------
@@ -150,11 +178,11 @@ def _kind_of(data: bytes) -> str:
 
 
 def read_info(path: str | Path) -> dict[str, Any]:
-    """The artifact's metadata document (the ``ml3`` JSON), checked for format and version; ``path`` may also
-    name a shipped loss (as for :func:`load_loss`)."""
+    """The artifact's metadata document (the ``ml3`` JSON), after the checks that need no tensors (format, version,
+    schema, layout, checksum); ``path`` may also name a shipped loss (as for :func:`load_loss`)."""
     path = _file_or_shipped(path)
-    _, header = _read_checked(path)
-    return _info_from_header(path, header)
+    data, header, info = _checked(path)
+    return info
 
 
 #: safetensors dtype codes → torch's names for them (:func:`tensors_sha256` hashes torch's name)
@@ -182,32 +210,20 @@ def file_sha256(path: Path, data: bytes, header: dict[str, Any]) -> str:
 
 
 def verified_info(path: str | Path) -> tuple[dict[str, Any], int]:
-    """The artifact's metadata and its number of parameters, after the checks of a load that need no tensors: sizes,
-    format, version, metadata and checksum (what ``ml3 inspect`` shows, without torch)."""
+    """The artifact's metadata (with the private keys of :func:`read_info`: ``_version`` …) and its number of
+    parameters, after the checks of a load that need no tensors (what ``ml3 inspect`` shows, without torch)."""
     path = _file_or_shipped(path)
-    data, header = _read_checked(path)
-    info = _info_from_header(path, header)
-    if info["_sha256"] != file_sha256(path, data, header):
-        raise ML3Error(f"{path}: checksum mismatch: the tensors were modified or corrupted")
+    data, header, info = _checked(path)
     count = sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
-    return {k: v for k, v in info.items() if not k.startswith("_")}, count
+    return info, count
 
 
-def check_format(path: Path, meta: Any, name: str, version: int, what: str) -> None:
-    """Refuse a file whose safetensors metadata is not format ``name`` at a version up to ``version``."""
-    got = meta.get("format") if isinstance(meta, dict) else None
-    if got != name:
-        raise ML3Error(f"{path}: not an {what} (metadata format is {got!r})")
-    declared = meta.get("format_version")
-    if not (isinstance(declared, str) and declared.isdigit() and len(declared) < 10):
-        raise ML3Error(f"{path}: {what} has no valid format_version")
-    if int(declared) > version:
-        raise ML3Error(
-            f"{path}: {what} format version {declared} is newer than this ml3 understands ({version}); upgrade ml3"
-        )
-
-
-def _info_from_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+def _checked(path: Path) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    """The file's bytes, its safetensors header and its validated metadata document (with the loss inputs and the
+    format version under private keys), after every check that needs no tensor: sizes, format, version, the
+    checksum (of the tensors' bytes and, from format 2 on, the document), the schema, and that the tensors are
+    the declared architecture's (so that nothing is built from a declaration the file does not hold)."""
+    data, header = _read_checked(path)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         meta = {}
@@ -216,41 +232,59 @@ def _info_from_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
             f"{path}: a meta-training checkpoint, not a loss artifact; continue it with "
             f"`ml3 meta-train RECIPE --resume {path}`"
         )
-    check_format(path, meta, FORMAT, FORMAT_VERSION, "ml3 loss artifact")
-    try:
-        info = json.loads(meta["ml3"])
-        # Artifacts written by save_loss() from user code may carry less than `ml3 meta-train` records.
-        for key, default in (("task", None), ("test_task", None), ("seed", None), ("recipe", {}), ("metrics", {})):
-            info.setdefault(key, default)
-        if not isinstance(info["recipe"], dict) or not isinstance(info["metrics"], dict):
-            raise ValueError("recipe and metrics must be mappings")
-        arch = info["architecture"]
-        inputs = tuple(
-            LossInput(str(i["name"]), int(i["size"]), str(i.get("description", "")), _groups(i.get("groups", [])))
-            for i in arch["inputs"]
-        )
-        # Artifacts from before group axes were declared say nothing about them (see _legacy_groups).
-        declares_groups = all("groups" in i for i in arch["inputs"])
-        hidden = [int(h) for h in arch["hidden"]]
-        if (
-            arch["activation"] not in ACTIVATION_NAMES
-            or arch["output"] not in OUTPUT_NAMES
-            or not isinstance(arch["bias"], bool)
-        ):
-            raise ValueError("unknown activation or output")
-        arch.setdefault("learned_lr", False)  # artifacts from before the switch existed
-        if not isinstance(arch["learned_lr"], bool):
-            raise ValueError("learned_lr must be true or false")
-        if not inputs or any(i.size <= 0 for i in inputs) or any(h <= 0 or h > 1_000_000 for h in hidden):
-            raise ValueError("bad sizes")
-        if len({i.groups for i in inputs}) > 1:
-            raise ValueError("the inputs declare different group axes")
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
-        raise ML3Error(f"{path}: artifact metadata is missing or malformed ({err})") from None
+    version = metadata.check_format(path, meta, FORMAT, FORMAT_VERSION, "ml3 loss artifact")
+    info = metadata.parse_document(path, meta.get("ml3"), "artifact")
+    if meta.get("sha256") != metadata.expected_sha256(version, file_sha256(path, data, header), meta["ml3"]):
+        what = "the tensors were" if version < metadata.WHOLE_FILE_CHECKSUM else "its tensors or metadata were"
+        raise ML3Error(f"{path}: checksum mismatch: {what} modified or corrupted")
+    record = metadata.validated(metadata.ArtifactRecord, info, path, "artifact metadata")
+    # Artifacts written by save_loss() from user code may carry less than `ml3 meta-train` records.
+    for key, default in (("task", None), ("test_task", None), ("seed", None), ("recipe", {}), ("metrics", {})):
+        info.setdefault(key, default)
+    arch = info["architecture"]
+    arch.setdefault("learned_lr", False)  # artifacts from before the switch existed
+    inputs = tuple(LossInput(i.name, i.size, i.description, tuple(i.groups or ())) for i in record.architecture.inputs)
+    if len({i.groups for i in inputs}) > 1:
+        raise ML3Error(f"{path}: artifact metadata is malformed: the inputs declare different group axes")
+    _check_layout(path, header, record.architecture)
     info["_inputs"] = inputs
-    info["_declares_groups"] = declares_groups
-    info["_sha256"] = meta.get("sha256")
-    return info
+    # Artifacts from before group axes were declared say nothing about them (see _legacy_groups).
+    info["_declares_groups"] = all(i.groups is not None for i in record.architecture.inputs)
+    info["_version"] = version
+    info["_document"] = meta["ml3"]
+    return data, header, info
+
+
+#: the dtypes φ may be stored in (a float16 or bfloat16 φ is widened to float32 when loaded)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _check_layout(path: Path, header: dict[str, Any], arch: metadata.ArchitectureRecord) -> None:
+    """Refuse tensors that are not the parameters of the declared architecture: their names and shapes (from the
+    safetensors header, so a file that declares a huge network is refused before any layer is allocated) and a
+    floating-point dtype."""
+    width = sum(i.size for i in arch.inputs)
+    expected = parameter_shapes(width, tuple(arch.hidden), arch.bias, arch.learned_lr)
+    stored = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    problems = sorted(
+        name
+        for name in set(expected) | set(stored)
+        if name not in stored
+        or name not in expected
+        or not isinstance(stored[name], dict)
+        or stored[name].get("shape") != list(expected[name])
+        or stored[name].get("dtype") not in FLOAT_DTYPES
+    )
+    if problems:
+        raise ML3Error(
+            f"{path}: tensors do not match the declared architecture ({', '.join(problems[:3])}: expected "
+            f"floating-point tensors of shapes {[list(expected[n]) for n in problems[:3] if n in expected]})"
+        )
+
+
+def file_integrity(info: dict[str, Any]) -> str:
+    """What the checksum of the artifact ``info`` was read from covers (:func:`ml3cli.metadata.integrity`)."""
+    return metadata.integrity(info["_version"])
 
 
 def _groups(value: Any) -> tuple[str, ...]:
@@ -332,12 +366,12 @@ def load_loss(path: str | Path, expect_inputs: Sequence[LossInput | str] | None 
         loss = loss_fn(model(x), y); loss.backward(); optimizer.step()
     """
     import safetensors.torch
+    import torch
 
     from ml3cli.metaloss import MetaLoss
 
     path = _file_or_shipped(path)
-    data, header = _read_checked(path)
-    info = _info_from_header(path, header)
+    data, header, info = _checked(path)
     inputs = info["_inputs"]
     if expect_inputs is not None:
         if isinstance(expect_inputs, (str, LossInput)) or not all(
@@ -360,24 +394,15 @@ def load_loss(path: str | Path, expect_inputs: Sequence[LossInput | str] | None 
         tensors = safetensors.torch.load(data)
     except (safetensors.SafetensorError, ValueError, RuntimeError) as err:
         raise ML3Error(f"{path}: corrupt tensor data ({err})") from None
-    if info["_sha256"] != tensors_sha256(tensors):
-        raise ML3Error(f"{path}: checksum mismatch: the tensors were modified or corrupted")
-    arch = info["architecture"]
+    if tensors_sha256(tensors) != file_sha256(path, data, header):  # what was read is what was checked
+        raise ML3Error(f"{path}: corrupt tensor data (the tensors read differ from the file's bytes)")
+    arch = info["architecture"]  # its tensors' names and shapes were checked against it (_check_layout)
     metaloss = MetaLoss(inputs, arch["hidden"], arch["activation"], arch["bias"], arch["output"], arch["learned_lr"])
-    expected = metaloss.state_dict()
-    problems = [
-        name
-        for name in set(expected) | set(tensors)
-        if name not in tensors
-        or name not in expected
-        or tensors[name].shape != expected[name].shape
-        or not tensors[name].is_floating_point()
-    ]
-    if problems:
-        raise ML3Error(f"{path}: tensors do not match the declared architecture ({sorted(problems)[:3]})")
     dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) == 1:  # keep φ's stored precision so that a round trip is bit-exact
-        metaloss.to(dtypes.pop())
+    # keep φ's stored precision (float32 or float64) so that a round trip is bit-exact; a half-precision φ (or
+    # a mixture) is widened to float32, which represents it exactly and which every CPU operation supports
+    stored = dtypes.pop() if len(dtypes) == 1 else None
+    metaloss.to(stored if stored in (torch.float32, torch.float64) else torch.float32)
     metaloss.load_state_dict(tensors)
     metaloss.requires_grad_(False)
     metaloss.eval()

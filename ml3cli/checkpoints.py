@@ -8,9 +8,10 @@ Layout of a checkpoint (``ARTIFACT.checkpoint.safetensors``; never pickle):
 * tensors: ``phi/<name>`` (M_φ's state_dict), ``optim/<index>/<key>`` (Adam's per-parameter state),
   ``generator`` (the torch.Generator's state, uint8), ``theta/<name>`` (θ of the current tasks) and
   ``batch/<field>`` (the current task batch);
-* metadata ``format`` = ``ml3-checkpoint``, ``format_version``, ``sha256`` of the tensors, and ``ml3`` = a JSON
-  document: versions, outer step, ``age``, elapsed seconds, curves so far, Adam's param_groups and non-tensor
-  state, the batch's field names, the effective recipe and the artifact the run will write.
+* metadata ``format`` = ``ml3-checkpoint``, ``format_version``, ``sha256`` of the tensors and of the JSON document
+  (:mod:`ml3cli.metadata`), and ``ml3`` = the JSON document: versions, outer step, ``age``, elapsed seconds,
+  curves so far, Adam's param_groups and non-tensor state, the batch's field names, the effective recipe and the
+  artifact the run will write.
 
 Written atomically (temp file, fsync, rename) by :func:`ml3cli.files.write_bytes_atomic`, read with the same
 bounded-memory checks as loss artifacts.
@@ -32,12 +33,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from ml3cli import artifacts, files
+from ml3cli import artifacts, files, metadata
 from ml3cli.engine import MetaTrainState, build_metaloss
 from ml3cli.errors import ML3Error
 
 FORMAT = "ml3-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the JSON document too (1: the tensors only)
 #: recipe fields that may differ between a checkpoint and the run that resumes it (they change no numbers).
 RESUMABLE_DIFFERENCES = frozenset({"artifact", "checkpoint_every"})
 
@@ -142,6 +143,29 @@ def state_from_tensors(
     )
 
 
+def _check_adam_settings(state: MetaTrainState, fresh: torch.optim.Adam, outer: Any, fail: Any) -> None:
+    """Refuse Adam settings (param_groups) other than those this recipe's run has: the learning rate, betas, eps
+    and every other setting of a fresh Adam at ``outer.lr``. Under the cosine schedule the rate itself is set from
+    the step on resume; its start (``initial_lr``) must be ``outer.lr``."""
+    saved, want = state.optimizer["param_groups"], fresh.state_dict()["param_groups"]
+    if len(saved) != len(want):
+        fail(f"{len(saved)} Adam parameter groups instead of {len(want)}")
+    for got, expected in zip(saved, want, strict=True):
+        expected = json.loads(json.dumps(expected))  # as the checkpoint stores it (tuples become lists)
+        got = dict(got)
+        if outer.lr_schedule == "cosine":
+            expected["initial_lr"] = outer.lr
+            got.pop("lr", None), expected.pop("lr")
+        for key in sorted(set(got) | set(expected)):
+            if (
+                key not in got
+                or key not in expected
+                or got[key] != expected[key]
+                or type(got[key]) is not type(expected[key])
+            ):
+                fail(f"Adam's {key} is {got.get(key, '<absent>')!r:.60} but this recipe's is {expected.get(key)!r:.60}")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -169,13 +193,13 @@ def save_checkpoint(path: str | Path, state: MetaTrainState, recipe: dict[str, A
         text = json.dumps(document, allow_nan=True)
     except (TypeError, ValueError) as err:
         raise ML3Error(f"cannot write checkpoint {path}: state is not serialisable ({err})") from None
-    metadata = {
+    header = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "sha256": artifacts.tensors_sha256(tensors),
+        "sha256": metadata.document_sha256(artifacts.tensors_sha256(tensors), text),
         "ml3": text,
     }
-    return files.write_bytes_atomic(path, st_save(tensors, metadata=metadata))
+    return files.write_bytes_atomic(path, st_save(tensors, metadata=header))
 
 
 @dataclass(frozen=True)
@@ -195,19 +219,15 @@ def read_checkpoint_info(path: str | Path) -> tuple[dict[str, Tensor], dict[str,
         raise ML3Error(f"checkpoint not found: {path}")
     data, header = artifacts._read_checked(path)
     meta = header.get("__metadata__") or {}
-    artifacts.check_format(path, meta, FORMAT, FORMAT_VERSION, "ml3 meta-training checkpoint")
-    try:
-        document = json.loads(meta["ml3"])
-        if not isinstance(document, dict):
-            raise ValueError("the ml3 document is not a mapping")
-    except (KeyError, TypeError, ValueError) as err:
-        raise ML3Error(f"{path}: checkpoint metadata is missing or malformed ({err})") from None
+    version = metadata.check_format(path, meta, FORMAT, FORMAT_VERSION, "ml3 meta-training checkpoint")
+    document = metadata.parse_document(path, meta.get("ml3"), "checkpoint")
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError, TypeError) as err:
         raise ML3Error(f"{path}: corrupt tensor data ({err})") from None
-    if meta.get("sha256") != artifacts.tensors_sha256(tensors):
-        raise ML3Error(f"{path}: checksum mismatch: the checkpoint's tensors were modified or corrupted")
+    if meta.get("sha256") != metadata.expected_sha256(version, artifacts.tensors_sha256(tensors), meta["ml3"]):
+        what = "tensors were" if version < metadata.WHOLE_FILE_CHECKSUM else "tensors or metadata were"
+        raise ML3Error(f"{path}: checksum mismatch: the checkpoint's {what} modified or corrupted")
     return tensors, document
 
 
@@ -283,6 +303,7 @@ def validate_state(checkpoint: Checkpoint, recipe: Any, task: Any) -> None:
     metaloss = build_metaloss(recipe, task, scratch)
     same_layout(state.phi, metaloss.state_dict(), "φ")
     optimizer = torch.optim.Adam(metaloss.parameters(), lr=recipe.outer.lr)
+    _check_adam_settings(state, optimizer, recipe.outer, fail)
     params = list(metaloss.parameters())
     for index, entry in state.optimizer["state"].items():
         if not 0 <= index < len(params):
@@ -295,9 +316,16 @@ def validate_state(checkpoint: Checkpoint, recipe: Any, task: Any) -> None:
             ):
                 fail(f"Adam {key} of parameter {index}")
             if key == "step" and not (
-                isinstance(value, Tensor) and value.ndim == 0 and value.dtype in (torch.float32, torch.float64)
+                isinstance(value, Tensor)
+                and value.ndim == 0
+                and value.dtype in (torch.float32, torch.float64)
+                and float(value) == state.step  # one Adam step per outer step
             ):
-                fail(f"Adam step of parameter {index}")
+                fail(f"Adam step of parameter {index}: {value!s:.40} instead of the outer step {state.step}")
+            if key in ("exp_avg", "exp_avg_sq") and not bool(torch.isfinite(value).all()):
+                fail(f"Adam {key} of parameter {index} is not finite")
+            if key == "exp_avg_sq" and bool((value < 0).any()):
+                fail(f"Adam {key} of parameter {index} is negative")
     try:
         optimizer.load_state_dict(state.optimizer)
         scratch.set_state(state.generator)

@@ -296,6 +296,20 @@ def main() -> None:
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         sys.exit(130)
+    except (MemoryError, RuntimeError) as err:
+        # sizes within every bound can still multiply beyond this machine's memory: a user error, not a bug
+        if not isinstance(err, MemoryError) and not any(m in str(err) for m in OUT_OF_MEMORY):
+            raise
+        Console(stderr=True, highlight=False).print(
+            "[bold red]error:[/] out of memory: the run's sizes (tasks, points, widths, seeds) need more memory "
+            "than this machine has; make them smaller",
+            soft_wrap=True,
+        )
+        sys.exit(2)
+
+
+#: how torch's allocators say that an allocation failed
+OUT_OF_MEMORY = ("not enough memory", "DefaultCPUAllocator: can't allocate", "CUDA out of memory", "out of memory")
 
 
 if __name__ == "__main__":

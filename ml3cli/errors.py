@@ -121,9 +121,10 @@ def describe_validation_error(
         return f"unknown field `{loc}`{known}"
     if first["type"] == "missing":
         return f"missing required field `{loc}`"
-    got = first.get("input")
+    got = repr(first.get("input"))
+    got = got if len(got) <= 80 else got[:79] + "…"  # a value can be megabytes long: the line stays one line
     msg = first["msg"].removeprefix("Value error, ")
-    return f"field `{loc}`: {msg} (got {got!r})"
+    return f"field `{loc[:200]}`: {msg[:300]} (got {got})"
 
 
 def _fields_at(model: Any, path: tuple[Any, ...]) -> list[str] | None:

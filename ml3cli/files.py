@@ -8,8 +8,9 @@ import csv
 import io
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,9 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
 
 
 def check_writable(path: str | Path) -> None:
-    """Fail early (before minutes of work) when ``path``'s folder cannot be created or written."""
+    """Fail early (before minutes of work) when ``path`` is a folder, or its folder cannot be created or written."""
+    if Path(path).is_dir():
+        raise ML3Error(f"cannot write {path}: it is a folder (give a file path)")
     folder = Path(path).parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -81,3 +84,37 @@ def check_writable(path: str | Path) -> None:
             pass
     except OSError as err:
         raise ML3Error(f"cannot write to {folder}: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def exclusive_output(path: str | Path) -> Iterator[None]:
+    """Hold ``path``'s output set (an artifact, its curves and checkpoint) for one run: a second run that asks
+    for the same ``path`` while this one holds it is refused, naming the first. An advisory lock (``flock``) on
+    ``PATH.lock``, released by the kernel however the holder ends; a no-op where there is no ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+            raise ML3Error(
+                f"{path} is being written by another run ({holder}); wait for it to finish, or write elsewhere "
+                "with --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()}: {' '.join(sys.argv)[:200]}".encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+    finally:
+        os.close(fd)

@@ -50,3 +50,15 @@ class LossInput:
         if self.size != 1:
             return f"[{full}]"
         return f"[{full}] or [{', '.join(('batch', *self.groups))}]"
+
+
+def parameter_shapes(width: int, hidden: tuple[int, ...], bias: bool, learned_lr: bool) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of M_φ's parameters (``MetaLoss.state_dict()``) for ``width`` input features, without
+    torch: a reader checks a file's tensors against its declared architecture before it allocates a layer."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k, size in enumerate((*hidden, 2 if learned_lr else 1)):  # Linear layers sit at every other index
+        shapes[f"net.{2 * k}.weight"] = (size, width)
+        if bias:
+            shapes[f"net.{2 * k}.bias"] = (size,)
+        width = size
+    return shapes

@@ -155,10 +155,41 @@ class TestSettings:
     lr: float | None = None
 
 
+#: task options that say where files go: they come from the user (recipe, command line, environment), never from
+#: an artifact, so an artifact cannot choose where ml3 writes
+LOCAL_OPTIONS = frozenset({"cache_dir"})
+
+
 def artifact_infos(specs: Sequence[str], task_name: str | None) -> list[dict[str, Any]]:
-    """The metadata of every artifact among ``specs``, in order (built-ins and missing files skipped)."""
+    """The metadata of every artifact among ``specs``, in order (built-ins and missing files skipped), with the
+    recorded settings a command may take from it checked (:func:`checked_recipe_settings`)."""
     paths = [LossSpec(spec).artifact_path(task_name) for spec in specs]
-    return [artifacts.read_info(path) for path in paths if path is not None]
+    return [checked_recipe_settings(path, artifacts.read_info(path)) for path in paths if path is not None]
+
+
+def checked_recipe_settings(path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` after validating what commands take from its recipe (``meta_test``, ``inner.lr``) by the recipe
+    schema, each refused in one line naming the artifact and the field; :data:`LOCAL_OPTIONS` are dropped."""
+    from pydantic import ValidationError
+
+    from ml3cli.errors import describe_validation_error
+    from ml3cli.recipes import InnerConfig, MetaTestConfig
+
+    recipe = info.get("recipe") or {}
+    for key, model in (("meta_test", MetaTestConfig), ("inner", InnerConfig)):
+        if recipe.get(key) is None:
+            continue
+        try:
+            model.model_validate(recipe[key])
+        except ValidationError as err:
+            detail = describe_validation_error(err, f"recipe.{key}", model)
+            raise ML3Error(f"{path}: the artifact's recorded recipe is malformed: {detail}") from None
+        if key == "meta_test" and isinstance(recipe[key].get("task_options"), dict):
+            options = recipe[key]["task_options"]
+            recipe[key]["task_options"] = {k: v for k, v in options.items() if k not in LOCAL_OPTIONS}
+    if isinstance(recipe.get("task_options"), dict):
+        recipe["task_options"] = {k: v for k, v in recipe["task_options"].items() if k not in LOCAL_OPTIONS}
+    return info
 
 
 def recorded_test_settings(infos: Sequence[dict[str, Any]], task_name: str) -> TestSettings:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -26,6 +27,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -39,14 +41,24 @@ Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 Output = Literal[tuple(OUTPUTS)]  # type: ignore[valid-type]
 
 
+#: bounds that every real recipe is far inside; checked before anything is allocated (a width of 10⁶ would ask
+#: for terabytes, a list of 200,000 layers for minutes of building)
+MAX_WIDTH, MAX_LAYERS, MAX_TASKS, MAX_STEPS, MAX_RATE, MAX_SEED = 65_536, 64, 65_536, 100_000_000, 1e4, 2**63 - 1
+Rate = Annotated[float, Field(gt=0, le=MAX_RATE)]
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+Count = Annotated[int, Field(ge=1, le=MAX_TASKS)]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and NaN are no setting: a rate of .inf would run and print a table of NaN
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class MetaLossConfig(Section):
     """The architecture of M_φ (paper: 2 hidden layers of 40)."""
 
-    hidden: list[PositiveInt] = Field([40, 40], description="hidden layer widths")
+    hidden: list[Width] = Field([40, 40], max_length=MAX_LAYERS, description="hidden layer widths")
     activation: Activation = Field("relu", description="hidden activation")
     bias: bool = Field(True, description="linear layers with biases")
     output: Output = Field("softplus", description="output non-linearity: softplus (loss ≥ 0) or linear")
@@ -60,11 +72,11 @@ class MetaLossConfig(Section):
 class InnerConfig(Section):
     """The inner loop: plain SGD on θ with the learned loss."""
 
-    lr: PositiveFloat = Field(1e-3, description="α, the inner SGD learning rate")
-    steps: PositiveInt = Field(
+    lr: Rate = Field(1e-3, description="α, the inner SGD learning rate")
+    steps: Annotated[int, Field(ge=1, le=10_000)] = Field(
         1, description="K, differentiable inner steps per meta-update (the meta-gradient flows through all K)"
     )
-    reset_every: PositiveInt | None = Field(
+    reset_every: Steps | None = Field(
         None,
         description="inner steps before θ is re-initialised (a multiple of steps; default: steps, i.e. a fresh θ "
         "every outer step). steps=1, reset_every=M is the paper's 'meta-update after each inner step'.",
@@ -92,9 +104,9 @@ class InnerConfig(Section):
 class OuterConfig(Section):
     """The outer loop: Adam on φ."""
 
-    lr: PositiveFloat = Field(1e-3, description="η, Adam's learning rate on φ")
-    steps: PositiveInt = Field(500, description="outer iterations (meta-updates)")
-    tasks: PositiveInt = Field(1, description="tasks per meta-batch (vectorised with vmap)")
+    lr: Rate = Field(1e-3, description="η, Adam's learning rate on φ")
+    steps: Steps = Field(500, description="outer iterations (meta-updates)")
+    tasks: Count = Field(1, description="tasks per meta-batch (vectorised with vmap)")
     grad_clip: PositiveFloat | None = Field(None, description="clip the meta-gradient's global norm to this")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="η over the outer steps: constant, or cosine decay from lr to 0"
@@ -113,28 +125,39 @@ class MetaTestConfig(Section):
 
     task: str = Field(description="the meta-test task family")
     task_options: dict[str, Any] = Field({}, description="options of the meta-test task family")
-    tasks: PositiveInt = Field(10, description="test tasks per seed")
-    seeds: PositiveInt = Field(5, description="seeds (each draws its own test tasks and initialisations)")
-    steps: PositiveInt = Field(100, description="SGD steps per optimizee")
-    lr: PositiveFloat | None = Field(None, description="SGD learning rate (default: inner.lr)")
+    tasks: Count = Field(10, description="test tasks per seed")
+    seeds: Annotated[int, Field(ge=1, le=1000)] = Field(
+        5, description="seeds (each draws its own test tasks and initialisations)"
+    )
+    steps: Steps = Field(100, description="SGD steps per optimizee")
+    lr: Rate | None = Field(None, description="SGD learning rate (default: inner.lr)")
     baseline: str | None = Field(None, description="hand-written loss to compare with (default: the task's)")
 
 
 class Recipe(Section):
     """Everything a meta-training run needs. ``ml3 meta-train`` stores the effective recipe in the artifact."""
 
-    name: str = Field(description="name of the run; the default artifact is artifacts/<name>.safetensors")
+    name: str = Field(
+        description="name of the run (a file name: letters, digits and _ . + -, at most 100 characters); the "
+        "default artifact is artifacts/<name>.safetensors",
+    )
     task: str = Field(description="the meta-train task family (see `ml3 tasks`)")
     task_options: dict[str, Any] = Field({}, description="options of the meta-train task family")
-    seed: int = Field(0, description="the one seed that controls φ, θ initialisations and task sampling")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="the one seed that controls φ, θ initialisations and task sampling"
+    )
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
-    threads: NonNegativeInt = Field(1, description="torch intra-op threads (0: torch's default)")
+    threads: int = Field(1, ge=0, le=1024, description="torch intra-op threads (0: torch's default)")
     meta_loss: MetaLossConfig = MetaLossConfig()
     inner: InnerConfig = InnerConfig()
     outer: OuterConfig = OuterConfig()
     task_loss: TaskLossConfig = TaskLossConfig()
     meta_test: MetaTestConfig
-    artifact: str | None = Field(None, description="where to write the learned loss")
+    artifact: str | None = Field(
+        None,
+        description="where to write the learned loss: a relative path inside the folder ml3 runs in (a path "
+        "elsewhere is given on the command line, --out)",
+    )
     log_every: PositiveInt = Field(10, description="record the curves every this many outer steps")
     checkpoint_every: NonNegativeInt = Field(
         100,
@@ -142,6 +165,26 @@ class Recipe(Section):
         "ARTIFACT.checkpoint.safetensors every this many outer steps and at the end (0: only on SIGINT/SIGTERM); "
         "`ml3 meta-train RECIPE --resume` continues from it. May differ on resume, as may `artifact`",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_file_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}", value):
+            raise ValueError("must be a file name of letters, digits and _ . + - (at most 100 characters)")
+        return value
+
+    @field_validator("artifact")
+    @classmethod
+    def _artifact_stays_inside(cls, value: str | None) -> str | None:
+        # a recipe is a file that may come from anyone: it names files in the run's folder, never elsewhere
+        if value is None:
+            return value
+        path = Path(value)
+        if "\x00" in value or path.is_absolute() or ".." in path.parts or not path.name:
+            raise ValueError("must be a relative path inside the working folder (no '..', not absolute)")
+        if len(value) > 1000 or any(len(part.encode()) > 255 for part in path.parts):
+            raise ValueError("is too long for a file name")
+        return value
 
     @property
     def artifact_path(self) -> Path:
@@ -158,6 +201,58 @@ def checkpoint_path_for(artifact: Path) -> Path:
 
 
 # -- loading --------------------------------------------------------------------------------------------------
+#: a recipe is a few kB: larger files, deeper nesting, anchors and aliases are refused before they are built
+MAX_RECIPE_BYTES, MAX_YAML_DEPTH = 256_000, 32
+#: libyaml's parser where PyYAML was built with it (10× faster on a large file), else PyYAML's own
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class YAMLRefused(ValueError):
+    """YAML that a recipe never needs (aliases, deep nesting, a key given twice); the message says which."""
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)`` without what makes a small file expensive or ambiguous: anchors and aliases (a
+    1.5 kB "billion laughs" file expands to gigabytes), nesting deeper than :data:`MAX_YAML_DEPTH` (checked on
+    the event stream, before anything recursive runs) and a key given twice in one mapping (which YAML would
+    resolve silently: the last one wins). Raises :class:`YAMLRefused` or ``yaml.YAMLError``."""
+    depth = 0
+    for event in yaml.parse(text, Loader=YAML_LOADER):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise YAMLRefused(f"line {event.start_mark.line + 1}: anchors and aliases (&name, *name) are not allowed")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise YAMLRefused(f"line {event.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    loader = YAML_LOADER(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(root: yaml.Node) -> None:
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if (key.tag, key.value) in seen:
+                        raise YAMLRefused(f"line {key.start_mark.line + 1}: key `{key.value[:60]}` is given twice")
+                    seen.add((key.tag, key.value))
+                todo += [key, value]
+        elif isinstance(node, yaml.SequenceNode):
+            todo += node.value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``dotted.key=value`` applied (value parsed as YAML)."""
     data = copy.deepcopy(data)
@@ -166,7 +261,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key.strip():
             raise ML3Error(f"--set {item!r}: expected KEY=VALUE, e.g. --set outer.lr=3e-4")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = parse_yaml(raw) if raw.strip() else None
+        except YAMLRefused as err:
+            raise ML3Error(f"--set {item[:80]!r}: {err}") from None
         except yaml.YAMLError:
             value = raw
         *parents, leaf = key.strip().split(".")
@@ -184,8 +281,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """The recipe file's mapping; a missing, unreadable or non-mapping file is one ML3Error naming it."""
     if not path.is_file():
         raise ML3Error(f"recipe file not found: {path}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ML3Error(f"{path}: {path.stat().st_size} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES})")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
+    except YAMLRefused as err:
+        raise ML3Error(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

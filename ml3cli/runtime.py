@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import random
+import re
 import sys
 
 import numpy as np
@@ -15,7 +16,10 @@ from ml3cli.errors import ML3Error
 
 
 def resolve_device(name: str) -> torch.device:
-    """Map the recipe/CLI value ``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` to a torch device."""
+    """Map the recipe/CLI value ``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` to a torch device (nothing else: torch
+    also names devices such as ``meta`` or ``xla`` that no ml3 computation can run on)."""
+    if not (isinstance(name, str) and re.fullmatch(r"cpu|auto|cuda(:[0-9]{1,4})?", name)):
+        raise ML3Error(f"device {str(name)[:40]!r} is not one ml3 runs on: expected cpu, cuda, cuda:N or auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

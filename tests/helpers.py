@@ -7,10 +7,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 #: the packaged recipes (``recipes/NAME.yaml`` on the command line finds them from any folder)
@@ -60,13 +63,13 @@ class Result:
 
 
 def run_cli(*args: str | Path, cwd: Path, timeout: float = 240) -> Result:
-    """Run ``python -m ml3cli.cli ARGS`` in a subprocess, as the ``ml3`` console script would run.
+    """Run ``python -m ml3cli ARGS`` in a subprocess, as the ``ml3`` console script runs.
 
     ``cwd`` is required (a tmp folder) so that any default output path lands outside the repository.
     """
     env = dict(os.environ, COLUMNS="200", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "ml3cli.cli", *map(str, args)],
+        [sys.executable, "-m", "ml3cli", *map(str, args)],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -95,3 +98,14 @@ def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *ar
         code = exc.code
     out = capsys.readouterr()
     return Result(0 if code is None else int(code), out.out, out.err)
+
+
+def sign(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``meta`` with the checksum a file of its format version must carry for ``tensors`` and its document (what a
+    forger who knows the format would write): the tensors only for version 1, the document too from version 2."""
+    from ml3cli import artifacts, metadata
+
+    declared = meta.get("format_version", "")
+    version = int(declared) if declared.isascii() and declared.isdigit() and len(declared) < 10 else 2
+    meta["sha256"] = metadata.expected_sha256(version, artifacts.tensors_sha256(tensors), meta.get("ml3", ""))
+    return meta

@@ -17,7 +17,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import ml3cli
-from ml3cli import artifacts
+from ml3cli import artifacts, metadata
 from ml3cli.artifacts import load_loss, read_info, save_loss
 from ml3cli.errors import ML3Error
 from ml3cli.metaloss import LossInput, MetaLoss
@@ -320,7 +320,10 @@ def test_checksum_from_the_file_bytes_equals_the_tensor_checksum(tmp_path, dtype
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    assert artifacts.file_sha256(path, data, header) == header["__metadata__"]["sha256"]
+    tensors = st_load(data)
+    assert artifacts.file_sha256(path, data, header) == artifacts.tensors_sha256(tensors)
+    meta = header["__metadata__"]
+    assert meta["sha256"] == metadata.document_sha256(artifacts.tensors_sha256(tensors), meta["ml3"])
 
 
 def test_inspect_refuses_a_flipped_byte_without_loading_torch(artifact, tmp_path):

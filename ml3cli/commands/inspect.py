@@ -18,7 +18,8 @@ from ml3cli.commands.runs import write_json
 def run(path: str | Path, console: Console, json_path: str | Path | None = None) -> dict[str, Any]:
     """Print the artifact's metadata and return it; with ``json_path`` write it as JSON there instead (``-``:
     standard output)."""
-    info, n_params = artifacts.verified_info(path)
+    verified, n_params = artifacts.verified_info(path)
+    info = {k: v for k, v in verified.items() if not k.startswith("_")}
     if json_path is not None:
         written = write_json(Path(json_path), info)
         if written is not None:
@@ -34,6 +35,7 @@ def run(path: str | Path, console: Console, json_path: str | Path | None = None)
         f"meta-loss: MLP {arch['hidden']} {arch['activation']}, bias={arch['bias']}, output {arch['output']}; "
         f"{n_params} parameters" + ("; also outputs the inner learning rate (learned_lr)" if arch["learned_lr"] else "")
     )
+    console.print(f"checksum: verified; it covers the {artifacts.file_integrity(verified)}")
     metrics = info.get("metrics", {})
     if "meta_test" in metrics:
         mt = metrics["meta_test"]  # an artifact saved from user code may record only part of it

@@ -85,7 +85,9 @@ def run(specs: Sequence[str], options: LandscapeOptions, console: Console) -> di
     if name is None:
         if not infos:
             raise ML3Error("give --task (no artifact among the --loss values to take it from)")
-        name = infos[0]["test_task"]
+        name = infos[0]["test_task"] or infos[0]["task"]
+        if name is None:  # an artifact saved from user code need not record a task
+            raise ML3Error(f"{specs[0]} records no task to plot the loss on; give --task (`ml3 tasks` lists them)")
     task = make_test_task(name, recorded_test_settings(infos, name), options.task_options, device)
 
     resolved = resolve_losses(specs, task, options.lr, device)

@@ -145,7 +145,17 @@ def _run_meta_train(
         raise ML3Error(f"--out {out_path}: an artifact path must end in .safetensors")
     if main:
         files.check_writable(out_path)
-        warn_if_replacing([out_path], resume)
+    with files.exclusive_output(out_path) if main else contextlib.nullcontext():
+        if main:
+            warn_if_replacing([out_path], resume)
+        return _meta_train_into(recipe, out_path, console, quiet, resume, stop, device, shard, tensorboard)
+
+
+def _meta_train_into(
+    recipe: Recipe, out_path: Path, console: Console, quiet: bool, resume, stop: _StopRequest, device, shard,
+    tensorboard=None,
+) -> Path:  # fmt: skip
+    main = shard is None or shard.is_main
     task = make_task(recipe.task, recipe.task_options, device)
     if shard is not None:
         shard.bounds(recipe.outer.tasks)  # refuse an uneven split before any work
@@ -159,6 +169,7 @@ def _run_meta_train(
         resume_path = checkpoint if resume is True or str(resume) == "" else Path(resume)
         if not resume_path.is_file():
             raise ML3Error(f"--resume: no checkpoint at {resume_path} (nothing to resume; run without --resume)")
+        stop.resumed_from = str(resume_path)
         loaded = checkpoints.load_checkpoint(resume_path, checkpoints.batch_type_of(task), device)
         checkpoints.check_resumable(loaded, base_info["recipe"], recipe.outer.steps)
         checkpoints.validate_state(loaded, recipe, task)
@@ -287,12 +298,15 @@ class _StopRequest:
         self.signum: int | None = None
         self.training = False
         self.kept_step: int | None = None
+        #: the checkpoint a resumed run was read from: still there to resume from if a signal stops the run before
+        #: it writes its own
+        self.resumed_from: str | None = None
 
     def handle(self, signum: int, frame: Any) -> None:
         if self.training and self.signum is None:
             self.signum = signum
             return
-        kept = self.checkpoint if self.checkpoint and Path(self.checkpoint).is_file() else None
+        kept = next((p for p in (self.checkpoint, self.resumed_from) if p and Path(p).is_file()), None)
         note = " (the current outer step was dropped)" if self.training else ""
         raise RunInterrupted(signum, self.kept_step, kept, note)
 

@@ -61,6 +61,8 @@ SEED_HELP = "the one seed that controls everything"
 SEEDS_SPEC = "a list or range, e.g. 0-4 or 0,3,7"
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"
 THREADS_HELP = "torch intra-op threads"
+#: the bounds of --seed and --threads (the recipe schema's; torch's seeds are 64-bit)
+MAX_SEED, MAX_THREADS = 2**63 - 1, 1024
 QUIET_HELP = "no progress bar"
 JSON_HELP = "also write the numbers as JSON to PATH (`--json -`: to stdout, the table then goes to stderr)"
 OUT_DIR_HELP = "folder for {files} and settings.json (default: a new runs/{command}/TASK/TIMESTAMP/)"
@@ -74,10 +76,12 @@ class MetaTrainOptions(OptionGroup):
     out: Path | None = option(
         None, "--out", help="artifact path (default from the recipe); one already there is replaced, with a warning"
     )
-    seed: int | None = option(None, "--seed", help=SEED_HELP + " (default: the recipe's)")
+    seed: int | None = option(None, "--seed", min=0, max=MAX_SEED, help=SEED_HELP + " (default: the recipe's)")
     overrides: list[str] = option((), "--set", help="override a recipe field: --set outer.lr=3e-4 (repeatable)")
     device: str | None = option(None, "--device", help=DEVICE_HELP + " (default: the recipe's)")
-    threads: int | None = option(None, "--threads", help=THREADS_HELP + " (default: the recipe's)")
+    threads: int | None = option(
+        None, "--threads", min=0, max=MAX_THREADS, help=THREADS_HELP + " (default: the recipe's)"
+    )
     quiet: bool = option(False, "--quiet", "-q", help=QUIET_HELP)
     resume: str | None = option(
         None,
@@ -131,7 +135,7 @@ class EvalOptions(OptionGroup):
     num_seeds: int | None = option(
         None, "--num-seeds", min=1, help="how many evaluation seeds, from --seed on (default: the artifact's, else 5)"
     )
-    seed: int | None = option(None, "--seed", min=0, help="the first evaluation seed (default 0)")
+    seed: int | None = option(None, "--seed", min=0, max=MAX_SEED, help="the first evaluation seed (default 0)")
     steps: int | None = option(
         None, "--steps", min=1, help="SGD steps per optimizee (default: the artifact's, else 100)"
     )
@@ -159,7 +163,7 @@ class EvalOptions(OptionGroup):
     )
     overwrite: bool = option(False, "--overwrite", help=OVERWRITE_HELP)
     device: str = option("cpu", "--device", help=DEVICE_HELP)
-    threads: int = option(1, "--threads", help=THREADS_HELP)
+    threads: int = option(1, "--threads", min=0, max=MAX_THREADS, help=THREADS_HELP)
     quiet: bool = option(False, "--quiet", "-q", help=QUIET_HELP)
 
     #: used where the option is unset and the artifact recorded nothing
@@ -186,14 +190,14 @@ class LandscapeOptions(OptionGroup):
     axes: str | None = option(None, "--axes", help="function: two inputs, e.g. y_pred,y_true")
     fix: list[str] = option((), "--fix", help="function: NAME=VALUE for another input (repeatable)")
     task_options: list[str] = option((), "--task-option", help="KEY=VALUE task option override (repeatable)")
-    seed: int = option(0, "--seed", help=SEED_HELP)
+    seed: int = option(0, "--seed", min=0, max=MAX_SEED, help=SEED_HELP)
     json_path: Path | None = option(None, "--json", metavar="PATH", help=JSON_HELP)
     out_dir: Path | None = option(
         None, "--out-dir", help=OUT_DIR_HELP.format(files="landscape.png, .csv, .json", command="landscape")
     )
     overwrite: bool = option(False, "--overwrite", help=OVERWRITE_HELP)
     device: str = option("cpu", "--device", help=DEVICE_HELP)
-    threads: int = option(1, "--threads", help=THREADS_HELP)
+    threads: int = option(1, "--threads", min=0, max=MAX_THREADS, help=THREADS_HELP)
     quiet: bool = option(False, "--quiet", "-q", help=QUIET_HELP)
 
 
@@ -207,7 +211,9 @@ class ReproduceOptions(OptionGroup):
         None, "--meta-seeds", min=1, help="meta-train seeds 0 … N−1 (default: the experiment's, 2 with --quick)"
     )
     jobs: int = option(1, "--jobs", min=1, help="meta-trainings run in parallel processes")
-    threads: int = option(1, "--threads", min=1, help=THREADS_HELP + " of the comparison (meta-training: the recipe's)")
+    threads: int = option(
+        1, "--threads", min=1, max=MAX_THREADS, help=THREADS_HELP + " of the comparison (meta-training: the recipe's)"
+    )
     out_dir: Path | None = option(
         None, "--out-dir", help="results folder (default results/NAME, or runs/reproduce/NAME-quick with --quick)"
     )

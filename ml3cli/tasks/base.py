@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 
 from ml3cli.functional import module_function
@@ -32,10 +32,30 @@ from ml3cli.metaloss import LossInput
 Theta = dict[str, Tensor]
 
 
+#: bounds on every task's sizes, far above any real task's and checked before anything is allocated: a count
+#: (points, episodes, horizon …), a width in a list (hidden layers) and the length of a list
+MAX_COUNT, MAX_LIST_WIDTH, MAX_LIST = 1_000_000, 65_536, 1_000
+
+
 class TaskOptions(BaseModel):
-    """Base of every task's options: unknown keys are refused."""
+    """Base of every task's options: unknown keys are refused, and so are sizes beyond :data:`MAX_COUNT`,
+    :data:`MAX_LIST_WIDTH` and :data:`MAX_LIST` (seeds aside)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _sizes_are_bounded(self) -> TaskOptions:
+        for name, value in self:
+            if "seed" in name:
+                continue
+            if isinstance(value, (list, tuple)):
+                if len(value) > MAX_LIST:
+                    raise ValueError(f"`{name}` has {len(value):,} entries; at most {MAX_LIST:,}")
+                if any(isinstance(v, int) and not isinstance(v, bool) and v > MAX_LIST_WIDTH for v in value):
+                    raise ValueError(f"`{name}` has an entry above {MAX_LIST_WIDTH:,}")
+            elif isinstance(value, int) and not isinstance(value, bool) and value > MAX_COUNT:
+                raise ValueError(f"`{name}` is {value:,}; at most {MAX_COUNT:,}")
+        return self
 
 
 class Task(ABC):

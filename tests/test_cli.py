@@ -228,9 +228,27 @@ def test_artifact_saved_by_the_library_without_a_recipe_is_usable(tmp_path, monk
 
 
 def test_loaded_artifact_reproduces_the_recorded_learned_loss(trained):
-    """The artifact's φ, loaded back, is a working loss: finite and differentiable w.r.t. predictions."""
+    """The artifact's φ, loaded back and meta-tested as meta-train did (its recorded test task, options, tasks,
+    seeds, steps and rate), gives the final metric the artifact records per seed; and it is a working loss,
+    finite and differentiable w.r.t. predictions."""
+    from ml3cli.evaluate import NamedLoss, evaluate
+    from ml3cli.recipes import recipe_from_dict
+    from ml3cli.tasks import make_task
+
     _, out, _ = trained
+    info = read_info(out)
+    recipe, recorded = recipe_from_dict(info["recipe"]), info["metrics"]["meta_test"]
+    test = recipe.meta_test
+    task = make_task(test.task, test.task_options)
     loss_fn = load_loss(out)
+    learned = NamedLoss("learned", loss_fn.as_loss_fn(), recipe.meta_test_lr)
+    (curves,) = evaluate(task, [learned], test.tasks, test.seeds, test.steps, recipe.seed)
+    assert (recorded["task"], recorded["steps"], recorded["tasks"], recorded["seeds"]) == (
+        "sine_shifted", STEPS, TINY_RECIPE["meta_test"]["tasks"], SEEDS,
+    )  # fmt: skip
+    # the same φ, tasks, θ₀ and single-threaded float32 arithmetic as at meta-train: equal to rounding
+    assert list(curves.at(test.steps)) == pytest.approx(recorded["final_per_seed"]["learned"], rel=1e-6, abs=0)
+    assert float(curves.at(test.steps).mean()) == pytest.approx(recorded["final"]["learned"], rel=1e-6, abs=0)
     y_pred = torch.zeros(10, 1, requires_grad=True)
     loss = loss_fn(y_pred, torch.ones(10, 1))
     loss.backward()

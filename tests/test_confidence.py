@@ -1,5 +1,6 @@
-"""The paired confidence intervals of `ml3 compare`: Student-t quantiles from scipy, equal to the printed table
-they replace, and scipy kept out of `import ml3cli`."""
+"""The paired confidence intervals of `ml3 compare` and `ml3 reproduce`: Student-t quantiles from scipy, equal to
+the printed table they replace, scipy kept out of `import ml3cli`, and the intervals and the steps to a threshold
+against numbers worked out by hand."""
 
 from __future__ import annotations
 
@@ -63,3 +64,53 @@ def test_import_ml3cli_does_not_load_scipy():
     code = "import sys, ml3cli; ml3cli.load_loss; print('scipy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+# -- the intervals and thresholds, against numbers worked out by hand ------------------------------------------
+#: t_{0.975, df} to 16 digits (R's qt(0.975, df)), written out so that a quantile one degree of freedom off fails
+T975 = {4: 2.7764451051977987, 5: 2.5705818356363146}
+
+
+def test_paired_difference_by_hand():
+    """5 seeds, other − reference = 0, 1, 2, 3, 4: mean 2, sample variance (4+1+0+1+4)/4 = 2.5, half-width
+    t_{0.975, 4}·√(2.5/5); the reference is better (lower) on the 4 seeds where the difference is positive."""
+    d = paired_difference(curves("ref", [1.0] * 5), curves("other", [1.0, 2.0, 3.0, 4.0, 5.0]), 1)
+    half = T975[4] * math.sqrt(2.5 / 5)
+    assert (d.reference, d.other, d.seeds, d.reference_wins) == ("ref", "other", 5, 4)
+    assert d.mean == pytest.approx(2.0, rel=1e-12)
+    assert d.low == pytest.approx(2.0 - half, rel=1e-12) and d.high == pytest.approx(2.0 + half, rel=1e-12)
+
+
+def test_paired_of_by_hand():
+    """learned[m, s] − baseline[s] over 2 meta-train × 3 test seeds = 0 … 5 (n = 6 pairs, df = 5): mean 2.5,
+    sample variance (6.25+2.25+0.25+0.25+2.25+6.25)/5 = 3.5, half-width t_{0.975, 5}·√(3.5/6). A baseline per
+    meta-train seed (2-D) is paired element by element."""
+    from ml3cli.experiments.protocol import Paired
+
+    learned = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    half = T975[5] * math.sqrt(3.5 / 6)
+    for baseline in (np.array([1.0, 1.0, 1.0]), np.ones((2, 3))):
+        p = Paired.of(learned, baseline)
+        assert (p.pairs, p.learned_better_on) == (6, 0)
+        assert p.mean == pytest.approx(2.5, rel=1e-12)
+        assert p.low == pytest.approx(2.5 - half, rel=1e-12) and p.high == pytest.approx(2.5 + half, rel=1e-12)
+    # learned − baseline = −1, −2, −3, −4, −5, +1: the learned loss is better (lower) on 5 pairs, mean −14/6
+    p = Paired.of(np.full((2, 3), 4.0), np.array([[5.0, 6.0, 7.0], [8.0, 9.0, 3.0]]))
+    assert (p.learned_better_on, p.mean) == (5, pytest.approx(-14 / 6, rel=1e-12))
+    one = Paired.of(np.array([[1.0]]), np.array([3.0]))
+    assert one.mean == -2.0 and math.isnan(one.low) and math.isnan(one.high)
+
+
+def test_steps_to_threshold_by_hand():
+    """Per seed, the first step whose mean over the test tasks is at or below the threshold (None: never)."""
+    values = np.array(
+        [
+            [[4.0, 3.0, 2.0, 1.0], [2.0, 1.0, 0.0, 1.0]],  # seed 0, mean over tasks: 3, 2, 1, 1
+            [[4.0, 4.0, 4.0, 2.0], [4.0, 2.0, 1.5, 1.0]],  # seed 1: 4, 3, 2.75, 1.5
+        ]
+    )
+    c = LossCurves("x", 1e-3, "builtin", values)
+    assert c.steps_to(1.0) == [2, None]  # at the threshold counts as reaching it
+    assert c.steps_to(1.5) == [2, 3]
+    assert c.steps_to(3.0) == [0, 1]
+    assert c.steps_to(0.5) == [None, None]

@@ -385,3 +385,150 @@ def test_the_fast_pure_forward_is_bit_identical_to_functional_call():
     inputs = task.loss_inputs(one, type(batch)(*(t[0] for t in batch)))
     assert torch.equal(metaloss.with_phi(phi)(inputs), functional_call(metaloss, phi, (), inputs))
     assert sequential_function(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())) is None
+
+
+# -- the outer loop: when tasks and θ are redrawn, and what gradient Adam gets -------------------------------
+class RecordingSine(SineRegression):
+    """The sine family, recording every task batch and θ₀ it is asked for, with the outer step that asked."""
+
+    def __init__(self, options=None, device="cpu"):
+        super().__init__(options, device)
+        self.step, self.batches, self.thetas = 0, {}, {}
+
+    def begin_outer_step(self, step, theta, generator):
+        self.step = step
+
+    def sample_tasks(self, n, generator):
+        assert self.step not in self.batches, f"tasks drawn twice in outer step {self.step}"
+        self.batches[self.step] = super().sample_tasks(n, generator)
+        return self.batches[self.step]
+
+    def init_theta(self, n, generator):
+        assert self.step not in self.thetas, f"θ₀ drawn twice in outer step {self.step}"
+        self.thetas[self.step] = super().init_theta(n, generator)
+        return self.thetas[self.step]
+
+
+def recorded_run(monkeypatch, data: dict[str, Any]):
+    """meta_train on a RecordingSine, with every estimator call (its θ, batch and estimate) and the metaloss
+    whose parameters' ``.grad`` hold the gradient Adam applied, read after each outer step."""
+    import ml3cli.engine.outer as outer
+
+    recipe = recipe_from_dict(data)
+    task = RecordingSine(SineOptions(**recipe.task_options))
+    calls, applied, built = [], [], []
+    real_estimator_for, real_build = outer.estimator_for, outer.build_metaloss
+
+    class Recording:
+        def __init__(self, estimator):
+            self.estimator = estimator
+
+        def estimate(self, metaloss, phi, theta, batch, gen=None, shard=None):
+            estimate = self.estimator.estimate(metaloss, phi, theta, batch, gen, shard)
+            calls.append((task.step, theta, batch, estimate))
+            return estimate
+
+    def build(recipe, task, gen):
+        built.append(real_build(recipe, task, gen))
+        return built[-1]
+
+    def on_step(step, record):
+        applied.append({name: p.grad.detach().clone() for name, p in built[0].named_parameters()})
+
+    monkeypatch.setattr(outer, "estimator_for", lambda *args: Recording(real_estimator_for(*args)))
+    monkeypatch.setattr(outer, "build_metaloss", build)
+    meta_train(recipe, task, on_step=on_step)
+    return task, calls, applied
+
+
+def same(a, b) -> bool:
+    """Two θ dicts or two task batches hold equal tensors."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("inner", "redraws"),
+    [
+        ({"steps": 1, "reset_every": 3}, [1, 4, 7]),
+        ({"steps": 2, "reset_every": 4}, [1, 3, 5, 7]),
+        ({"steps": 2}, [1, 2, 3, 4, 5, 6, 7, 8]),
+    ],
+    ids=["K1-reset3", "K2-reset4", "K2-every-step"],
+)
+def test_tasks_and_theta_are_redrawn_exactly_every_reset_every_inner_steps(monkeypatch, tiny_recipe, inner, redraws):
+    """New tasks AND a new θ₀ at the outer steps where θ has taken reset_every inner steps, never in between;
+    in between, the outer step continues from the θ the previous one reached, on the same tasks."""
+    tiny_recipe["outer"]["steps"] = 8
+    tiny_recipe["inner"].update(inner)
+    task, calls, _ = recorded_run(monkeypatch, tiny_recipe)
+    assert sorted(task.batches) == sorted(task.thetas) == redraws
+    assert [step for step, *_ in calls] == list(range(1, 9))
+    for (step, theta, batch, _), (_, _, previous_batch, previous) in zip(calls, [(None,) * 4, *calls], strict=False):
+        if step in redraws:
+            assert same(batch, task.batches[step]) and same(theta, task.thetas[step]), step
+            if step > 1:
+                assert not same(batch, previous_batch), f"outer step {step} kept the old tasks"
+                assert not same(theta, previous.theta), f"outer step {step} kept the old θ"
+        else:
+            assert batch is previous_batch, f"outer step {step} drew other tasks"
+            assert same(theta, previous.theta), f"outer step {step} did not continue from θ_K"
+
+
+def test_the_applied_meta_gradient_is_clipped_to_grad_clip(monkeypatch, tiny_recipe):
+    """Adam gets the meta-gradient scaled down to norm grad_clip where it is longer (direction kept), as it is
+    where it is not (the clip sits between the two: some steps of this run are clipped, some not)."""
+    clip = 1.5e-3  # the norms of this run are 0.0008 … 0.0035
+    tiny_recipe["outer"].update(steps=12, grad_clip=clip)
+    _, calls, applied = recorded_run(monkeypatch, tiny_recipe)
+
+    def norm(gradient) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in gradient.values()])))
+
+    clipped = 0
+    for (step, _, _, estimate), gradient in zip(calls, applied, strict=True):
+        raw = norm(estimate.gradient)
+        assert norm(gradient) <= clip * (1 + 1e-6), f"outer step {step}: Adam got norm {norm(gradient):.4g} > {clip}"
+        factor = clip / raw if raw > clip else 1.0
+        for name, g in gradient.items():
+            torch.testing.assert_close(g, estimate.gradient[name] * factor, rtol=1e-6, atol=1e-12, msg=name)
+        clipped += raw > clip
+    assert 0 < clipped < len(calls), f"{clipped} of {len(calls)} steps clipped: choose a clip between the norms"
+
+
+class CollectingSine(SineRegression):
+    """A sine family that "collects" its data: the inner steps get the support points with the query points NaN,
+    the task loss the query points with the support points NaN, so data handed to the wrong side turns NaN."""
+
+    collects_data = True
+
+    def __init__(self, options=None, device="cpu"):
+        super().__init__(options, device)
+        self.purposes: list[str] = []
+
+    def collect(self, theta, batch, generator, purpose):
+        self.purposes.append(purpose)
+        hidden = {"inner": ("x_query", "y_query"), "task_loss": ("x_support", "y_support")}[purpose]
+        return batch._replace(**{f: torch.full_like(getattr(batch, f), float("nan")) for f in hidden})
+
+
+@pytest.mark.parametrize("inner", [{"steps": 2}, {"steps": 2, "task_loss_at": "every"}], ids=["last", "every"])
+def test_collected_inner_data_reach_only_the_inner_steps_and_task_loss_data_only_l_t(tiny_recipe, inner):
+    """For a task that gathers data with the current θ, meta-training and meta-test hand the inner steps only the
+    data collected for them, and L_T (and the meta-test metric) only the data collected for it."""
+    from ml3cli.evaluate import train_curve
+
+    tiny_recipe["outer"].update(steps=3, tasks=2)
+    tiny_recipe["inner"].update(inner)
+    tiny_recipe["log_every"] = 1
+    recipe = recipe_from_dict(tiny_recipe)
+    task = CollectingSine(SineOptions(**recipe.task_options))
+    result = meta_train(recipe, task)  # data on the wrong side: a NaN L_T or meta-gradient, a DivergenceError
+    assert all(torch.isfinite(torch.tensor(list(row.values()))).all() for row in result.curves)
+    assert {"inner", "task_loss"} == set(task.purposes)
+
+    gen = generator(0)
+    batch, theta = task.sample_tasks(2, gen), task.init_theta(2, gen)
+    curve, _ = train_curve(task, result.metaloss.as_loss_fn(), theta, batch, 1e-2, 3, gen=gen)
+    assert curve.shape == (4, 2) and torch.isfinite(curve).all()

@@ -118,6 +118,8 @@ def test_meta_gradient_with_learned_lr_matches_the_reference_and_finite_differen
 
 
 def test_recipe_switch_round_trips_through_the_artifact_and_meta_test(monkeypatch, capsys, tmp_path, tiny_recipe):
+    """meta_loss.learned_lr: true reaches the artifact (two output units, the switch in its architecture, the
+    sentence `ml3 inspect` prints for it alone), and `ml3 meta-test` of the artifact steps with its learned scale."""
     tiny_recipe["meta_loss"]["learned_lr"] = True
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe)
     artifact = tmp_path / "a.safetensors"
@@ -127,15 +129,81 @@ def test_recipe_switch_round_trips_through_the_artifact_and_meta_test(monkeypatc
     info = artifacts.read_info(artifact)
     assert info["architecture"]["learned_lr"] is True
     inspected = run_main(monkeypatch, capsys, "inspect", artifact, cwd=tmp_path)
-    assert inspected.code == 0 and "learned_lr" in inspected.output
+    printed = " ".join(inspected.output.split())  # the console wraps long lines
+    assert inspected.code == 0 and "also outputs the inner learning rate (learned_lr)" in printed
     result = run_main(
         monkeypatch, capsys, "meta-test", "--loss", artifact, "--task", "sine_shifted", "--tasks", "2", "--num-seeds", "1",
         "--steps", "3", "--json", tmp_path / "m.json", "--out-dir", tmp_path / "mt", "--quiet", cwd=tmp_path,
     )  # fmt: skip
     assert result.code == 0, result.output
-    assert json.loads((tmp_path / "m.json").read_text())
+    document = json.loads((tmp_path / "m.json").read_text())
+    learned = document["losses"][0]
+    assert learned["lr"] == tiny_recipe["meta_test"]["lr"]
+    curves, scales = sgd_by_hand(document, lambda inputs: module.loss_and_step_scale(**inputs), learned["lr"])
+    assert learned["per_seed"] == [pytest.approx(curve, rel=1e-6) for curve in curves]
+    assert all(abs(s - 1) > 1e-3 for s in scales), scales  # the learned scale is not 1: stepping without it differs
     # a loss without the switch refuses to give a scale, and its artifact says learned_lr false
     plain = MetaLoss(module.inputs, (4,))
     with pytest.raises(ValueError, match="learned_lr"):
         plain.loss_and_step_scale(torch.zeros(3, 1), torch.zeros(3, 1))
     assert artifacts.architecture_of(plain)["learned_lr"] is False
+    plain_path = artifacts.save_loss(tmp_path / "plain.safetensors", plain, {"task": "sine"})
+    inspected = run_main(monkeypatch, capsys, "inspect", plain_path, cwd=tmp_path)
+    assert inspected.code == 0 and "inner learning rate" not in " ".join(inspected.output.split())
+
+
+def sgd_by_hand(document: dict, loss_and_scale, lr: float) -> tuple[list[list[float]], list[float]]:
+    """The per-seed mean curves a meta-test ``document`` (its --json) should hold for a loss stepping θ − lr·s·∇_θ ℓ
+    with ``(ℓ, s) = loss_and_scale(inputs)``, one task at a time with plain autograd; and every scale s used."""
+    from ml3cli.runtime import stream_seed
+
+    task, n, steps = make_task(document["task"], document["task_options"]), document["tasks"], document["steps"]
+    by_seed, scales = [], []
+    for seed in document["seeds"]:
+        gen = generator(stream_seed("test", seed))
+        batch, theta0 = task.sample_tasks(n, gen), task.init_theta(n, gen)
+        curves = []
+        for i in range(n):
+            one = type(batch)(*(t[i] for t in batch))
+            theta = {k: v[i].clone() for k, v in theta0.items()}
+            curve = [float(task.task_loss(theta, one))]
+            for _ in range(steps):
+                at = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+                loss, scale = loss_and_scale(task.loss_inputs(at, one))
+                grads = torch.autograd.grad(loss, list(at.values()))
+                theta = {k: theta[k] - lr * float(scale) * g for k, g in zip(theta, grads, strict=True)}
+                curve.append(float(task.task_loss(theta, one)))
+                scales.append(float(scale))
+            curves.append(curve)
+        by_seed.append([sum(values) / n for values in zip(*curves, strict=True)])
+    return by_seed, scales
+
+
+def test_meta_test_steps_with_alpha_times_the_learned_scale(monkeypatch, capsys, tmp_path):
+    """`ml3 meta-test` of a learned_lr artifact gives, step for step, the curves of plain SGD with the step
+    α·s_φ(θ) (α the inner rate the artifact records, s its learned scale, here ≈ 1.4), written out here."""
+    from ml3cli import save_loss
+
+    task, metaloss, phi, _, _ = setup(1)
+    test_options = {"points": 8, "query_points": 8, "hidden": [8, 8], "activation": "tanh"}
+    recipe = {
+        "task": "sine",
+        "inner": {"lr": INNER_LR},
+        "meta_test": {"task": "sine_shifted", "task_options": test_options},
+    }
+    info = {"task": "sine", "test_task": "sine_shifted", "recipe": recipe}
+    artifact = save_loss(tmp_path / "scaled.safetensors", metaloss, info)
+    result = run_main(
+        monkeypatch, capsys, "meta-test", "--loss", artifact, "--task", "sine_shifted", "--tasks", "2",
+        "--seeds", "3,5", "--steps", "4", "--json", tmp_path / "m.json", "--out-dir", tmp_path / "mt", "--quiet",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.code == 0, result.output
+    document = json.loads((tmp_path / "m.json").read_text())
+    learned = document["losses"][0]
+    assert learned["name"] == "scaled" and learned["lr"] == INNER_LR and document["seeds"] == [3, 5]
+
+    curves, scales = sgd_by_hand(document, lambda inputs: by_hand(metaloss, phi, inputs), INNER_LR)
+    for seed, recorded, expected in zip(document["seeds"], learned["per_seed"], curves, strict=True):
+        assert recorded == pytest.approx(expected, rel=1e-5), f"seed {seed}"
+    assert min(scales) > 1.2, "a scale near 1 could not tell a step that ignores it"

@@ -1,4 +1,4 @@
-"""Issue 5 through the CLI: the MNIST recipe variants (several meta-train pairs, joint inputs) and
+"""Through the CLI: the MNIST recipe variants (several meta-train pairs, joint inputs) and
 ``ml3 compare --task-option`` (the same held-out pairs with another optimizee, e.g. ``architecture=mlp``)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 from helpers import REPO, run_main
 
 from ml3cli.recipes import load_recipe
@@ -53,10 +54,49 @@ def tiny_artifact(tmp_path):
     return save_loss(tmp_path / "tiny.safetensors", MetaLoss(CLASSWISE_INPUTS, (8, 8)), info)
 
 
+def spy_on_the_tuning(monkeypatch) -> dict[str, list]:
+    """Record what `ml3 compare --tune-baseline-lr` tunes on: the options of the task handed to tune_lr, the random
+    stream of every evaluation inside and outside the sweep, and every task batch drawn in either phase."""
+    import ml3cli.commands.compare as compare
+    import ml3cli.evaluate as evaluation
+    from ml3cli.tasks.mnist import MnistBinary
+
+    seen: dict[str, list] = {"phase": ["test"], "tuned_on": [], "streams": [], "batches": []}
+    real_tune, real_sample = compare.tune_lr, MnistBinary.sample_tasks
+
+    def tune_lr(task, *args, **kwargs):
+        seen["tuned_on"].append(task.options.model_dump(mode="json"))
+        seen["phase"].append("tuning")
+        try:
+            return real_tune(task, *args, **kwargs)
+        finally:
+            seen["phase"].pop()
+
+    def spied(real):
+        def evaluate(*args, **kwargs):
+            seen["streams"].append((seen["phase"][-1], kwargs.get("stream", "test")))
+            return real(*args, **kwargs)
+
+        return evaluate
+
+    def sample_tasks(self, n, generator):
+        batch = real_sample(self, n, generator)
+        seen["batches"].append((seen["phase"][-1], batch))
+        return batch
+
+    monkeypatch.setattr(compare, "tune_lr", tune_lr)
+    monkeypatch.setattr(compare, "evaluate", spied(compare.evaluate))
+    monkeypatch.setattr(evaluation, "evaluate", spied(evaluation.evaluate))
+    monkeypatch.setattr(MnistBinary, "sample_tasks", sample_tasks)
+    return seen
+
+
 def test_compare_task_option_overrides_the_recorded_test_options(tiny_artifact, tmp_path, monkeypatch, capsys):
     """--task-option changes only the named options: the recorded held-out pairs and sizes stay, the optimizee is
-    the MLP asked for (its θ has no conv weights), and the tuned baseline is still chosen on the meta-train task."""
+    the MLP asked for (its θ has no conv weights), and the baseline's rate is tuned on validation tasks of exactly
+    that test family (its pairs and optimizee, not the meta-train pair), never on a test task."""
     json_path = tmp_path / "cmp.json"
+    seen = spy_on_the_tuning(monkeypatch)
     result = run_main(
         monkeypatch, capsys, "compare", "--task", "mnist_binary", "--loss", tiny_artifact, "--loss", "cross_entropy",
         "--task-option", "architecture=mlp", "--task-option", "hidden=[16]", "--tune-baseline-lr",
@@ -69,7 +109,16 @@ def test_compare_task_option_overrides_the_recorded_test_options(tiny_artifact, 
     assert options["pairs"] == [[0, 6], [1, 7]] and options["images"] == 8 and options["test_images"] == 8
     assert document["tasks"] == 2 and document["steps"] == 3 and len(document["seeds"]) == 1
     assert [loss["name"] for loss in document["losses"]] == ["tiny", "cross_entropy", "cross_entropy (tuned lr)"]
-    assert document["baseline_lr_tuning"]["on_task"] == "mnist_binary"
+    assert seen["tuned_on"] == [options] and options["pairs"] != [[4, 9]]  # the test family, not the meta-train
+    assert {stream for phase, stream in seen["streams"] if phase == "tuning"} == {"validation"}
+    assert [stream for phase, stream in seen["streams"] if phase == "test"] == ["test"]
+    tuning = [b for phase, b in seen["batches"] if phase == "tuning"]
+    tested = [b for phase, b in seen["batches"] if phase == "test"]
+    assert tuning and tested
+    for b in tuning:
+        assert not any(torch.equal(b.x_train, t.x_train) or torch.equal(b.x_test, t.x_test) for t in tested)
+    assert document["baseline_lr_tuning"]["stream"] == "validation"
+    monkeypatch.undo()
 
     # without the option: the recorded LeNet (a different optimizee, so a different initial cross-entropy)
     plain = tmp_path / "plain.json"

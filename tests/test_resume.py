@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -244,73 +245,86 @@ def test_interrupt_before_any_checkpoint_is_reported(tmp_path):
 
 
 # -- real signals, in a subprocess ----------------------------------------------------------------------------
-def start_run(recipe_path: Path, out: Path, cwd: Path) -> subprocess.Popen:
+#: `ml3 ...` with a pause after every outer step: φ is the same, but the run lasts long enough that each signal
+#: lands while it trains (however busy the machine), so that no phase can be skipped by a run that ended first
+SLOWED_ML3 = textwrap.dedent(
+    """
+    import sys, time
+    import ml3cli.commands.meta_train as command
+    real = command.meta_train
+    def slowed(recipe, task, on_step=None, **kwargs):
+        def on_step_slowly(step, record):
+            time.sleep(0.1)
+            if on_step is not None:
+                on_step(step, record)
+        return real(recipe, task, on_step=on_step_slowly, **kwargs)
+    command.meta_train = slowed
+    from ml3cli.cli import main
+    sys.argv = ["ml3", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+def start_run(recipe_path: Path, out: Path, cwd: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, COLUMNS="200", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "ml3cli.cli", "meta-train", str(recipe_path), "--out", str(out), "--quiet"],
+        [sys.executable, "-c", SLOWED_ML3, "meta-train", str(recipe_path), "--out", str(out), "--quiet", *extra],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_checkpoint_after(step: int, path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the run ``proc`` has checkpointed an outer step after ``step`` (-1: any); it must still be running."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
+    while load_checkpoint_step(path) <= step:
+        assert proc.poll() is None, ("the run ended before the signal", proc.returncode, proc.communicate())
+        assert time.monotonic() < deadline, f"no checkpoint after outer step {step} at {path}"
         time.sleep(0.02)
 
 
 def test_real_signals_and_sigkill_then_resume_bit_identical(tmp_path):
     """A real `ml3 meta-train` process gets SIGINT, then (resumed) SIGTERM, then (resumed) SIGKILL, each after a
-    checkpoint appeared. SIGINT/SIGTERM exit 130/143 with a resume command; after SIGKILL the final names hold
-    only complete files. The last resume completes, and its artifact is bit-identical to an uninterrupted run."""
-    data = tiny(300, checkpoint_every=7, meta_test={"seeds": 1, "tasks": 2})
+    new checkpoint appeared and while it still trains. SIGINT/SIGTERM exit 130/143 with a resume command; after
+    SIGKILL the final names hold only complete files (a checkpoint, no artifact). The last resume completes, and
+    its artifact is bit-identical to an uninterrupted run."""
+    steps = 60
+    data = tiny(steps, checkpoint_every=7, meta_test={"seeds": 1, "tasks": 2})
     recipe_path = write_recipe(tmp_path / "r.yaml", data)
     reference = run_meta_train(recipe_from_dict(data), tmp_path / "ref.safetensors", Console(quiet=True), True)
     out = tmp_path / "run" / "x.safetensors"
     checkpoint = checkpoint_path_for(out)
 
     proc = start_run(recipe_path, out, tmp_path)
-    wait_for(checkpoint, proc)
+    wait_for_checkpoint_after(-1, checkpoint, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "resume with: ml3 meta-train" in stderr
     first = load_checkpoint(checkpoint, None).state.step
-    assert 0 < first < 300
-    seen = [f"SIGINT@{first}"]
+    assert 0 < first < steps and not out.exists()
 
-    env = dict(os.environ, COLUMNS="200", OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "ml3cli.cli", "meta-train", str(recipe_path), "--out", str(out), "-q", "--resume"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while load_checkpoint_step(checkpoint) <= first and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    proc = start_run(recipe_path, out, tmp_path, "--resume")
+    wait_for_checkpoint_after(first, checkpoint, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    if proc.returncode != 0:  # (0 only if the whole run finished before the signal arrived)
-        assert proc.returncode == 143, stderr
-        assert "resume with:" in stderr and "--resume" in stderr
-        second = load_checkpoint(checkpoint, None).state.step
-        assert second > first
-        seen.append(f"SIGTERM@{second}")
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "resume with:" in stderr and "--resume" in stderr
+    second = load_checkpoint(checkpoint, None).state.step
+    assert first < second < steps and not out.exists()
 
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        while load_checkpoint_step(checkpoint) <= second and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.kill()
-        proc.communicate(timeout=60)
-        seen.append(f"SIGKILL@{load_checkpoint_step(checkpoint)}")
-        for final in (checkpoint, out):  # a complete file or none under each final name
-            if final.exists() and final == checkpoint:
-                load_checkpoint(final, None)
-            elif final.exists():
-                load_loss(final)
-        if not out.exists():
-            result = run_cli("meta-train", recipe_path, "--out", out, "-q", "--resume", cwd=tmp_path)
-            assert result.code == 0, result.output
+    proc = start_run(recipe_path, out, tmp_path, "--resume")
+    wait_for_checkpoint_after(second, checkpoint, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    third = load_checkpoint(checkpoint, None).state.step  # a complete checkpoint under the final name
+    assert second < third < steps and not out.exists()
+
+    result = run_cli("meta-train", recipe_path, "--out", out, "-q", "--resume", cwd=tmp_path)
+    assert result.code == 0, result.output
     assert_same_phi(load_file(reference), load_file(out))
-    CYCLES.append("subprocess " + "+".join(seen))
+    CYCLES.append(f"subprocess SIGINT@{first}+SIGTERM@{second}+SIGKILL@{third}")
     print(f"\nbit-identical resume cycles compared: {len(CYCLES)} ({', '.join(CYCLES)})")
 
 

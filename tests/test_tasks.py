@@ -5,6 +5,8 @@ Tiny options (few points, small hidden layers) are used where the task family ha
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.func import vmap
@@ -175,3 +177,73 @@ def test_test_tasks_are_never_meta_train_or_validation_tasks(task):
     meta_train = tasks_of("meta_train")
     seen = set(meta_train) | set(tasks_of("validation"))
     assert not seen & set(tasks_of("test"))
+
+
+# -- support and query: the inner steps never see the data L_T is measured on ---------------------------------
+#: per supervised family, (options small enough to build at once, the support fields the inner steps train on,
+#: the query fields the task loss is measured on). Fields in neither are task parameters (amplitude, ν, digits).
+_SINE = ("x_support", "y_support"), ("x_query", "y_query")
+_DIGITS = ("x_train", "y_train"), ("x_test", "y_test")
+_JOINTS = ("q", "qd", "qdd", "u"), ("q_query", "qd_query", "qdd_query", "u_query", "inertia_query")
+_ROBOT = {"trajectories": 2, "held_out_trajectories": 1, "samples": 20, "points": 8, "query_points": 8, "hidden": [8]}
+SUPERVISED = {
+    "sine": ({"points": 8, "query_points": 8, "hidden": [8]}, *_SINE),
+    "sine_shifted": ({"points": 8, "query_points": 8, "hidden": [8]}, *_SINE),
+    "sine_frequency": ({"points": 8, "query_points": 8}, *_SINE),
+    "mnist_binary": ({"images": 8, "test_images": 8, "architecture": "mlp", "hidden": [8]}, *_DIGITS),
+    "mnist": ({"images": 20, "test_images": 20, "architecture": "mlp", "hidden": [8]}, *_DIGITS),
+    "inverse_dynamics_reacher": (_ROBOT, *_JOINTS),
+    "inverse_dynamics_sawyer": (_ROBOT, *_JOINTS),
+}
+#: families without a support/query split of fixed data, and why
+WITHOUT_SPLIT = {
+    "mountain_car": "no data: every loss input and the task loss are rollouts of π_θ from the task's start",
+}
+
+
+def test_every_family_is_checked_for_a_support_query_split():
+    """A new family is either supervised (its split is declared above) or gathers its data with the current θ, and
+    then the engine keeps the inner and task-loss data apart (tests/test_engine.py)."""
+    collecting = {name for name in TASKS if TASKS[name].collects_data}
+    assert set(TASKS) == set(SUPERVISED) | set(WITHOUT_SPLIT) | collecting
+    assert not collecting & set(SUPERVISED)
+
+
+def poisoned(batch, fields: tuple[str, ...]):
+    """``batch`` with every value of ``fields`` NaN: anything computed from them is NaN, even times zero."""
+    return batch._replace(**{f: torch.full_like(getattr(batch, f), math.nan) for f in fields})
+
+
+@pytest.mark.parametrize("name", sorted(SUPERVISED))
+def test_inner_steps_see_only_support_data_and_the_task_loss_only_query_data(name):
+    """Poisoning the query data leaves the loss inputs (what M_φ and the inner steps see) exactly as they were,
+    and poisoning the support data leaves the task loss exactly as it was; each does read its own side."""
+    options, support, query = SUPERVISED[name]
+    task = make_task(name, options)
+    batch, theta = task.sample_tasks(N, generator(0)), task.init_theta(N, generator(1))
+    assert set(support) | set(query) <= set(batch._fields)
+    for i in range(N):
+        clean, th = one(batch, i), theta_one(theta, i)
+        inputs, loss = task.loss_inputs(th, clean), task.task_loss(th, clean)
+        assert all(torch.isfinite(v).all() for v in inputs.values()) and torch.isfinite(loss)
+
+        without_query = task.loss_inputs(th, poisoned(clean, query))
+        assert all(torch.equal(without_query[k], inputs[k]) for k in inputs), f"the inner steps read {query}"
+        assert torch.equal(task.task_loss(th, poisoned(clean, support)), loss), f"the task loss reads {support}"
+
+        assert not all(torch.isfinite(v).all() for v in task.loss_inputs(th, poisoned(clean, support)).values())
+        assert not torch.isfinite(task.task_loss(th, poisoned(clean, query)))
+
+
+@pytest.mark.parametrize("name", sorted(SUPERVISED))
+def test_no_query_sample_is_also_a_support_sample(name):
+    """The held-out points are other points: no query sample (an x, an image, a joint state) is among the
+    support samples of its task."""
+    options, support, query = SUPERVISED[name]
+    task = make_task(name, options)
+    batch = task.sample_tasks(N, generator(0))
+    for i in range(N):
+        rows = getattr(batch, support[0])[i].flatten(1)
+        held_out = getattr(batch, query[0])[i].flatten(1)
+        repeated = int((held_out[:, None, :] == rows[None, :, :]).all(-1).any(1).sum())
+        assert repeated == 0, f"task {i}: {repeated} of its {len(held_out)} {query[0]} rows are {support[0]} rows"

@@ -1,0 +1,45 @@
+"""The learning-rate sweep every comparison tunes with (`ml3 compare --tune-baseline-lr`, `ml3 reproduce`): it trains
+on validation tasks of the family it is given, never on a test task."""
+
+from __future__ import annotations
+
+import torch
+
+from ml3cli.evaluate import tune_lr
+from ml3cli.losses import builtin_loss
+from ml3cli.runtime import generator, stream_seed
+from ml3cli.tasks.sine import ShiftedSineRegression, SineOptions
+
+
+class DrawnSine(ShiftedSineRegression):
+    """The meta-test sine family, recording every task batch it draws."""
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.drawn = []
+
+    def sample_tasks(self, n, generator):
+        self.drawn.append(super().sample_tasks(n, generator))
+        return self.drawn[-1]
+
+
+def test_the_sweep_draws_validation_tasks_of_each_seed_and_never_test_tasks():
+    """Each rate is scored on the tasks of the validation stream of each seed asked for (the same seed numbers
+    as the test, another stream), so no tuned rate has seen a task it is then tested on."""
+    task = DrawnSine(SineOptions(points=8, query_points=8, hidden=[8]))
+    seeds = [0, 3]
+    best, scores = tune_lr(task, builtin_loss(task, "mse", 1e-2), 1e-2, 2, seeds, 2, span=0.5, max_widenings=0)
+    assert best in scores and len(scores) == 3 and task.drawn
+
+    def draws(stream: str) -> list:
+        fresh = ShiftedSineRegression(task.options)
+        return [fresh.sample_tasks(2, generator(stream_seed(stream, s))) for s in seeds]
+
+    def same(a, b) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    validation, test = draws("validation"), draws("test")
+    foreign = sum(not any(same(batch, v) for v in validation) for batch in task.drawn)
+    assert foreign == 0, f"{foreign} of the {len(task.drawn)} batches the sweep drew are not validation tasks"
+    tested = sum(any(same(batch, t) for t in test) for batch in task.drawn)
+    assert tested == 0, f"{tested} of the {len(task.drawn)} batches the sweep drew are test tasks"

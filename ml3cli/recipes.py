@@ -43,7 +43,9 @@ Output = Literal[tuple(OUTPUTS)]  # type: ignore[valid-type]
 
 #: bounds that every real recipe is far inside; checked before anything is allocated (a width of 10⁶ would ask
 #: for terabytes, a list of 200,000 layers for minutes of building)
-MAX_WIDTH, MAX_LAYERS, MAX_TASKS, MAX_STEPS, MAX_RATE, MAX_SEED = 65_536, 64, 65_536, 100_000_000, 1e4, 2**63 - 1
+#: (a rate is bounded only by what float32 holds: a larger one overflows inside Adam, a smaller huge one diverges
+#: and is reported as a divergence)
+MAX_WIDTH, MAX_LAYERS, MAX_TASKS, MAX_STEPS, MAX_RATE, MAX_SEED = 65_536, 64, 65_536, 100_000_000, 1e30, 2**63 - 1
 Rate = Annotated[float, Field(gt=0, le=MAX_RATE)]
 Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
 Count = Annotated[int, Field(ge=1, le=MAX_TASKS)]

@@ -12,6 +12,7 @@ import re
 import resource
 import struct
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,15 @@ from ml3cli.losses import artifact_infos, recorded_test_settings
 from ml3cli.recipes import recipe_from_dict, recipe_to_dict
 from ml3cli.runtime import resolve_device
 from ml3cli.tasks import make_task
+
+
+PEAK_AT_START: dict[str, int] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _peak_memory_at_start():
+    """The process's peak RSS when this module's first test starts (earlier modules may have raised it)."""
+    PEAK_AT_START["kB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 # -- files to edit --------------------------------------------------------------------------------------------
@@ -317,7 +327,10 @@ def test_an_intact_checkpoint_resumes(made, tmp_path):
 
 
 # -- fuzzing the documents ------------------------------------------------------------------------------------
+#: a few hundred mutants in the default run; ``pytest -m slow`` tries 10,000 of each kind
 MUTANT = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+MANY = settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+COUNTS: Counter[str] = Counter()
 odd_values = (
     st.none()
     | st.booleans()
@@ -341,9 +354,7 @@ def leaves(node, prefix=()):
     return found
 
 
-@MUTANT
-@given(data=st.data(), value=odd_values, resign=st.booleans(), delete=st.booleans())
-def test_artifact_document_mutants_are_refused_or_load_and_work(made, tmp_path_factory, data, value, resign, delete):
+def artifact_document_mutant(made, tmp_path_factory, data, value, resign, delete):
     """One field of the document replaced, or deleted. Not re-signed: always refused. Re-signed (a forger): refused
     in one line, or loaded with every reader and command working on it."""
     document = json.loads(parts(made["loss"])[0]["ml3"])
@@ -377,22 +388,24 @@ def test_artifact_document_mutants_are_refused_or_load_and_work(made, tmp_path_f
     changed = parts(mutant)[0]["ml3"] != parts(made["loss"])[0]["ml3"]
     assert resign or not changed or accepted == [], (where, value, accepted)
     assert time.perf_counter() - started < 5
+    COUNTS["artifact mutants"] += 1
+    COUNTS["artifact mutants accepted (re-signed, working)"] += bool(accepted)
 
 
-@MUTANT
-@given(data=st.data(), value=odd_values, resign=st.booleans())
-def test_checkpoint_document_mutants_are_refused_or_resume_the_same_run(made, tmp_path_factory, data, value, resign):
+def checkpoint_document_mutant(made, tmp_path_factory, data, value, resign):
     """One field of a checkpoint's document replaced. Not re-signed: refused. Re-signed: refused, or what a resumed
     run computes with (step, age, Adam, the RNG, θ, the batch) is exactly the original's."""
     original = json.loads(parts(made["checkpoint"])[0]["ml3"])
     where = data.draw(st.sampled_from(leaves(original)))
     mutant = edited(made["checkpoint"], at(where, value), resign)
     path = write(tmp_path_factory.mktemp("c"), mutant)
+    COUNTS["checkpoint mutants"] += 1
     try:
         loaded = resume_checks(made, path)
     except ML3Error as err:
         assert "\n" not in str(err) and len(str(err)) < 1_000, str(err)[:300]
         return
+    COUNTS["checkpoint mutants accepted (re-signed, same run)"] += 1
     changed = parts(mutant)[0]["ml3"] != parts(made["checkpoint"])[0]["ml3"]
     assert resign or not changed, (where, value)
     reference = resume_checks(made, write(tmp_path_factory.mktemp("r"), made["checkpoint"])).state
@@ -589,3 +602,21 @@ def test_the_layout_a_reader_expects_is_the_meta_loss_parameters(hidden, bias, l
     inputs = (LossInput("y_pred", 1), LossInput("y_true", 3))
     module = MetaLoss(inputs, hidden, bias=bias, learned_lr=learned_lr)
     assert parameter_shapes(4, hidden, bias, learned_lr) == {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+# the same properties, a few hundred mutants by default and 10,000 under `pytest -m slow`
+ARTIFACT_MUTANTS = given(data=st.data(), value=odd_values, resign=st.booleans(), delete=st.booleans())
+CHECKPOINT_MUTANTS = given(data=st.data(), value=odd_values, resign=st.booleans())
+test_artifact_document_mutants_are_refused_or_load_and_work = MUTANT(ARTIFACT_MUTANTS(artifact_document_mutant))
+test_checkpoint_document_mutants_are_refused_or_resume_the_same_run = MUTANT(
+    CHECKPOINT_MUTANTS(checkpoint_document_mutant)
+)
+test_10000_artifact_document_mutants = pytest.mark.slow(MANY(ARTIFACT_MUTANTS(artifact_document_mutant)))
+test_10000_checkpoint_document_mutants = pytest.mark.slow(MANY(CHECKPOINT_MUTANTS(checkpoint_document_mutant)))
+
+
+def test_zz_counts_and_peak_memory():
+    """Prints how many mutants each property tried (``pytest -s``) and bounds the memory they took together."""
+    print(dict(COUNTS), f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - PEAK_AT_START["kB"] < 200 * 1024
+

@@ -35,7 +35,6 @@ from ml3cli.recipes import recipe_from_dict, recipe_to_dict
 from ml3cli.runtime import resolve_device
 from ml3cli.tasks import make_task
 
-
 PEAK_AT_START: dict[str, int] = {}
 
 
@@ -619,4 +618,3 @@ def test_zz_counts_and_peak_memory():
     """Prints how many mutants each property tried (``pytest -s``) and bounds the memory they took together."""
     print(dict(COUNTS), f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - PEAK_AT_START["kB"] < 200 * 1024
-

@@ -101,14 +101,7 @@ def test_random_text_and_bytes_give_ml3error(tmp_path_factory, text):
     TRIED["random recipe texts/bytes"] += 1
 
 
-@FUZZ
-@given(
-    where=st.sampled_from(RECIPE_PATHS),
-    value=yaml_values,
-    delete=st.booleans(),
-    as_override=st.booleans(),
-)
-def test_random_field_values_give_a_recipe_or_ml3error(tmp_path_factory, where, value, delete, as_override):
+def recipe_field_mutant(tmp_path_factory, where, value, delete, as_override):
     """One field of a valid recipe replaced by a random value (or deleted, or given as --set KEY=VALUE)."""
     data = copy.deepcopy(TINY_RECIPE)
     path = tmp_path_factory.mktemp("r") / "r.yaml"
@@ -132,6 +125,16 @@ def test_random_field_values_give_a_recipe_or_ml3error(tmp_path_factory, where, 
     if recipe is not None:  # a valid recipe round-trips through its dict (as stored in artifacts/checkpoints)
         assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
     TRIED["random field values"] += 1
+
+
+RECIPE_MUTANTS = given(
+    where=st.sampled_from(RECIPE_PATHS), value=yaml_values, delete=st.booleans(), as_override=st.booleans()
+)
+test_random_field_values_give_a_recipe_or_ml3error = FUZZ(RECIPE_MUTANTS(recipe_field_mutant))
+#: ``pytest -m slow``: 10,000 of them
+test_10000_recipe_field_mutants = pytest.mark.slow(
+    settings(FUZZ, max_examples=10_000)(RECIPE_MUTANTS(recipe_field_mutant))
+)
 
 
 # -- artifacts and checkpoints --------------------------------------------------------------------------------

@@ -333,3 +333,40 @@ def load_checkpoint_step(path: Path) -> int:
         return load_checkpoint(path, None).state.step
     except ML3Error:
         return -1
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical_after_20_random_kills_from_the_first_instant(tmp_path):
+    """A chain of `ml3 meta-train` processes, each stopped by SIGINT, SIGTERM or SIGKILL at a random moment (a
+    third of them within the first second: start-up, the resume being read) and continued with --resume where a
+    checkpoint exists: never a traceback, and the run that finishes is bit-identical to an uninterrupted one."""
+    import random
+
+    steps = 60
+    data = tiny(steps, checkpoint_every=3, meta_test={"seeds": 1, "tasks": 2})
+    recipe_path = write_recipe(tmp_path / "r.yaml", data)
+    reference = run_meta_train(recipe_from_dict(data), tmp_path / "ref.safetensors", Console(quiet=True), True)
+    out = tmp_path / "run" / "x.safetensors"
+    checkpoint = checkpoint_path_for(out)
+    chooser = random.Random(20)
+    kills = []
+    while len(kills) < 20:
+        proc = start_run(recipe_path, out, tmp_path, *(["--resume"] if checkpoint.exists() else []))
+        delay = chooser.uniform(0.1, 1.0) if len(kills) % 3 == 0 else chooser.uniform(1.0, 6.0)
+        signum = chooser.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+        time.sleep(delay)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+        assert "Traceback" not in stderr, (delay, signum, stderr[-3000:])
+        assert proc.returncode in (0, 130, 143, -signal.SIGKILL), (delay, signum, proc.returncode, stderr[-500:])
+        if proc.returncode == 0:  # it finished before the signal: start the chain again
+            out.unlink()
+            checkpoint.unlink()
+            continue
+        kills.append(f"{signal.Signals(signum).name}@{delay:.2f}s→step {load_checkpoint_step(checkpoint)}")
+        assert not out.exists()
+    result = run_cli("meta-train", recipe_path, "--out", out, "-q", *(["--resume"] if checkpoint.exists() else []),
+                     cwd=tmp_path)  # fmt: skip
+    assert result.code == 0, result.output
+    assert_same_phi(load_file(reference), load_file(out))
+    print(f"\n{len(kills)} kills, then bit-identical: {', '.join(kills)}")

@@ -358,7 +358,9 @@ def test_resume_is_bit_identical_after_20_random_kills_from_the_first_instant(tm
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
         assert "Traceback" not in stderr, (delay, signum, stderr[-3000:])
-        assert proc.returncode in (0, 130, 143, -signal.SIGKILL), (delay, signum, proc.returncode, stderr[-500:])
+        # SIGTERM before the run installs its handler ends the process as the default action does (no output)
+        ended = (0, 130, 143, -signal.SIGKILL, -signal.SIGTERM)
+        assert proc.returncode in ended, (delay, signum, proc.returncode, stderr[-500:])
         if proc.returncode == 0:  # it finished before the signal: start the chain again
             out.unlink()
             checkpoint.unlink()

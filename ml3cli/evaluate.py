@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from ml3cli.engine import LossFn, sgd_step
+from ml3cli.engine import LossFn, inner_gradient, sgd_step
 from ml3cli.runtime import generator, stream_seed
 from ml3cli.tasks.base import Task
 
@@ -110,6 +110,61 @@ def train_curve(
             theta = step_fn(theta, gather(theta, "inner") if gather is not None else batch)
         record(theta, steps)
     return stack(history), {name: stack(values) for name, values in extras.items()}
+
+
+@dataclass(frozen=True)
+class StepSizeRatio:
+    """How much larger a learned loss's steps are than the baseline's at the same learning rate, along the learned
+    loss's own meta-test trajectories: per task and step, r = scale·‖∇_θ ℓ_φ‖ / ‖∇_θ ℓ_baseline‖ at the same θ
+    (``scale``: the learned step scale of a ``learned_lr`` loss, else 1; norms over all of θ)."""
+
+    mean: float  #: the mean of r over tasks, seeds and steps
+    median: float
+    low: float  #: 10th percentile
+    high: float  #: 90th percentile
+    points: int  #: (task, step) pairs measured (where the baseline's gradient is not zero)
+
+
+def step_size_ratio(
+    task: Task,
+    learned: NamedLoss,
+    baseline: NamedLoss,
+    tasks: int,
+    seeds: int | Sequence[int],
+    steps: int,
+    seed: int = 0,
+    stream: str = "test",
+) -> StepSizeRatio:
+    """:class:`StepSizeRatio` of ``learned`` against ``baseline`` on the tasks :func:`evaluate` draws for the same
+    seeds and stream, training with ``learned`` at its own rate (as its meta-test does). A ratio far from 1 is a
+    step size the loss has learned: a comparison at one shared learning rate then measures mostly that, which is
+    why every loss is also compared at its own tuned rate."""
+
+    def norms(theta, batch, loss_fn: LossFn) -> torch.Tensor:
+        gradient, scale = inner_gradient(task, loss_fn, theta, batch)
+        norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in gradient.values()]))
+        return norm * (scale[0] if scale else 1.0)
+
+    learned_norm = vmap(lambda theta, batch: norms(theta, batch, learned.fn))
+    baseline_norm = vmap(lambda theta, batch: norms(theta, batch, baseline.fn))
+    step_fn = vmap(lambda theta, batch: sgd_step(task, learned.fn, theta, batch, learned.lr))
+    ratios = []
+    for one_seed in range(seed, seed + seeds) if isinstance(seeds, int) else seeds:
+        gen = generator(stream_seed(stream, one_seed))
+        batch = task.sample_tasks(tasks, gen)
+        theta = task.init_theta(tasks, gen)
+        for _ in range(steps):
+            data = task.collect(theta, batch, gen, "inner") if task.collects_data else batch
+            base = baseline_norm(theta, data)
+            keep = base > 0
+            ratios.append((learned_norm(theta, data)[keep] / base[keep]).detach())
+            theta = {name: value.detach() for name, value in step_fn(theta, data).items()}
+    r = torch.cat(ratios).double().cpu().numpy() if ratios else np.array([math.nan])
+    finite = r[np.isfinite(r)]
+    if not finite.size:
+        return StepSizeRatio(math.nan, math.nan, math.nan, math.nan, 0)
+    low, median, high = np.percentile(finite, [10, 50, 90])
+    return StepSizeRatio(float(finite.mean()), float(median), float(low), float(high), int(finite.size))
 
 
 def has_report_metrics(task: Task) -> bool:

@@ -21,7 +21,7 @@ from ml3cli.commands.output import fmt, fmt_spread, progress_bar
 from ml3cli.commands.parsing import evaluation_seeds, parse_steps
 from ml3cli.commands.runs import check_out_dir, new_run_dir, write_json, write_settings
 from ml3cli.errors import ML3Error
-from ml3cli.evaluate import LossCurves, evaluate, paired_difference, tune_lr
+from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, paired_difference, step_size_ratio, tune_lr
 from ml3cli.losses import (
     LossSpec,
     artifact_infos,
@@ -85,6 +85,14 @@ def run(
     threshold = options.threshold if options.threshold is not None else 0.5 * initial
     document = results_document(task, curves, tasks, seeds, steps, threshold, tuning)
     print_results(console, task, curves, steps, len(seeds), tasks, threshold, document, at)
+    ratios = learned_step_sizes(task, losses, tasks, seeds[0], steps)
+    if ratios:
+        document["step_size_ratio"] = ratios
+        for label, r in ratios.items():
+            console.print(
+                f"{label}: its steps are {fmt(r['mean'])}× {r['baseline']}'s at the same rate (10–90%: "
+                f"{fmt(r['low'])}–{fmt(r['high'])}, along its own trajectories, seed {seeds[0]})"
+            )
     report = report_from_curves(curves, table_steps(steps, at))
     if report:  # tasks with Task.report_metrics (e.g. |θ − ν| for sine_frequency)
         document["report_metrics"] = report
@@ -117,6 +125,22 @@ def run(
     write_json(options.json_path, document)
     console.print(f"wrote {', '.join(RESULT_FILES)} and settings.json to {out}")
     return document
+
+
+def learned_step_sizes(
+    task: Task, losses: Sequence[NamedLoss], tasks: int, seed: int, steps: int
+) -> dict[str, dict[str, Any]]:
+    """Each learned loss's :class:`~ml3cli.evaluate.StepSizeRatio` against the task's baseline loss at the learned
+    loss's own rate, on the first evaluation seed's tasks (label → the ratio's fields and the baseline's name)."""
+    name = baseline_name(task)
+    return {
+        loss.label: dataclasses.asdict(
+            step_size_ratio(task, loss, builtin_loss(task, name, loss.lr), tasks, [seed], steps)
+        )
+        | {"baseline": name, "seed": seed}
+        for loss in losses
+        if loss.source != "builtin"
+    }
 
 
 #: what ``meta-test`` and ``compare`` write in their folder

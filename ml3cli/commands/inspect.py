@@ -44,6 +44,13 @@ def run(path: str | Path, console: Console, json_path: str | Path | None = None)
             f"meta-test {mt.get('task', info['test_task'])} after {mt.get('steps', '?')} steps "
             f"({mt.get('metric', 'metric')}): {finals}"
         )
+        ratio = mt.get("step_size_ratio")
+        if isinstance(ratio, dict) and all(isinstance(ratio.get(k), (int, float)) for k in ("mean", "low", "high")):
+            console.print(
+                f"its steps along the meta-test: {fmt(ratio['mean'])}× {mt.get('baseline', 'the baseline')}'s at "
+                f"the same rate (10–90%: {fmt(ratio['low'])}–{fmt(ratio['high'])}); a win at one shared rate is "
+                "partly this step size"
+            )
     if "meta_train" in metrics:
         finals = ", ".join(f"{k} {fmt(v)}" for k, v in metrics["meta_train"].items())
         console.print(f"meta-train: {finals}")

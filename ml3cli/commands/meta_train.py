@@ -32,7 +32,7 @@ from ml3cli.commands.output import fmt, fmt_spread, progress_bar
 from ml3cli.commands.parsing import parse_seeds
 from ml3cli.engine import meta_train
 from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
-from ml3cli.evaluate import NamedLoss, evaluate
+from ml3cli.evaluate import NamedLoss, evaluate, step_size_ratio
 from ml3cli.losses import baseline_name, builtin_loss
 from ml3cli.recipes import Recipe, checkpoint_path_for, load_recipe, recipe_to_dict
 from ml3cli.runtime import configure, resolve_device
@@ -227,6 +227,9 @@ def _meta_train_into(
             test.steps, recipe.seed, on_seed=lambda done: progress.update(bar, completed=done),
             record_at=(),  # only the final step is kept: measuring every step doubled a long meta-test
         )  # fmt: skip
+        # how much of a win at one shared rate is a larger step: on the first meta-test seed's tasks
+        ratio = step_size_ratio(test_task, learned, builtin_loss(test_task, baseline, recipe.meta_test_lr),
+                                test.tasks, [recipe.seed], test.steps)  # fmt: skip
     metrics = {
         "meta_train": {k: v for k, v in result.final.items() if k != "step"} | {"outer_steps": recipe.outer.steps},
         "meta_train_seconds": round(result.seconds, 3),
@@ -240,6 +243,7 @@ def _meta_train_into(
             "final": {c.label: float(c.at(test.steps).mean()) for c in curves},
             "final_per_seed": {c.label: [float(v) for v in c.at(test.steps)] for c in curves},
             "baseline": baseline,
+            "step_size_ratio": dataclasses.asdict(ratio) | {"seed": recipe.seed},
             "environment_samples": test_task.environment_samples,  # its rollouts, not part of meta-training
         },
     }

@@ -1,0 +1,64 @@
+"""The step-size ratio: how much larger a learned loss's steps are than the baseline's at the same rate, so that a
+win at one shared learning rate can be told apart from a learned step size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import TINY_RECIPE, run_main, write_recipe
+
+from ml3cli.evaluate import NamedLoss, step_size_ratio
+from ml3cli.losses import builtin_loss
+from ml3cli.tasks import make_task
+
+OPTIONS = TINY_RECIPE["meta_test"]["task_options"]
+
+
+@pytest.mark.parametrize("factor", [0.25, 3.0])
+def test_a_multiple_of_the_baseline_has_that_ratio_everywhere(factor):
+    task = make_task("sine_shifted", OPTIONS)
+    mse = builtin_loss(task, "mse", 0.01)
+    scaled = NamedLoss("scaled", lambda inputs: factor * mse.fn(inputs), 0.01)
+    ratio = step_size_ratio(task, scaled, mse, tasks=3, seeds=2, steps=4)
+    assert ratio.points == 3 * 2 * 4
+    assert ratio.mean == pytest.approx(factor, rel=1e-5) and ratio.low == pytest.approx(factor, rel=1e-5)
+
+
+def test_a_learned_step_scale_multiplies_the_ratio():
+    """A learned_lr loss steps α·scale·∇ℓ: the ratio is of the steps, so the scale is in it."""
+    task = make_task("sine_shifted", OPTIONS)
+    mse = builtin_loss(task, "mse", 0.01)
+    scaled = NamedLoss("scaled", lambda inputs: (mse.fn(inputs), torch.tensor(1.5)), 0.01)
+    assert step_size_ratio(task, scaled, mse, tasks=2, seeds=1, steps=3).mean == pytest.approx(1.5, rel=1e-6)
+
+
+def test_the_ratio_follows_the_learned_loss_own_trajectory():
+    """Measured where the learned loss trains θ (at its own rate): a loss that is MSE near θ₀ but steeper once θ
+    has moved shows a ratio that grows with the steps."""
+    task = make_task("sine_shifted", OPTIONS)
+    mse = builtin_loss(task, "mse", 0.05)
+    early = step_size_ratio(task, mse, mse, tasks=2, seeds=1, steps=1).mean
+    assert early == pytest.approx(1.0)
+    theta_moves = NamedLoss("sq", lambda inputs: mse.fn(inputs) ** 2, 0.05)
+    one, many = (step_size_ratio(task, theta_moves, mse, 2, 1, n) for n in (1, 30))
+    assert one.points == 2 and many.points == 60 and one.mean != pytest.approx(many.mean)
+
+
+def test_meta_train_records_it_and_inspect_and_compare_report_it(tmp_path, monkeypatch, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", TINY_RECIPE)
+    assert run_main(monkeypatch, capsys, "meta-train", recipe, "--out", "a.safetensors", cwd=tmp_path).code == 0
+    from ml3cli.artifacts import read_info
+
+    recorded = read_info(tmp_path / "a.safetensors")["metrics"]["meta_test"]["step_size_ratio"]
+    assert recorded["points"] > 0 and recorded["seed"] == 0 and recorded["low"] <= recorded["mean"]
+    shown = run_main(monkeypatch, capsys, "inspect", "a.safetensors", cwd=tmp_path)
+    assert "its steps along the meta-test:" in shown.stdout and "× mse's at the same rate" in shown.stdout
+    result = run_main(
+        monkeypatch, capsys, "compare", "--loss", "a.safetensors", "--loss", "mse", "--task", "sine_shifted",
+        "--num-seeds", "1", "--tasks", "2", "--steps", "3", "--out-dir", "cmp", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.code == 0, result.output
+    document = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert set(document["step_size_ratio"]) == {"a"} and document["step_size_ratio"]["a"]["baseline"] == "mse"

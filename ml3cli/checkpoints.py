@@ -228,6 +228,7 @@ def read_checkpoint_info(path: str | Path) -> tuple[dict[str, Tensor], dict[str,
     if meta.get("sha256") != metadata.expected_sha256(version, artifacts.tensors_sha256(tensors), meta["ml3"]):
         what = "tensors were" if version < metadata.WHOLE_FILE_CHECKSUM else "tensors or metadata were"
         raise ML3Error(f"{path}: checksum mismatch: the checkpoint's {what} modified or corrupted")
+    metadata.validated(metadata.CheckpointRecord, document, path, "checkpoint metadata")
     return tensors, document
 
 

@@ -179,3 +179,39 @@ class ArtifactRecord(_Record):
     commit: str | None = Field(None, max_length=100)
     recipe: dict[str, Any] = {}
     metrics: MetricsRecord = MetricsRecord()
+
+
+# -- the checkpoint's schema ----------------------------------------------------------------------------------
+class OptimizerRecord(_Record):
+    """Adam's settings (one mapping per parameter group, checked against the recipe's on resume) and the
+    non-tensor part of its per-parameter state (the tensors are in the file, named ``optim/<index>/<key>``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    param_groups: list[dict[str, Any]] = Field(max_length=1_000)
+    state: dict[Annotated[str, Field(pattern=r"^[0-9]{1,6}$")], dict[str, Any]]
+
+
+class BatchRecord(_Record):
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(max_length=200)
+    fields: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")]] = Field(max_length=100)
+
+
+class CheckpointRecord(_Record):
+    """The ``ml3`` document of a meta-training checkpoint (its tensors hold φ, Adam's moments, the RNG, θ and the
+    task batch)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=True)  # curves may hold a diverging run's NaN
+    ml3_version: str = Field(max_length=100)
+    torch_version: str = Field(max_length=100)
+    created: str = Field(max_length=100)
+    recipe: dict[str, Any]
+    artifact: str = Field(max_length=4_096)
+    step: int = Field(ge=0, le=10**9)
+    age: int = Field(ge=0, le=10**9)
+    seconds: float = Field(ge=0, allow_inf_nan=False)
+    curves: list[dict[str, float | None]] = Field(max_length=10_000_000)
+    optimizer: OptimizerRecord
+    optimizer_tensors: dict[Annotated[str, Field(pattern=r"^[0-9]{1,6}$")], list[str]]
+    theta: list[str] | None = Field(max_length=10_000)
+    batch: BatchRecord | None

@@ -207,7 +207,9 @@ def test_a_declared_architecture_that_is_not_the_tensors_is_refused_before_alloc
     peak, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
     for load in (lambda: load_loss(path), lambda: artifacts.verified_info(path)):
         refused(load, "do not match the declared architecture" if hidden[0] <= 65_536 else "architecture.hidden.0")
-    assert time.perf_counter() - started < 2
+    assert (
+        time.perf_counter() - started < 10
+    )  # it was 25 s and 3.8 GB before any check (a loaded machine: far from either)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 100_000  # kB
 
 
@@ -442,7 +444,7 @@ def test_yaml_that_a_recipe_never_needs_is_refused_at_once(tmp_path, monkeypatch
     started = time.perf_counter()
     result = run_main(monkeypatch, capsys, "meta-train", recipe_file(tmp_path, text), cwd=tmp_path)
     assert result.code == 2 and re.search(match, result.stderr) and len(result.stderr) < 1_000, result.stderr[:500]
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 10
 
 
 @pytest.mark.parametrize(
@@ -472,7 +474,7 @@ def test_extreme_values_are_refused_before_anything_is_allocated(tmp_path, monke
     started = time.perf_counter()
     result = run_main(monkeypatch, capsys, "meta-train", recipe_file(tmp_path), "--set", override, cwd=tmp_path)
     assert result.code == 2 and match in result.stderr and len(result.stderr) < 1_000, result.stderr[:500]
-    assert time.perf_counter() - started < 5 and not list(tmp_path.glob("**/*.safetensors"))
+    assert time.perf_counter() - started < 10 and not list(tmp_path.glob("**/*.safetensors"))
 
 
 def test_a_list_of_200000_layers_is_refused_at_once(tmp_path, monkeypatch, capsys):
@@ -484,7 +486,7 @@ def test_a_list_of_200000_layers_is_refused_at_once(tmp_path, monkeypatch, capsy
     path = recipe_file(tmp_path, text.replace("hidden: [8, 8]", "hidden: [" + "4," * 200_000 + "4]", 1))
     started = time.perf_counter()
     result = run_main(monkeypatch, capsys, "meta-train", path, cwd=tmp_path)
-    assert result.code == 2 and time.perf_counter() - started < 5
+    assert result.code == 2 and time.perf_counter() - started < 10
     # refused by its size (a recipe is a few kB), or where a shorter list of layers fits: by the schema
     assert "too large for a recipe" in result.stderr, result.stderr[:300]
 
@@ -505,7 +507,7 @@ def test_extreme_flags_are_refused_at_once(tmp_path, monkeypatch, capsys, args, 
     started = time.perf_counter()
     result = run_main(monkeypatch, capsys, "meta-train", recipe_file(tmp_path), *args, cwd=tmp_path)
     assert result.code == 2 and match in result.output, result.output[-500:]
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 10
 
 
 def test_an_output_that_is_a_folder_is_refused_before_training(tmp_path, monkeypatch, capsys):
@@ -516,7 +518,7 @@ def test_an_output_that_is_a_folder_is_refused_before_training(tmp_path, monkeyp
     result = run_main(
         monkeypatch, capsys, "meta-train", recipe_file(tmp_path), "--out", "taken.safetensors", cwd=tmp_path
     )
-    assert result.code == 2 and "it is a folder" in result.stderr and time.perf_counter() - started < 3
+    assert result.code == 2 and "it is a folder" in result.stderr and time.perf_counter() - started < 10
 
 
 def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tmp_path):

@@ -8,6 +8,7 @@ naming the optional extra when a simulator is missing.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def test_version(tmp_path, monkeypatch, capsys):
     result = run_main(monkeypatch, capsys, "--version", cwd=tmp_path)
     assert result.code == 0
     assert result.stdout.startswith(f"ml3 {ml3cli.__version__} (torch ")
+    assert f"Python {sys.version.split()[0]}" in result.stdout
 
 
 def test_help_offers_completion_and_imports_no_torch():
@@ -50,6 +52,24 @@ def test_help_offers_completion_and_imports_no_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert "--install-completion" in proc.stdout and "--version" in proc.stdout
+    assert proc.stdout.strip().endswith("[]")
+
+
+def test_every_command_has_help_without_torch():
+    """`ml3 COMMAND --help` answers for every command, and none of them imports torch or numpy to do it."""
+    code = (
+        "import sys, typer\nfrom ml3cli.cli import app\nnames = list(typer.main.get_command(app).commands)\n"
+        "for name in names:\n    try:\n        app([name, '--help'], prog_name='ml3')\n"
+        "    except SystemExit as exc:\n        print('exit', name, exc.code)\n"
+        "print('commands:', *names)\nprint(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    )
+    env = {**os.environ, "COLUMNS": "120"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60, env=env)
+    names = next(line for line in proc.stdout.splitlines() if line.startswith("commands:")).split()[1:]
+    assert {"meta-train", "meta-test", "compare", "landscape", "inspect", "tasks", "reproduce", "report"} <= set(names)
+    for name in names:
+        assert f"exit {name} 0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"Usage: ml3 {name} [OPTIONS]" in proc.stdout
     assert proc.stdout.strip().endswith("[]")
 
 

@@ -187,6 +187,13 @@ def test_the_package_keeps_its_layers():
     assert violations(graph, FORBIDDEN) == []
 
 
+def test_the_cli_is_the_only_user_of_typer():
+    """Typer (and click beneath it) is the command line's business: no module but ``ml3cli.cli`` imports either."""
+    graph = import_graph(REPO / "ml3cli")
+    users = [m for m, names in graph.items() if any(within(n, "typer") or within(n, "click") for n in names)]
+    assert sorted(users) == ["ml3cli.cli"]
+
+
 def test_the_check_sees_every_kind_of_import(tmp_path):
     """A planted package: imports at the top, inside functions, relative, ``from pkg import subpackage`` and by
     ``importlib`` are all caught; allowed imports and look-alike names are not."""

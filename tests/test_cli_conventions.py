@@ -157,6 +157,30 @@ def test_default_output_folder_is_new_per_run_with_settings(tmp_path, monkeypatc
         assert settings["versions"]["ml3"] == ml3cli.__version__ and settings["versions"]["torch"]
 
 
+def test_meta_test_without_a_recorded_meta_test_uses_the_documented_defaults(tmp_path, monkeypatch, capsys):
+    """Nothing recorded (a built-in loss, here `huber`) and no counts given: 10 test tasks × seeds 0 … 4 and 100 SGD
+    steps, the table at steps 0, 1, 10, 50, 100 and the last (the run here takes --steps 2: 0, 1, 2), the threshold
+    half the initial loss, the paired difference against the baseline with a 95% interval; settings.json records the
+    versions of ml3, torch, numpy and Python."""
+    from ml3cli.commands.compare import table_steps
+    from ml3cli.commands.options import EvalOptions
+
+    assert EvalOptions.DEFAULT_STEPS == 100 and table_steps(EvalOptions.DEFAULT_STEPS) == [0, 1, 10, 50, 100]
+    tiny = ("--task-option", "hidden=[4]", "--task-option", "points=8", "--task-option", "query_points=8")
+    out = tmp_path / "o"
+    args = ("meta-test", "--loss", "huber", "--task", "sine_shifted", *tiny, "--steps", "2", "-q", "--out-dir", out)
+    result = run_main(monkeypatch, capsys, *args, cwd=tmp_path)
+    assert result.code == 0, result.output
+    document = json.loads((out / "results.json").read_text())
+    settings = json.loads((out / "settings.json").read_text())
+    used = settings["settings"]
+    assert (used["tasks"], used["seeds"], used["at"]) == (10, [0, 1, 2, 3, 4], [0, 1, 2])
+    assert [loss["name"] for loss in document["losses"]] == ["huber", "mse"]
+    assert used["threshold"] == pytest.approx(document["losses"][0]["mean"][0] / 2, rel=1e-9)
+    assert re.search(r"mse − huber at step 2: \S+ \(95% CI \S+ … \S+\)", re.sub(r"\s+", " ", result.stdout))
+    assert set(settings["versions"]) >= {"ml3", "torch", "numpy", "python"}
+
+
 def test_out_dir_with_results_is_refused_unless_overwrite(tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
     first = run_main(monkeypatch, capsys, "compare", *QUICK, "--out-dir", out, cwd=tmp_path)

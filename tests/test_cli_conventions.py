@@ -133,6 +133,37 @@ def test_compare_refuses_a_count_given_to_seeds(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+# -- --threads -------------------------------------------------------------------------------------------------
+class Configured(Exception):
+    """Raised by the stand-in for ``runtime.configure``: the run stops once its threads are known."""
+
+
+def test_threads_default_to_one_and_the_flag_sets_them(tmp_path, monkeypatch, capsys):
+    """Every command that computes sets torch's threads: 1 unless `--threads N` (or the recipe's `threads`) says."""
+    from ml3cli.commands import compare, landscape
+
+    seen = []
+
+    def configure(threads, *args, **kwargs):
+        seen.append(threads)
+        raise Configured
+
+    for module in (meta_train, compare, landscape):
+        monkeypatch.setattr(module, "configure", configure)
+    recipe = write_recipe(tmp_path / "r.yaml", {k: v for k, v in TINY_RECIPE.items() if k != "threads"})
+    commands = [
+        ("meta-train", recipe, "--out", tmp_path / "x.safetensors"),
+        ("meta-test", "--loss", "mse", "--task", "sine"),
+        ("compare", *QUICK),
+        ("landscape", "--loss", "mse", "--task", "sine_frequency"),
+    ]
+    for command in commands:
+        for extra, threads in (((), 1), (("--threads", "2"), 2)):
+            with pytest.raises(Configured):
+                run_main(monkeypatch, capsys, *command, *extra, cwd=tmp_path)
+            assert seen[-1] == threads, (command, extra)
+
+
 # -- results are never replaced silently ------------------------------------------------------------------------
 def test_default_output_folder_is_new_per_run_with_settings(tmp_path, monkeypatch, capsys):
     """Without --out-dir, each run writes to its own runs/compare/TASK/TIMESTAMP/ with settings.json: every option

@@ -273,6 +273,24 @@ def test_meta_train_warns_before_replacing_an_artifact_and_shows_the_meta_test_p
     assert "meta-test on sine_shifted: seed" not in again.stdout  # --quiet
 
 
+def test_quiet_hides_the_progress_bars_of_meta_test_compare_and_landscape(tmp_path, monkeypatch, capsys):
+    """Without `--quiet` each shows a progress bar; with `-q` none does, and the results still print."""
+    short = ("--tasks", "1", "--num-seeds", "1", "--steps", "1", "--task-option", "hidden=[4]")
+    runs = {
+        "meta-test sine_shifted: 1 losses, seed": ("meta-test", "--loss", "mse", "--task", "sine_shifted", *short),
+        "compare sine_shifted: 1 losses, seed": ("compare", "--loss", "mse", "--task", "sine_shifted", *short),
+        "landscape sine_frequency: task": ("landscape", "--loss", "mse", "--task", "sine_frequency", "--tasks", "1",
+                                           "--points", "3"),
+    }  # fmt: skip
+    for bar, args in runs.items():
+        for quiet in ((), ("-q",)):
+            out = tmp_path / f"{args[0]}{len(quiet)}"
+            result = run_main(monkeypatch, capsys, *args, *quiet, "--out-dir", out, cwd=tmp_path)
+            assert result.code == 0, result.output
+            assert (bar in result.output) == (not quiet), (args, quiet, result.output[:300])
+            assert "┃" in result.stdout and (out / "settings.json").is_file()
+
+
 # -- errors list the valid names and suggest the close one -----------------------------------------------------
 def test_unknown_task_option_lists_the_valid_keys(tmp_path, monkeypatch, capsys):
     result = run_main(monkeypatch, capsys, "compare", *QUICK, "--task-option", "hiden=[4]", cwd=tmp_path)

@@ -38,6 +38,11 @@ def kinds_in(path: Path) -> dict[str, set[str]]:
                 kinds[node.name] = {"default", "slow"}
             else:
                 kinds[node.name] = {"default"}
+    for node in tree.body:  # a test made by a call, ``test_x = settings(...)(given(...)(body))``, marked by wrapping
+        for target in node.targets if isinstance(node, ast.Assign) else []:
+            if isinstance(target, ast.Name) and target.id.startswith("test"):
+                slow = module_slow or ast.unparse(node.value).startswith("pytest.mark.slow(")
+                kinds[target.id] = {"slow"} if slow else {"default"}
     return kinds
 
 

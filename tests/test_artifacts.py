@@ -231,6 +231,25 @@ def test_non_ml3_safetensors_is_refused(tmp_path):
         read_info(path)
 
 
+def test_load_loss_never_unpickles(artifact, tmp_path, monkeypatch):
+    """load_loss reads safetensors only: with every unpickler disabled it still loads an artifact, and a pickle (a
+    torch.save file, or a bare pickle) under an artifact's name is refused as such, never unpickled."""
+    import pickle
+
+    zipped, bare = tmp_path / "zipped.safetensors", tmp_path / "bare.safetensors"
+    torch.save(trained_like_loss().state_dict(), zipped)
+    bare.write_bytes(pickle.dumps({"net.0.weight": [[0.0]]}, protocol=4))
+
+    def unpickling(*args, **kwargs):
+        raise AssertionError("load_loss unpickled")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(module, name, unpickling)
+    assert load_loss(artifact)(torch.zeros(4, 1), torch.ones(4, 1)).ndim == 0
+    assert "torch.save" in refused(zipped, "not a safetensors")
+    assert "a pickle" in refused(bare, "not a safetensors")
+
+
 def test_missing_file_is_refused(tmp_path):
     refused(tmp_path / "absent.safetensors", "not found")
 

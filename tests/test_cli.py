@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -364,6 +365,22 @@ def test_load_loss_takes_a_shipped_name(tmp_path, monkeypatch):
     assert ml3cli.read_info("sine")["test_task"] == "sine_shifted"
     with pytest.raises(ml3cli.ML3Error, match=r"not a shipped loss: .*sine"):
         ml3cli.load_loss("sinus")
+
+
+def test_inspect_takes_a_shipped_name_without_torch(tmp_path):
+    """`ml3 inspect sine`: the shipped loss, its checksum verified, read without importing torch (the index of shipped
+    losses is torch-free)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom ml3cli.cli import main\nsys.argv = ['ml3', 'inspect', 'sine']\ncode = 0\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code or 0\nprint('exit', code, 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.stdout.strip().splitlines()[-1] == "exit 0 False", proc.stdout[-300:] + proc.stderr
+    assert "task: sine" in proc.stdout and "checksum: verified" in proc.stdout
 
 
 def test_a_missing_artifact_says_what_to_do(tmp_path, monkeypatch, capsys):

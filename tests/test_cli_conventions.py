@@ -8,6 +8,7 @@ naming the optional extra when a simulator is missing.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def test_version(tmp_path, monkeypatch, capsys):
     result = run_main(monkeypatch, capsys, "--version", cwd=tmp_path)
     assert result.code == 0
     assert result.stdout.startswith(f"ml3 {ml3cli.__version__} (torch ")
+    assert f"Python {sys.version.split()[0]}" in result.stdout
 
 
 def test_help_offers_completion_and_imports_no_torch():
@@ -50,6 +52,24 @@ def test_help_offers_completion_and_imports_no_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert "--install-completion" in proc.stdout and "--version" in proc.stdout
+    assert proc.stdout.strip().endswith("[]")
+
+
+def test_every_command_has_help_without_torch():
+    """`ml3 COMMAND --help` answers for every command, and none of them imports torch or numpy to do it."""
+    code = (
+        "import sys, typer\nfrom ml3cli.cli import app\nnames = list(typer.main.get_command(app).commands)\n"
+        "for name in names:\n    try:\n        app([name, '--help'], prog_name='ml3')\n"
+        "    except SystemExit as exc:\n        print('exit', name, exc.code)\n"
+        "print('commands:', *names)\nprint(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    )
+    env = {**os.environ, "COLUMNS": "120"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60, env=env)
+    names = next(line for line in proc.stdout.splitlines() if line.startswith("commands:")).split()[1:]
+    assert {"meta-train", "meta-test", "compare", "landscape", "inspect", "tasks", "reproduce", "report"} <= set(names)
+    for name in names:
+        assert f"exit {name} 0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"Usage: ml3 {name} [OPTIONS]" in proc.stdout
     assert proc.stdout.strip().endswith("[]")
 
 
@@ -113,6 +133,37 @@ def test_compare_refuses_a_count_given_to_seeds(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+# -- --threads -------------------------------------------------------------------------------------------------
+class Configured(Exception):
+    """Raised by the stand-in for ``runtime.configure``: the run stops once its threads are known."""
+
+
+def test_threads_default_to_one_and_the_flag_sets_them(tmp_path, monkeypatch, capsys):
+    """Every command that computes sets torch's threads: 1 unless `--threads N` (or the recipe's `threads`) says."""
+    from ml3cli.commands import compare, landscape
+
+    seen = []
+
+    def configure(threads, *args, **kwargs):
+        seen.append(threads)
+        raise Configured
+
+    for module in (meta_train, compare, landscape):
+        monkeypatch.setattr(module, "configure", configure)
+    recipe = write_recipe(tmp_path / "r.yaml", {k: v for k, v in TINY_RECIPE.items() if k != "threads"})
+    commands = [
+        ("meta-train", recipe, "--out", tmp_path / "x.safetensors"),
+        ("meta-test", "--loss", "mse", "--task", "sine"),
+        ("compare", *QUICK),
+        ("landscape", "--loss", "mse", "--task", "sine_frequency"),
+    ]
+    for command in commands:
+        for extra, threads in (((), 1), (("--threads", "2"), 2)):
+            with pytest.raises(Configured):
+                run_main(monkeypatch, capsys, *command, *extra, cwd=tmp_path)
+            assert seen[-1] == threads, (command, extra)
+
+
 # -- results are never replaced silently ------------------------------------------------------------------------
 def test_default_output_folder_is_new_per_run_with_settings(tmp_path, monkeypatch, capsys):
     """Without --out-dir, each run writes to its own runs/compare/TASK/TIMESTAMP/ with settings.json: every option
@@ -135,6 +186,30 @@ def test_default_output_folder_is_new_per_run_with_settings(tmp_path, monkeypatc
         assert [loss["label"] for loss in used["losses"]] == ["mse"] and used["losses"][0]["lr"] > 0
         assert used["task_options"]["points"] > 0  # the task's options as used, defaults included
         assert settings["versions"]["ml3"] == ml3cli.__version__ and settings["versions"]["torch"]
+
+
+def test_meta_test_without_a_recorded_meta_test_uses_the_documented_defaults(tmp_path, monkeypatch, capsys):
+    """Nothing recorded (a built-in loss, here `huber`) and no counts given: 10 test tasks × seeds 0 … 4 and 100 SGD
+    steps, the table at steps 0, 1, 10, 50, 100 and the last (the run here takes --steps 2: 0, 1, 2), the threshold
+    half the initial loss, the paired difference against the baseline with a 95% interval; settings.json records the
+    versions of ml3, torch, numpy and Python."""
+    from ml3cli.commands.compare import table_steps
+    from ml3cli.commands.options import EvalOptions
+
+    assert EvalOptions.DEFAULT_STEPS == 100 and table_steps(EvalOptions.DEFAULT_STEPS) == [0, 1, 10, 50, 100]
+    tiny = ("--task-option", "hidden=[4]", "--task-option", "points=8", "--task-option", "query_points=8")
+    out = tmp_path / "o"
+    args = ("meta-test", "--loss", "huber", "--task", "sine_shifted", *tiny, "--steps", "2", "-q", "--out-dir", out)
+    result = run_main(monkeypatch, capsys, *args, cwd=tmp_path)
+    assert result.code == 0, result.output
+    document = json.loads((out / "results.json").read_text())
+    settings = json.loads((out / "settings.json").read_text())
+    used = settings["settings"]
+    assert (used["tasks"], used["seeds"], used["at"]) == (10, [0, 1, 2, 3, 4], [0, 1, 2])
+    assert [loss["name"] for loss in document["losses"]] == ["huber", "mse"]
+    assert used["threshold"] == pytest.approx(document["losses"][0]["mean"][0] / 2, rel=1e-9)
+    assert re.search(r"mse − huber at step 2: \S+ \(95% CI \S+ … \S+\)", re.sub(r"\s+", " ", result.stdout))
+    assert set(settings["versions"]) >= {"ml3", "torch", "numpy", "python"}
 
 
 def test_out_dir_with_results_is_refused_unless_overwrite(tmp_path, monkeypatch, capsys):
@@ -196,6 +271,24 @@ def test_meta_train_warns_before_replacing_an_artifact_and_shows_the_meta_test_p
     assert again.code == 0, again.output
     assert f"warning: {out} exists and will be replaced" in re.sub(r"\s+", " ", again.stderr)
     assert "meta-test on sine_shifted: seed" not in again.stdout  # --quiet
+
+
+def test_quiet_hides_the_progress_bars_of_meta_test_compare_and_landscape(tmp_path, monkeypatch, capsys):
+    """Without `--quiet` each shows a progress bar; with `-q` none does, and the results still print."""
+    short = ("--tasks", "1", "--num-seeds", "1", "--steps", "1", "--task-option", "hidden=[4]")
+    runs = {
+        "meta-test sine_shifted: 1 losses, seed": ("meta-test", "--loss", "mse", "--task", "sine_shifted", *short),
+        "compare sine_shifted: 1 losses, seed": ("compare", "--loss", "mse", "--task", "sine_shifted", *short),
+        "landscape sine_frequency: task": ("landscape", "--loss", "mse", "--task", "sine_frequency", "--tasks", "1",
+                                           "--points", "3"),
+    }  # fmt: skip
+    for bar, args in runs.items():
+        for quiet in ((), ("-q",)):
+            out = tmp_path / f"{args[0]}{len(quiet)}"
+            result = run_main(monkeypatch, capsys, *args, *quiet, "--out-dir", out, cwd=tmp_path)
+            assert result.code == 0, result.output
+            assert (bar in result.output) == (not quiet), (args, quiet, result.output[:300])
+            assert "┃" in result.stdout and (out / "settings.json").is_file()
 
 
 # -- errors list the valid names and suggest the close one -----------------------------------------------------

@@ -201,6 +201,36 @@ def test_cli_2d_on_the_sine_regression_artifact(monkeypatch, capsys, tmp_path, s
     assert "slope toward target" in result.stdout
 
 
+def test_cli_2d_centres_the_plane_on_a_trained_theta(monkeypatch, capsys, tmp_path):
+    """`--center-steps N`: the plane lies around θ after N SGD steps (here with MSE at lr 0.05), not around θ₀: the
+    loss at its centre is that of θ trained by hand with plain autograd, and lower than at θ₀."""
+    options = {"hidden": [4], "points": 8, "query_points": 8}
+    flags = [item for key, value in options.items() for item in ("--task-option", f"{key}={value}")]
+    centre = {}
+    for steps in (0, 5):
+        out = tmp_path / f"c{steps}"
+        result = run_main(
+            monkeypatch, capsys, "landscape", "--loss", "mse", "--task", "sine_shifted", "--mode", "2d", "--points", "3",
+            "--center-steps", steps, "--lr", "0.05", *flags, "--out-dir", out, "-q", cwd=tmp_path,
+        )  # fmt: skip
+        assert result.code == 0, result.output
+        (row,) = [r for r in read_csv(out / "landscape.csv") if float(r["alpha"]) == float(r["beta"]) == 0]
+        centre[steps] = float(row["mse"])
+    assert json.loads((out / "landscape.json").read_text())["center"] == "θ after 5 SGD steps with mse (lr 0.05)"
+    task = make_task("sine_shifted", options)
+    mse = task.builtin_losses["mse"]
+    gen = generator(0)
+    batch = task_slice(task.sample_tasks(1, gen), 0)
+    theta = theta_slice(task.init_theta(1, gen), 0)
+    assert centre[0] == pytest.approx(float(mse(**task.loss_inputs(theta, batch))), rel=1e-5)
+    for _ in range(5):
+        at = {name: value.detach().requires_grad_() for name, value in theta.items()}
+        grads = torch.autograd.grad(mse(**task.loss_inputs(at, batch)), list(at.values()))
+        theta = {name: at[name].detach() - 0.05 * g for name, g in zip(at, grads, strict=True)}
+    assert centre[5] == pytest.approx(float(mse(**task.loss_inputs(theta, batch))), rel=1e-5)
+    assert centre[5] < centre[0]
+
+
 def test_cli_function_view(monkeypatch, capsys, tmp_path, freq_artifact):
     out = tmp_path / "fn"
     result = run_main(

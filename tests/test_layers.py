@@ -187,6 +187,55 @@ def test_the_package_keeps_its_layers():
     assert violations(graph, FORBIDDEN) == []
 
 
+def test_the_cli_is_the_only_user_of_typer():
+    """Typer (and click beneath it) is the command line's business: no module but ``ml3cli.cli`` imports either."""
+    graph = import_graph(REPO / "ml3cli")
+    users = [m for m, names in graph.items() if any(within(n, "typer") or within(n, "click") for n in names)]
+    assert sorted(users) == ["ml3cli.cli"]
+
+
+#: files the package writes other than through ``ml3cli.files``: the logs a run streams as it goes (read while they grow,
+#: never replaced), as (module, call). TensorBoard's event files are torch's SummaryWriter's.
+STREAMED_LOGS = {
+    ("ml3cli.commands.meta_train", "open(out_path.with_suffix(f'.rank{shard.rank}.log'), 'w', encoding='utf-8')"),
+    ("ml3cli.commands.meta_train", "open(log_path, 'w', encoding='utf-8')"),
+    ("ml3cli.experiments.protocol", "open(job.artifact.with_suffix('.log'), 'w', encoding='utf-8')"),
+}
+
+
+def direct_writes(root: Path) -> set[tuple[str, str]]:
+    """(module, call) for every call outside ``ml3cli.files`` that writes, replaces or copies a file itself."""
+
+    def opens_for_writing(call: ast.Call) -> bool:
+        mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"), None)
+        return isinstance(mode, ast.Constant) and isinstance(mode.value, str) and bool(set(mode.value) & set("wax+"))
+
+    found = set()
+    for path in sorted(root.rglob("*.py")):
+        module = module_name(path, root)
+        if module == "ml3cli.files":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = ast.unparse(node.func)
+            name = func.rsplit(".", 1)[-1]
+            if (
+                name in ("write_text", "write_bytes", "touch")
+                or func in ("os.replace", "os.rename", "os.open", "torch.save")
+                or func.startswith("shutil.")
+                or (name == "open" and opens_for_writing(node))
+            ):
+                found.add((module, ast.unparse(node)))
+    return found
+
+
+def test_files_are_written_through_ml3cli_files():
+    """Results, artifacts, checkpoints, curves, figures and indexes are written atomically by ``ml3cli.files`` (a
+    temp file, fsync, rename): no other module writes, replaces or copies a file itself, except the streamed logs."""
+    assert direct_writes(REPO / "ml3cli") == STREAMED_LOGS
+
+
 def test_the_check_sees_every_kind_of_import(tmp_path):
     """A planted package: imports at the top, inside functions, relative, ``from pkg import subpackage`` and by
     ``importlib`` are all caught; allowed imports and look-alike names are not."""

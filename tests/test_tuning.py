@@ -3,6 +3,9 @@ on validation tasks of the family it is given, never on a test task."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from ml3cli.evaluate import tune_lr
@@ -43,3 +46,20 @@ def test_the_sweep_draws_validation_tasks_of_each_seed_and_never_test_tasks():
     assert foreign == 0, f"{foreign} of the {len(task.drawn)} batches the sweep drew are not validation tasks"
     tested = sum(any(same(batch, t) for t in test) for batch in task.drawn)
     assert tested == 0, f"{tested} of the {len(task.drawn)} batches the sweep drew are test tasks"
+
+
+def test_the_sweep_grid_spans_two_decades_either_side_and_widens_at_a_winning_edge():
+    """What the guide says of --tune-baseline-lr: half-decade steps two decades either side of the rate (1e-5 …
+    0.1 around 1e-3), and two more rates past an edge that wins."""
+    from ml3cli.evaluate import lr_grid, widen_until_interior
+
+    assert lr_grid(1e-3) == pytest.approx([10 ** (-5 + k / 2) for k in range(9)], rel=1e-12)
+    tried: list[list[float]] = []
+
+    def score(lrs):  # a loss lowest at 1.0: the top edge wins twice, then 1.0 is interior
+        tried.append(lrs)
+        return {lr: abs(math.log10(lr)) for lr in lrs}
+
+    best, scores = widen_until_interior(score, 1e-3, span=2.0, step=0.5)
+    assert best == pytest.approx(1.0) and len(tried) == 3
+    assert tried[1] == pytest.approx([10**-0.5, 1.0]) and tried[2] == pytest.approx([10**0.5, 10.0])

@@ -211,6 +211,7 @@ def test_meta_train_records_the_real_rollouts_of_its_meta_test(tmp_path):
     out = run_meta_train(recipe, tmp_path / "m.safetensors", Console(quiet=True), quiet=True)
     metrics = read_info(out)["metrics"]
     horizon = make_task("pointmass_goal", {"system": "real"}).horizon
-    # per seed, per loss (learned and the baseline): 2 tasks measured at steps 0…3 and rolled out for steps 0…2
-    assert metrics["meta_test"]["environment_samples"] == 2 * 2 * 2 * (4 + 3) * horizon
+    # per seed, per loss (learned and the baseline): 2 tasks measured at steps 0…3 and rolled out for steps 0…2;
+    # then the step-size ratio trains the learned loss again on the first seed's 2 tasks (rolled out for steps 0…2)
+    assert metrics["meta_test"]["environment_samples"] == (2 * 2 * 2 * (4 + 3) + 2 * 3) * horizon
     assert metrics["environment_samples"] == TINY_MODEL["random_rollouts"] * horizon

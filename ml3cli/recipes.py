@@ -203,8 +203,9 @@ def checkpoint_path_for(artifact: Path) -> Path:
 
 
 # -- loading --------------------------------------------------------------------------------------------------
-#: a recipe is a few kB: larger files, deeper nesting, anchors and aliases are refused before they are built
-MAX_RECIPE_BYTES, MAX_YAML_DEPTH = 256_000, 32
+#: a recipe is a few kB: larger files, deeper nesting and aliases that expand to more values are refused before
+#: they are built
+MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES = 256_000, 32, 100_000
 #: libyaml's parser where PyYAML was built with it (10× faster on a large file), else PyYAML's own
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -214,14 +215,14 @@ class YAMLRefused(ValueError):
 
 
 def parse_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)`` without what makes a small file expensive or ambiguous: anchors and aliases (a
-    1.5 kB "billion laughs" file expands to gigabytes), nesting deeper than :data:`MAX_YAML_DEPTH` (checked on
-    the event stream, before anything recursive runs) and a key given twice in one mapping (which YAML would
-    resolve silently: the last one wins). Raises :class:`YAMLRefused` or ``yaml.YAMLError``."""
+    """``yaml.safe_load(text)`` without what makes a small file expensive or ambiguous: aliases that expand to more
+    than :data:`MAX_YAML_NODES` nodes (a 1.5 kB "billion laughs" file expands to gigabytes) or that contain
+    themselves, nesting deeper than :data:`MAX_YAML_DEPTH` (checked on the event stream before anything recursive
+    runs, and again with the aliases expanded) and a key given twice in one mapping (which YAML would resolve
+    silently: the last one wins). An alias that shares a section (``meta_test: {task_options: *train}``) is fine.
+    Raises :class:`YAMLRefused` or ``yaml.YAMLError``."""
     depth = 0
     for event in yaml.parse(text, Loader=YAML_LOADER):
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise YAMLRefused(f"line {event.start_mark.line + 1}: anchors and aliases (&name, *name) are not allowed")
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_YAML_DEPTH:
@@ -233,26 +234,55 @@ def parse_yaml(text: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        _refuse_duplicate_keys(node)
+        _check_expanded(node)
         return loader.construct_document(node)
     finally:
         loader.dispose()
 
 
-def _refuse_duplicate_keys(root: yaml.Node) -> None:
-    todo = [root]
+def _check_expanded(root: yaml.Node) -> None:
+    """The size and depth of the document with every alias expanded (each shared node counted once per use, its
+    numbers memoised, so a billion laughs is refused after a few levels), no alias inside what it names, and no
+    key twice in one mapping."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    in_progress: set[int] = set()
+    todo: list[tuple[yaml.Node, bool]] = [(root, False)]
     while todo:
-        node = todo.pop()
+        node, finished = todo.pop()
+        key = id(node)
+        children = _children(node)
+        if finished:
+            in_progress.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            if size[key] > MAX_YAML_NODES:
+                raise YAMLRefused(
+                    f"line {node.start_mark.line + 1}: aliases expand to more than {MAX_YAML_NODES:,} values"
+                )
+            if depth[key] > MAX_YAML_DEPTH:
+                raise YAMLRefused(f"line {node.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
+            continue
+        if key in size:
+            continue
+        if key in in_progress:
+            raise YAMLRefused(f"line {node.start_mark.line + 1}: an alias refers to a section that contains it")
         if isinstance(node, yaml.MappingNode):
             seen = set()
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode):
-                    if (key.tag, key.value) in seen:
-                        raise YAMLRefused(f"line {key.start_mark.line + 1}: key `{key.value[:60]}` is given twice")
-                    seen.add((key.tag, key.value))
-                todo += [key, value]
-        elif isinstance(node, yaml.SequenceNode):
-            todo += node.value
+            for k, _ in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if (k.tag, k.value) in seen:
+                        raise YAMLRefused(f"line {k.start_mark.line + 1}: key `{k.value[:60]}` is given twice")
+                    seen.add((k.tag, k.value))
+        in_progress.add(key)
+        todo.append((node, True))
+        todo.extend((child, False) for child in children)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -280,7 +280,6 @@ def test_recipes_load(recipe):
     assert ("noprior" in recipe) == (not loaded.task_loss.extra)
 
 
-@pytest.mark.slow
 def test_meta_train_then_transfer_the_reacher_loss_to_the_sawyer(monkeypatch, capsys, tmp_path):
     """End to end through the CLI: a tiny reacher recipe (with and without the prior, the documented ``--set``),
     then ``ml3 compare`` of the reacher's loss on the 7-joint Sawyer, with the inertia error reported."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from ml3cli.engine import meta_train
 from ml3cli.evaluate import NamedLoss, evaluate
@@ -46,7 +45,6 @@ def test_learned_loss_beats_mse_on_held_out_shifted_sines():
     assert learned.mean() < 0.8 * mse.mean(), f"learned {learned} vs mse {mse}"
 
 
-@pytest.mark.slow
 def test_reference_recipe_beats_mse_on_every_seed():
     """recipes/sine_reference.yaml, run in full through the library, beats MSE on every meta-test seed."""
     recipe = load_recipe(REFERENCE)

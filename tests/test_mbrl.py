@@ -128,7 +128,6 @@ def held_out_final_distance(metaloss, updates: int, goal: list[float]) -> list[f
     return distances
 
 
-@pytest.mark.slow
 def test_tiny_meta_training_gives_a_loss_that_reaches_held_out_goals():
     """150 outer steps (1–2 minutes): the learned loss alone, on real rollouts, brings fresh policies closer to 8
     goals around the whole circle (6 of them outside the meta-train quadrant) than an untrained M_φ of the same

@@ -243,7 +243,6 @@ def held_out_performance(task, loss_fn, lr: float, steps: int, seed: int) -> np.
     return extras["performance"].mean(1).numpy()
 
 
-@pytest.mark.slow
 def test_tiny_meta_training_learns_a_loss_that_improves_held_out_goals():
     """Algorithm 4 end to end at a fixed seed: after meta-training, SGD on the learned loss alone (algorithm 5)
     improves the metric on goals never seen in meta-training, and more than the untrained loss does."""

@@ -431,8 +431,10 @@ def recipe_file(tmp_path: Path, text: str | None = None, **changes) -> Path:
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("a: &a [1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n",
-         "anchors and aliases"),
+        ("a: &a [1,1,1,1,1,1,1,1,1]\n" + "".join(
+            f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)),
+         "aliases expand to more than 100,000 values"),
+        ("a: &a {b: *a}\n", "an alias refers to a section that contains it"),
         ("seed: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 32|maximum nesting depth"),
         ("name: a\nname: b\n", "line 2: key `name` is given twice"),
         ("outer: {steps: 1, steps: 2}\n", "key `steps` is given twice"),
@@ -622,3 +624,17 @@ def test_zz_counts_and_peak_memory():
     """Prints how many mutants each property tried (``pytest -s``) and bounds the memory they took together."""
     print(dict(COUNTS), f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - PEAK_AT_START["kB"] < 200 * 1024
+
+
+def test_an_alias_that_shares_a_section_is_fine(tmp_path):
+    """Anchors and aliases as people use them (one block of task options for meta-train and meta-test) load."""
+    import yaml
+
+    from ml3cli.recipes import load_recipe
+
+    data = copy.deepcopy(TINY_RECIPE)
+    data["meta_test"]["task_options"] = data["task_options"]  # one object: PyYAML writes an anchor and an alias
+    path = recipe_file(tmp_path, yaml.safe_dump(data))
+    assert "&id001" in path.read_text("utf-8") and "*id001" in path.read_text("utf-8")
+    recipe = load_recipe(path)
+    assert recipe.meta_test.task_options == recipe.task_options == TINY_RECIPE["task_options"]

@@ -575,9 +575,10 @@ def test_a_stop_signal_during_start_up_ends_quietly(tmp_path, delay):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert "Traceback" not in out + err, err[-2000:]
-    # 130 from ml3's handlers; on a loaded machine the signal can still land before the interpreter has set up
-    # its own (the process then ends by the signal's default action, silently)
-    assert proc.returncode == 130 or (proc.returncode == -signal.SIGINT and not out + err), (proc.returncode, err)
+    # 130 from ml3's handlers; on a loaded machine the signal can also land before the interpreter has set up its
+    # own, or be reported by the interpreter as the cause of its exit (-SIGINT, "interrupted" or nothing printed)
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
+    assert err.strip() in ("", "interrupted"), err[-500:]
 
 
 def test_a_signal_while_a_resume_is_loading_names_the_checkpoint_on_disk(tmp_path):

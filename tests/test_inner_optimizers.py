@@ -1,0 +1,226 @@
+"""The inner optimizers (``inner.optimizer``: sgd, momentum, adam): their update rules are heavy-ball momentum and
+bias-corrected Adam as torch.optim has them, and ``sgd`` is the paper's inner loop exactly as before, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import platform
+
+import pytest
+import torch
+from helpers import TINY_RECIPE
+
+from ml3cli.engine import meta_train, optimizer_for, sgd_update
+from ml3cli.engine.inner_optimizers import SGD, Adam, Momentum
+from ml3cli.errors import ML3Error
+from ml3cli.evaluate import NamedLoss, evaluate, step_size_ratio
+from ml3cli.losses import builtin_loss
+from ml3cli.recipes import InnerConfig, recipe_from_dict
+from ml3cli.tasks import make_task
+
+LR = 0.05
+
+
+def random_theta(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """θ of n tasks with two leaves of different ranks."""
+    return {"w": torch.randn(n, 3, 2, generator=gen), "b": torch.randn(n, 3, generator=gen)}
+
+
+def hand_written(name: str, theta, gradients, lr: float, scales, beta=0.9, betas=(0.9, 0.999), eps=1e-8):
+    """θ after the steps with ``gradients`` (one dict per step) by the textbook formulas, one task at a time,
+    element by element in Python floats; ``scales[k][i]``: the learned step scale of step k for task i."""
+    n = next(iter(theta.values())).shape[0]
+    out = {key: value.clone() for key, value in theta.items()}
+    for key in theta:
+        for i in range(n):
+            flat = out[key][i].reshape(-1)
+            for j in range(flat.numel()):
+                x, v, m, s = float(flat[j]), 0.0, 0.0, 0.0
+                for k, gradient in enumerate(gradients):
+                    g, alpha = float(gradient[key][i].reshape(-1)[j]), lr * scales[k][i]
+                    if name == "sgd":
+                        x -= alpha * g
+                    elif name == "momentum":
+                        v = beta * v + g
+                        x -= alpha * v
+                    else:
+                        m = betas[0] * m + (1 - betas[0]) * g
+                        s = betas[1] * s + (1 - betas[1]) * g * g
+                        m_hat, s_hat = m / (1 - betas[0] ** (k + 1)), s / (1 - betas[1] ** (k + 1))
+                        x -= alpha * m_hat / (s_hat**0.5 + eps)
+                flat[j] = x
+    return out
+
+
+def run_rule(optimizer, theta, gradients, lr: float, scales=None):
+    """θ after the steps with ``gradients`` by ``optimizer.update`` on the whole batch, and the final state."""
+    state = optimizer.init(theta)
+    for k, gradient in enumerate(gradients):
+        scale = None if scales is None else torch.tensor(scales[k])
+        theta, state = optimizer.update(theta, gradient, state, lr, scale)
+    return theta, state
+
+
+RULES = {"sgd": SGD(), "momentum": Momentum(0.8), "adam": Adam((0.85, 0.99), 1e-6)}
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_update_rules_equal_the_textbook_formulas_and_torch_optim(float64, name):
+    """Four steps of each rule on a batch of 2 tasks (float64): θ equals the textbook formulas written element by
+    element in Python floats, with a learned step scale per task and step multiplying α; without a scale θ equals
+    torch.optim.SGD(momentum=β) / torch.optim.Adam(betas, eps) on the same gradients; Adam's step count is 4."""
+    gen = torch.Generator().manual_seed(0)
+    theta = random_theta(2, gen)
+    gradients = [random_theta(2, gen) for _ in range(4)]
+    optimizer = RULES[name]
+    hyper = {"beta": 0.8, "betas": (0.85, 0.99), "eps": 1e-6}
+
+    scales = [[0.5, 1.5], [1.0, 0.25], [2.0, 1.0], [0.75, 1.25]]
+    got, state = run_rule(optimizer, theta, gradients, LR, scales)
+    want = hand_written(name, theta, gradients, LR, scales, **hyper)
+    for key in theta:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-14, msg=key)
+
+    plain, state = run_rule(optimizer, theta, gradients, LR)
+    params = [theta[key].clone().requires_grad_() for key in theta]
+    if name == "adam":
+        reference = torch.optim.Adam(params, lr=LR, betas=(0.85, 0.99), eps=1e-6)
+        assert state["step"].tolist() == [4, 4]
+    else:
+        reference = torch.optim.SGD(params, lr=LR, momentum=0.8 if name == "momentum" else 0.0)
+    for gradient in gradients:
+        for p, key in zip(params, theta, strict=True):
+            p.grad = gradient[key].clone()
+        reference.step()
+    for p, key in zip(params, theta, strict=True):
+        torch.testing.assert_close(plain[key], p.detach(), rtol=1e-13, atol=1e-15, msg=key)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_one_task_inside_vmap_equals_the_batch(float64, name):
+    """The rule for one task (scalar scale and step count, under torch.func.vmap) gives the batch's θ and state."""
+    gen = torch.Generator().manual_seed(1)
+    theta, gradients = random_theta(3, gen), [random_theta(3, gen) for _ in range(3)]
+    optimizer = RULES[name]
+    batch_theta, batch_state = theta, optimizer.init(theta)
+    one_theta, one_state = theta, optimizer.init(theta)
+    step = torch.func.vmap(lambda th, g, s, scale: optimizer.update(th, g, s, LR, scale))
+    for gradient in gradients:
+        scale = torch.rand(3, generator=gen) + 0.5
+        batch_theta, batch_state = optimizer.update(batch_theta, gradient, batch_state, LR, scale)
+        one_theta, one_state = step(one_theta, gradient, one_state, scale)
+    for key in theta:
+        torch.testing.assert_close(one_theta[key], batch_theta[key], rtol=1e-14, atol=0)
+    assert batch_state.keys() == one_state.keys()
+    for key in batch_state:
+        assert batch_state[key].shape[0] == 3
+        torch.testing.assert_close(one_state[key], batch_state[key], rtol=1e-14, atol=0)
+
+
+def test_sgd_is_sgd_update_and_momentum_zero_is_sgd(float64):
+    """The sgd rule is :func:`sgd_update` itself, with an empty state; momentum with β = 0 takes the same steps."""
+    gen = torch.Generator().manual_seed(2)
+    theta, gradient, scale = random_theta(2, gen), random_theta(2, gen), torch.tensor([0.5, 2.0])
+    stepped, state = SGD().update(theta, gradient, SGD().init(theta), LR, scale)
+    assert state == {} and all(torch.equal(stepped[k], sgd_update(theta, gradient, LR, scale)[k]) for k in theta)
+    heavy, _ = run_rule(Momentum(0.0), theta, [gradient, gradient], LR)
+    plain, _ = run_rule(SGD(), theta, [gradient, gradient], LR)
+    assert all(torch.equal(heavy[k], plain[k]) for k in theta)
+
+
+def test_adam_has_a_finite_meta_derivative_where_a_gradient_is_exactly_zero(float64):
+    """A θ entry whose inner gradient is exactly 0 (a dead ReLU unit) keeps v = 0, where √v has no derivative:
+    differentiating Adam's first step θ' = −α·g/(|g| + ε) there gives the derivative of −α·g/ε (the |g| term
+    counts 0), not NaN, and the other entry its true derivative."""
+    x = torch.tensor([[0.0, 0.3]], requires_grad=True)
+    theta = {"w": torch.zeros(1, 2)}
+    stepped, _ = Adam().update(theta, {"w": 2 * x}, Adam().init(theta), LR)
+    (derivative,) = torch.autograd.grad(stepped["w"].sum(), x)
+    assert torch.isfinite(derivative).all()
+    torch.testing.assert_close(derivative[0, 0], torch.tensor(-LR * 2 / 1e-8))
+    y = x.detach()[0, 1].requires_grad_()
+    (exact,) = torch.autograd.grad(-LR * 2 * y / ((2 * y).abs() + 1e-8), y)
+    torch.testing.assert_close(derivative[0, 1], exact)
+
+
+def test_optimizer_for_reads_the_recipe_and_bounds_are_refused():
+    """inner.optimizer picks the rule with its settings; out-of-range settings, and a setting of another rule
+    than the chosen one (it would be silently ignored), are refused naming the field."""
+    assert optimizer_for(InnerConfig()) == SGD()
+    assert optimizer_for(InnerConfig(optimizer="momentum", momentum=0.5)) == Momentum(0.5)
+    assert optimizer_for(InnerConfig(optimizer="adam", betas=[0.8, 0.9], eps=1e-6)) == Adam((0.8, 0.9), 1e-6)
+    bad = [
+        ({"optimizer": "rmsprop"}, "inner.optimizer"),
+        ({"optimizer": "momentum", "momentum": 1.0}, "inner.momentum"),
+        ({"optimizer": "momentum", "momentum": -0.1}, "inner.momentum"),
+        ({"optimizer": "adam", "betas": [0.9]}, "inner.betas"),
+        ({"optimizer": "adam", "betas": [0.9, 1.0]}, "inner.betas"),
+        ({"optimizer": "adam", "eps": 0.0}, "inner.eps"),
+        ({"momentum": 0.5}, "momentum .0.5. is a setting of optimizer momentum, not of sgd"),
+        ({"optimizer": "momentum", "eps": 1e-3}, "eps .0.001. is a setting of optimizer adam, not of momentum"),
+    ]
+    for inner, message in bad:
+        data = copy.deepcopy(TINY_RECIPE)
+        data["inner"].update(inner)
+        with pytest.raises(ML3Error, match=message):
+            recipe_from_dict(data)
+
+
+# -- sgd is exactly the inner loop of before ------------------------------------------------------------------
+#: φ after 6 outer steps of the tiny recipe (sha256 of its tensors' bytes, first 16 hex digits), the meta-test
+#: curves of the last run's loss and its step-size ratio, computed by this test's code on the commit before the
+#: inner optimizers existed (torch 2.13.0+cpu, x86_64, float32, one thread)
+BEFORE_INNER_OPTIMIZERS = {
+    "full": "5f26ca603fda0457",
+    "one_task": "5315d1e133ecc9c9",
+    "truncated_every": "560fc038c989b3a1",
+    "learned_lr": "ae9fa44e9cc6dfc9",
+    "meta_test": "5545a85291492f72",
+    "step_size_ratio": "0x1.1339ee3333333p-8",
+}
+RECORDED_ON = ("2.13.0+cpu", "x86_64")
+SGD_CASES = {
+    "full": {"inner": {"steps": 2, "reset_every": 4}},
+    "one_task": {"inner": {"steps": 2, "reset_every": 4}, "outer": {"tasks": 1}},
+    "truncated_every": {"inner": {"steps": 3, "reset_every": 6, "truncate": True, "task_loss_at": "every"}},
+    "learned_lr": {"inner": {"steps": 2}, "meta_loss": {"learned_lr": True}},
+}
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def sgd_fingerprints() -> dict[str, str]:
+    out = {}
+    for name, change in SGD_CASES.items():
+        data = copy.deepcopy(TINY_RECIPE)
+        data["outer"]["steps"] = 6
+        for section, values in change.items():
+            data[section].update(values)
+        recipe = recipe_from_dict(data)
+        result = meta_train(recipe, make_task(recipe.task, recipe.task_options))
+        out[name] = digest(result.metaloss.state_dict().values())
+    test_task = make_task("sine_shifted", data["meta_test"]["task_options"])
+    learned = NamedLoss("learned", result.metaloss.as_loss_fn(), 0.01)
+    curves = evaluate(test_task, [learned, builtin_loss(test_task, "mse", 0.01)], 2, 1, 5)
+    out["meta_test"] = digest([torch.from_numpy(c.values) for c in curves])
+    ratio = step_size_ratio(test_task, learned, builtin_loss(test_task, "mse", 0.01), 2, [0], 5)
+    out["step_size_ratio"] = float(ratio.mean).hex()
+    return out
+
+
+@pytest.mark.skipif(
+    (torch.__version__, platform.machine()) != RECORDED_ON,
+    reason="the recorded bits are those of one torch build on one kind of CPU",
+)
+def test_sgd_is_bit_identical_to_the_inner_loop_before_the_optimizers():
+    """With the default inner.optimizer sgd, meta-training (vmap and one-task paths, truncated with
+    task_loss_at every, a learned step scale) and meta-test give the very bits they gave before the inner
+    optimizers were added: φ, the meta-test curves and the step-size ratio."""
+    assert sgd_fingerprints() == BEFORE_INNER_OPTIMIZERS

@@ -7,21 +7,35 @@ a loop, and ``sgd`` is the paper's inner loop exactly as before, bit for bit.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import platform
+import re
 
 import pytest
 import torch
 from helpers import TINY_RECIPE
 from test_engine import SMOOTH_SINE, assert_same_gradient, dot
+from test_resume import assert_same_phi, stopped_at, tiny, without_time
 
-from ml3cli.engine import loss_and_scale, meta_gradient, meta_train, optimizer_for, sgd_update, task_objective
+from ml3cli import checkpoints
+from ml3cli.checkpoints import MetaTrainState, batch_type_of, load_checkpoint
+from ml3cli.distributed import Shard
+from ml3cli.engine import (
+    estimator_for,
+    loss_and_scale,
+    meta_gradient,
+    meta_train,
+    optimizer_for,
+    sgd_update,
+    task_objective,
+)
 from ml3cli.engine.inner_optimizers import SGD, Adam, Momentum
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import NamedLoss, evaluate, step_size_ratio
 from ml3cli.losses import builtin_loss
 from ml3cli.metaloss import MetaLoss
-from ml3cli.recipes import InnerConfig, TaskLossConfig, recipe_from_dict
+from ml3cli.recipes import InnerConfig, TaskLossConfig, recipe_from_dict, recipe_to_dict
 from ml3cli.runtime import generator
 from ml3cli.tasks import make_task
 
@@ -320,6 +334,28 @@ def test_vmap_over_tasks_equals_a_loop_with_the_state(float64, name, truncate):
         assert seen.state["step"].tolist() == [4] * n
 
 
+@pytest.mark.parametrize("truncate", [False, True], ids=["full", "truncated"])
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_each_process_differentiates_its_share_of_theta_and_the_state(float64, name, truncate):
+    """With a shard (one of 2 processes) the estimator takes its half of the tasks from the WHOLE θ and state;
+    the two halves' meta-gradients average to the single process's, and their θ_K and states join into its."""
+    task, metaloss, phi, theta, batch = setup(4)
+    settings = STATEFUL[name]
+    _, earlier = engine_gradient(metaloss, phi, task, theta, batch, settings, 2, diagnostics=False)
+    inner = InnerConfig(steps=2, truncate=truncate, **settings)
+    estimator = estimator_for(inner, task, task_objective(task, TaskLossConfig()))
+    whole = estimator.estimate(metaloss, phi, earlier.theta, batch, state=earlier.state)
+    shares = [
+        estimator.estimate(metaloss, phi, earlier.theta, batch, shard=Shard(rank, 2), state=earlier.state)
+        for rank in (0, 1)
+    ]
+    mean = {k: (shares[0].gradient[k] + shares[1].gradient[k]) / 2 for k in whole.gradient}
+    assert_same_gradient(mean, whole.gradient, rtol=1e-10, atol=1e-13)
+    for part in ("theta", "state"):
+        joined = {k: torch.cat([getattr(s, part)[k] for s in shares]) for k in getattr(whole, part)}
+        assert_same_gradient(joined, getattr(whole, part), rtol=1e-12, atol=1e-14)
+
+
 # -- sgd is exactly the inner loop of before ------------------------------------------------------------------
 #: φ after 6 outer steps of the tiny recipe (sha256 of its tensors' bytes, first 16 hex digits), the meta-test
 #: curves of the last run's loss and its step-size ratio, computed by this test's code on the commit before the
@@ -376,3 +412,101 @@ def test_sgd_is_bit_identical_to_the_inner_loop_before_the_optimizers():
     task_loss_at every, a learned step scale) and meta-test give the very bits they gave before the inner
     optimizers were added: φ, the meta-test curves and the step-size ratio."""
     assert sgd_fingerprints() == BEFORE_INNER_OPTIMIZERS
+
+
+# -- the outer loop carries the state; checkpoints keep it --------------------------------------------------------
+def stateful_recipe(name: str, steps: int = 10) -> dict:
+    """The tiny recipe with K = 2 inner steps and θ (and the optimizer's state) reset every 6 inner steps."""
+    settings = {"momentum": {"momentum": 0.8}, "adam": {"lr": 3e-3, "betas": [0.8, 0.95]}}[name]
+    return tiny(steps, inner={"steps": 2, "reset_every": 6, "optimizer": name, **settings})
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_the_outer_loop_carries_the_state_and_resets_it_with_theta(monkeypatch, name):
+    """Between redraws every outer step continues from the θ AND the optimizer state the previous one reached; at
+    a redraw (every reset_every inner steps) the state starts afresh (zero, Adam's count 0) with the new θ₀."""
+    import ml3cli.engine.outer as outer
+
+    seen = []
+    real = outer.estimator_for
+
+    class Recording:
+        def __init__(self, estimator):
+            self.estimator = estimator
+
+        def estimate(self, metaloss, phi, theta, batch, gen=None, shard=None, state=None):
+            estimate = self.estimator.estimate(metaloss, phi, theta, batch, gen, shard, state=state)
+            seen.append((state, estimate.state))
+            return estimate
+
+    monkeypatch.setattr(outer, "estimator_for", lambda *args: Recording(real(*args)))
+    recipe = recipe_from_dict(stateful_recipe(name, 7))
+    meta_train(recipe, make_task(recipe.task, recipe.task_options))
+    for step, (given, _) in enumerate(seen, start=1):
+        if step in (1, 4, 7):  # θ redrawn: 3 outer steps of 2 inner steps fill a reset period of 6
+            assert all(not value.any() for value in given.values()), f"outer step {step}: state not reset"
+        else:
+            before = seen[step - 2][1]
+            assert all(torch.equal(given[k], before[k]) for k in before), f"outer step {step}: state not carried"
+            assert any(value.any() for value in given.values())
+    if name == "adam":
+        assert [int(after["step"][0]) for _, after in seen] == [2, 4, 6, 2, 4, 6, 2]
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_resume_mid_reset_period_is_bit_identical_with_the_state(tmp_path, name):
+    """Stop at an outer step inside a reset period (the optimizer's state neither fresh nor spent) and at its
+    end, save and load the checkpoint, resume: φ, the curves and the final inner state equal the uninterrupted
+    run's bit for bit; the checkpoint holds the state (Adam's step count = θ's age) and validate_state accepts it."""
+    recipe = recipe_from_dict(stateful_recipe(name))
+    task = make_task(recipe.task, recipe.task_options)
+    finals: list[MetaTrainState] = []
+    full = meta_train(recipe, task, on_state=lambda s, snap: finals.append(snap()) if s == recipe.outer.steps else None)
+    for k in (2, 6):
+        loaded = load_checkpoint(stopped_at(recipe, task, k, tmp_path), batch_type_of(task))
+        state = loaded.state
+        assert state.inner_state.keys() == optimizer_for(recipe.inner).init(state.theta).keys()
+        assert any(value.any() for value in state.inner_state.values())
+        if name == "adam":
+            assert state.inner_state["step"].tolist() == [state.age] * recipe.outer.tasks
+        checkpoints.validate_state(loaded, recipe, task)
+        ends: list[MetaTrainState] = []
+        resumed = meta_train(
+            recipe, task, resume=state, on_state=lambda s, snap, out=ends: out.append(snap()) if s == 10 else None
+        )
+        assert_same_phi(full.metaloss.state_dict(), resumed.metaloss.state_dict())
+        assert without_time(full.curves) == without_time(resumed.curves)
+        assert_same_phi(finals[0].inner_state, ends[0].inner_state)
+
+
+def test_a_checkpoint_with_a_damaged_or_missing_state_is_refused(tmp_path):
+    """validate_state refuses an Adam state whose step count is not θ's age, with a negative v, or missing, and a
+    momentum checkpoint under an adam recipe is refused naming inner.optimizer; a checkpoint written before the
+    optimizers existed (no inner.optimizer in its recipe) resumes as the sgd it ran with."""
+    recipe = recipe_from_dict(stateful_recipe("adam"))
+    task = make_task(recipe.task, recipe.task_options)
+    loaded = load_checkpoint(stopped_at(recipe, task, 2, tmp_path), batch_type_of(task))
+    inner = loaded.state.inner_state
+    damaged = {
+        "Adam's step count": inner | {"step": inner["step"] + 1},
+        "Adam's v/0.weight is negative": inner | {"v/0.weight": -inner["v/0.weight"] - 1},
+        "the adam optimizer's state: names": {},
+    }
+    for message, state in damaged.items():
+        broken = dataclasses.replace(loaded, state=dataclasses.replace(loaded.state, inner_state=state))
+        with pytest.raises(ML3Error, match=re.escape(f"does not fit this recipe's model or task ({message}")):
+            checkpoints.validate_state(broken, recipe, task)
+
+    momentum = recipe_from_dict(tiny(4, inner={"optimizer": "momentum"}))
+    saved = load_checkpoint(stopped_at(momentum, task, 2, tmp_path), batch_type_of(task))
+    adam = recipe_to_dict(recipe_from_dict(tiny(4, inner={"optimizer": "adam"})))
+    with pytest.raises(ML3Error, match="field `inner.optimizer` is 'momentum' in the checkpoint but 'adam'"):
+        checkpoints.check_resumable(saved, adam, 4)
+
+    plain = recipe_from_dict(tiny(4))
+    old = load_checkpoint(stopped_at(plain, task, 2, tmp_path), batch_type_of(task))
+    for key in ("optimizer", "momentum", "betas", "eps"):
+        del old.recipe["inner"][key]
+    checkpoints.check_resumable(old, recipe_to_dict(plain), 4)
+    with pytest.raises(ML3Error, match="field `inner.optimizer` is 'sgd' in the checkpoint but 'adam'"):
+        checkpoints.check_resumable(old, adam, 4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import platform
 import re
 
@@ -19,6 +20,7 @@ from test_engine import SMOOTH_SINE, assert_same_gradient, dot
 from test_resume import assert_same_phi, stopped_at, tiny, without_time
 
 from ml3cli import checkpoints
+from ml3cli.artifacts import load_loss
 from ml3cli.checkpoints import MetaTrainState, batch_type_of, load_checkpoint
 from ml3cli.distributed import Shard
 from ml3cli.engine import (
@@ -33,7 +35,7 @@ from ml3cli.engine import (
 from ml3cli.engine.inner_optimizers import SGD, Adam, Momentum
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import NamedLoss, evaluate, step_size_ratio
-from ml3cli.losses import builtin_loss
+from ml3cli.losses import builtin_loss, inner_optimizer
 from ml3cli.metaloss import MetaLoss
 from ml3cli.recipes import InnerConfig, TaskLossConfig, recipe_from_dict, recipe_to_dict
 from ml3cli.runtime import generator
@@ -510,3 +512,77 @@ def test_a_checkpoint_with_a_damaged_or_missing_state_is_refused(tmp_path):
     checkpoints.check_resumable(old, recipe_to_dict(plain), 4)
     with pytest.raises(ML3Error, match="field `inner.optimizer` is 'sgd' in the checkpoint but 'adam'"):
         checkpoints.check_resumable(old, adam, 4)
+
+
+# -- meta-test ----------------------------------------------------------------------------------------------------
+def adam_by_hand(task, loss_fn, theta, batch, lr: float, steps: int, betas, eps) -> torch.Tensor:
+    """Mean task loss over the tasks at steps 0 … S of Adam with ``loss_fn``, one task at a time: the textbook
+    formulas in plain torch, the gradient by torch.autograd.grad, a learned step scale multiplying α."""
+    curves = []
+    for i in range(batch[0].shape[0]):
+        one = type(batch)(*(t[i] for t in batch))
+        th = {k: v[i].clone() for k, v in theta.items()}
+        m = {k: torch.zeros_like(v) for k, v in th.items()}
+        v2 = {k: torch.zeros_like(v) for k, v in th.items()}
+        curve = [float(task.task_loss(th, one))]
+        for t in range(1, steps + 1):
+            at = {k: v.requires_grad_(True) for k, v in th.items()}
+            loss, scale = loss_and_scale(loss_fn(task.loss_inputs(at, one)))
+            grads = torch.autograd.grad(loss, list(at.values()))
+            with torch.no_grad():
+                for k, g in zip(th, grads, strict=True):
+                    m[k] = betas[0] * m[k] + (1 - betas[0]) * g
+                    v2[k] = betas[1] * v2[k] + (1 - betas[1]) * g * g
+                    move = (m[k] / (1 - betas[0] ** t)) / ((v2[k] / (1 - betas[1] ** t)).sqrt() + eps)
+                    th[k] = th[k] - lr * (1.0 if scale is None else float(scale)) * move
+            th = {k: v.detach() for k, v in th.items()}
+            curve.append(float(task.task_loss(th, one)))
+        curves.append(curve)
+    return torch.tensor(curves).mean(0)
+
+
+def test_meta_test_trains_with_the_recorded_or_chosen_optimizer(tmp_path, monkeypatch, capsys):
+    """A loss meta-trained with inner.optimizer adam is meta-tested with Adam by default (its recorded betas and
+    eps), and `--optimizer` chooses another: the curves of the learned loss and of the baseline equal a
+    hand-written Adam loop with each loss on the same tasks and θ₀; sgd gives other curves from the same θ₀; an
+    unknown name is refused in one line; momentum takes the recorded β when the artifact has one."""
+    from helpers import run_main
+
+    from ml3cli.artifacts import save_loss
+    from ml3cli.runtime import stream_seed
+
+    recipe = recipe_from_dict(stateful_recipe("adam", steps=3))
+    result = meta_train(recipe, make_task(recipe.task, recipe.task_options))
+    artifact = save_loss(tmp_path / "adam.safetensors", result.metaloss, {"recipe": recipe_to_dict(recipe)})
+    common = ("--task", "sine_shifted", "--tasks", "2", "--seed", "3", "--num-seeds", "1", "--steps", "6", "-q")
+
+    def meta_test(*extra: str) -> dict:
+        out = tmp_path / f"run-{'-'.join(extra) or 'recorded'}"
+        result = run_main(monkeypatch, capsys, "meta-test", "--loss", artifact, *common, "--out-dir", out, *extra,
+                          cwd=tmp_path)  # fmt: skip
+        assert result.code == 0, result.output
+        return json.loads((out / "results.json").read_text())
+
+    recorded = meta_test()
+    assert recorded["inner_optimizer"] == {"name": "adam", "betas": [0.8, 0.95], "eps": 1e-8}
+    task = make_task("sine_shifted", TINY_RECIPE["meta_test"]["task_options"])
+    gen = generator(stream_seed("test", 3))
+    batch, theta = task.sample_tasks(2, gen), task.init_theta(2, gen)
+    module = load_loss(artifact)
+    for loss, fn in zip(recorded["losses"], [module.as_loss_fn(), builtin_loss(task, "mse", 0.01).fn], strict=True):
+        assert loss["lr"] == 0.01
+        want = adam_by_hand(task, fn, theta, batch, 0.01, 6, (0.8, 0.95), 1e-8)
+        torch.testing.assert_close(torch.tensor(loss["per_seed"][0]), want, rtol=1e-4, atol=1e-6, msg=loss["name"])
+
+    plain = meta_test("--optimizer", "sgd")
+    assert plain["inner_optimizer"] == {"name": "sgd"}
+    assert plain["losses"][0]["per_seed"][0][0] == recorded["losses"][0]["per_seed"][0][0]  # the same θ₀
+    assert plain["losses"][0]["per_seed"][0][-1] != recorded["losses"][0]["per_seed"][0][-1]
+
+    refused = run_main(monkeypatch, capsys, "meta-test", "--loss", artifact, *common, "--optimizer", "rmsprop",
+                       cwd=tmp_path)  # fmt: skip
+    assert refused.code == 2
+    assert refused.stderr.strip() == "error: --optimizer 'rmsprop': expected one of sgd, momentum, adam"
+    assert inner_optimizer("momentum", {"optimizer": "adam", "betas": [0.8, 0.95]}) == Momentum(0.9)
+    assert inner_optimizer(None, {"optimizer": "momentum", "momentum": 0.5}) == Momentum(0.5)
+    assert inner_optimizer(None, {"lr": 0.1}) == SGD()  # an artifact from before inner.optimizer

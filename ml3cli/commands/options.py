@@ -140,6 +140,13 @@ class EvalOptions(OptionGroup):
         None, "--steps", min=1, help="SGD steps per optimizee (default: the artifact's, else 100)"
     )
     lr: float | None = option(None, "--lr", min=0.0, help="SGD learning rate (default: the recipe's)")
+    optimizer: str | None = option(
+        None,
+        "--optimizer",
+        metavar="sgd|momentum|adam",
+        help="how every optimizee trains: sgd, momentum (heavy ball) or adam, at --lr; momentum's β and Adam's "
+        "betas and eps are the artifact's (default: the artifact's recorded inner.optimizer, else sgd)",
+    )
     threshold: float | None = option(
         None, "--threshold", help="report steps to reach this metric (default: half the initial)"
     )

@@ -158,7 +158,8 @@ class TaskLossConfig(Section):
 
 
 class MetaTestConfig(Section):
-    """How the learned loss is tested: fresh optimizees on new tasks, trained with the learned loss only."""
+    """How the learned loss is tested: fresh optimizees on new tasks, trained with the learned loss only (and
+    meta-training's inner.optimizer)."""
 
     task: str = Field(description="the meta-test task family")
     task_options: dict[str, Any] = Field({}, description="options of the meta-test task family")
@@ -166,8 +167,8 @@ class MetaTestConfig(Section):
     seeds: Annotated[int, Field(ge=1, le=1000)] = Field(
         5, description="seeds (each draws its own test tasks and initialisations)"
     )
-    steps: Steps = Field(100, description="SGD steps per optimizee")
-    lr: Rate | None = Field(None, description="SGD learning rate (default: inner.lr)")
+    steps: Steps = Field(100, description="steps of inner.optimizer (SGD by default) per optimizee")
+    lr: Rate | None = Field(None, description="learning rate of those steps (default: inner.lr)")
     baseline: str | None = Field(None, description="hand-written loss to compare with (default: the task's)")
 
 

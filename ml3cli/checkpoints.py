@@ -6,8 +6,10 @@ outer step and restores before the next one. :func:`save_checkpoint` / :func:`lo
 Layout of a checkpoint (``ARTIFACT.checkpoint.safetensors``; never pickle):
 
 * tensors: ``phi/<name>`` (M_φ's state_dict), ``optim/<index>/<key>`` (Adam's per-parameter state),
-  ``generator`` (the torch.Generator's state, uint8), ``theta/<name>`` (θ of the current tasks) and
-  ``batch/<field>`` (the current task batch);
+  ``generator`` (the torch.Generator's state, uint8), ``theta/<name>`` (θ of the current tasks),
+  ``inner/<name>`` (the inner optimizer's state beside θ: ``velocity/<θ leaf>`` for momentum, ``m/…``, ``v/…`` and
+  ``step`` for Adam, nothing for SGD), ``batch/<field>`` (the current task batch) and ``task/<name>`` (a stateful
+  task's state);
 * metadata ``format`` = ``ml3-checkpoint``, ``format_version``, ``sha256`` of the tensors and of the JSON document
   (:mod:`ml3cli.metadata`), and ``ml3`` = the JSON document: versions, outer step, ``age``, elapsed seconds,
   curves so far, Adam's param_groups and non-tensor state, the batch's field names, the effective recipe and the
@@ -34,13 +36,15 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from ml3cli import artifacts, files, metadata
-from ml3cli.engine import MetaTrainState, build_metaloss
+from ml3cli.engine import MetaTrainState, build_metaloss, optimizer_for
 from ml3cli.errors import ML3Error
 
 FORMAT = "ml3-checkpoint"
 FORMAT_VERSION = 2  # 2: the checksum covers the JSON document too (1: the tensors only)
 #: recipe fields that may differ between a checkpoint and the run that resumes it (they change no numbers).
 RESUMABLE_DIFFERENCES = frozenset({"artifact", "checkpoint_every"})
+#: recipe fields added after checkpoints were first written, with the value that a checkpoint without them ran with
+ADDED_FIELDS = {"inner": {"optimizer": "sgd", "momentum": 0.9, "betas": [0.9, 0.999], "eps": 1e-8}}
 
 
 # -- the record as tensors + JSON ----------------------------------------------------------------------------
@@ -62,6 +66,7 @@ def state_to_tensors(state: MetaTrainState) -> tuple[dict[str, Tensor], dict[str
     if state.batch is not None:
         tensors.update({f"batch/{k}": v for k, v in zip(state.batch._fields, state.batch, strict=True)})
     tensors.update({f"task/{k}": v for k, v in state.task_state.items()})
+    tensors.update({f"inner/{k}": v for k, v in state.inner_state.items()})
     document = {
         "step": state.step,
         "age": state.age,
@@ -140,6 +145,7 @@ def state_from_tensors(
         curves=curves,
         seconds=float(seconds),
         task_state={k: v.to(device) for k, v in take("task/").items()},
+        inner_state={k: v.to(device) for k, v in take("inner/").items()},
     )
 
 
@@ -266,9 +272,18 @@ def recipe_difference(saved: Any, current: Any, prefix: str = "") -> tuple[str, 
     return None
 
 
+def with_added_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recipe with the :data:`ADDED_FIELDS` it predates, at the values it ran with."""
+    saved = dict(saved)
+    for section, defaults in ADDED_FIELDS.items():
+        if isinstance(saved.get(section), dict):
+            saved[section] = saved[section] | {k: v for k, v in defaults.items() if k not in saved[section]}
+    return saved
+
+
 def check_resumable(checkpoint: Checkpoint, recipe: dict[str, Any], outer_steps: int) -> None:
     """Refuse a checkpoint written with another recipe (other than output paths) or past the run's end."""
-    found = recipe_difference(checkpoint.recipe, recipe)
+    found = recipe_difference(with_added_fields(checkpoint.recipe), recipe)
     if found:
         where, saved, current = found
         raise ML3Error(
@@ -340,8 +355,17 @@ def validate_state(checkpoint: Checkpoint, recipe: Any, task: Any) -> None:
         return
     if state.theta is None or state.batch is None:
         fail("θ or the task batch is missing after the first step")
-    same_layout(state.theta, task.init_theta(recipe.outer.tasks, scratch), "θ")
+    theta = task.init_theta(recipe.outer.tasks, scratch)
+    same_layout(state.theta, theta, "θ")
+    inner_optimizer = optimizer_for(recipe.inner)
+    same_layout(state.inner_state, inner_optimizer.init(theta), f"the {recipe.inner.optimizer} optimizer's state")
     reference = task.sample_tasks(recipe.outer.tasks, scratch)
     same_layout(dict(zip(state.batch._fields, state.batch, strict=True)), reference._asdict(), "task batch")
     if not 0 < state.age <= recipe.inner.reset_period:
         fail(f"age {state.age} outside 1 … {recipe.inner.reset_period}")
+    floats = [value for value in state.inner_state.values() if value.is_floating_point()]
+    if not all(bool(torch.isfinite(value).all()) for value in floats):
+        fail(f"the {recipe.inner.optimizer} optimizer's state is not finite")
+    problem = inner_optimizer.check_state(state.inner_state, state.age)
+    if problem:
+        fail(problem)

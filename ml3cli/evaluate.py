@@ -1,7 +1,10 @@
 """Meta-test (paper, algorithm 2): train fresh optimizees on new tasks with a given loss only.
 
 Every loss under comparison starts from the same θ₀ on the same tasks for a given seed, so differences between
-losses are paired. The recorded metric is the task's own task loss on held-out query points (e.g. MSE).
+losses are paired. The recorded metric is the task's own task loss on held-out query points (e.g. MSE). The
+optimizees train with plain SGD, the paper's inner loop, unless an inner optimizer is given (momentum or Adam,
+:mod:`ml3cli.engine.inner_optimizers`, whose state starts afresh with each θ₀): every loss of one comparison
+trains with the same one.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from ml3cli.engine import LossFn, inner_gradient, sgd_step
+from ml3cli.engine import InnerOptimizer, LossFn, detached, inner_gradient, inner_step
+from ml3cli.engine.inner_optimizers import SGD
 from ml3cli.runtime import generator, stream_seed
 from ml3cli.tasks.base import Task
 
@@ -67,8 +71,10 @@ def train_curve(
     report: bool = False,
     gen: torch.Generator | None = None,
     record_at: Collection[int] | None = None,
+    optimizer: InnerOptimizer = SGD(),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Train a batch of optimizees with ``loss_fn`` for ``steps`` SGD steps.
+    """Train a batch of optimizees with ``loss_fn`` for ``steps`` steps of ``optimizer`` (plain SGD by default),
+    its state fresh at ``theta``.
 
     Returns the task loss ``[steps + 1, n]`` and, with ``report``, each of the task's report metrics likewise.
     A task that ``collects_data`` gathers fresh data with the current θ (from ``gen``) before every step and
@@ -80,7 +86,8 @@ def train_curve(
     if task.collects_data and gen is None:
         raise ValueError(f"task {task.name!r} collects data and needs a generator")
     gather = (lambda theta, purpose: task.collect(theta, batch, gen, purpose)) if task.collects_data else None
-    step_fn = vmap(lambda theta, batch: sgd_step(task, loss_fn, theta, batch, lr))
+    step_fn = vmap(lambda theta, state, batch: inner_step(task, loss_fn, theta, state, batch, lr, optimizer))
+    state = optimizer.init(theta)
     metric_fn = vmap(task.task_loss)
     report_fn = vmap(task.report_metrics) if report else None
     history: list[torch.Tensor | None] = []
@@ -107,7 +114,7 @@ def train_curve(
     with torch.no_grad():
         for step in range(steps):
             record(theta, step)
-            theta = step_fn(theta, gather(theta, "inner") if gather is not None else batch)
+            theta, state = step_fn(theta, state, gather(theta, "inner") if gather is not None else batch)
         record(theta, steps)
     return stack(history), {name: stack(values) for name, values in extras.items()}
 
@@ -116,7 +123,9 @@ def train_curve(
 class StepSizeRatio:
     """How much larger a learned loss's steps are than the baseline's at the same learning rate, along the learned
     loss's own meta-test trajectories: per task and step, r = scale·‖∇_θ ℓ_φ‖ / ‖∇_θ ℓ_baseline‖ at the same θ
-    (``scale``: the learned step scale of a ``learned_lr`` loss, else 1; norms over all of θ)."""
+    (``scale``: the learned step scale of a ``learned_lr`` loss, else 1; norms over all of θ). With an inner
+    optimizer other than SGD the trajectories are its own and r still compares the gradients fed to it: the size
+    of momentum's steps follows it, Adam's (normalised by √v̂) mostly does not."""
 
     mean: float  #: the mean of r over tasks, seeds and steps
     median: float
@@ -134,6 +143,7 @@ def step_size_ratio(
     steps: int,
     seed: int = 0,
     stream: str = "test",
+    optimizer: InnerOptimizer = SGD(),
 ) -> StepSizeRatio:
     """:class:`StepSizeRatio` of ``learned`` against ``baseline`` on the tasks :func:`evaluate` draws for the same
     seeds and stream, training with ``learned`` at its own rate (as its meta-test does). A ratio far from 1 is a
@@ -147,18 +157,19 @@ def step_size_ratio(
 
     learned_norm = vmap(lambda theta, batch: norms(theta, batch, learned.fn))
     baseline_norm = vmap(lambda theta, batch: norms(theta, batch, baseline.fn))
-    step_fn = vmap(lambda theta, batch: sgd_step(task, learned.fn, theta, batch, learned.lr))
+    step_fn = vmap(lambda theta, state, batch: inner_step(task, learned.fn, theta, state, batch, learned.lr, optimizer))
     ratios = []
     for one_seed in range(seed, seed + seeds) if isinstance(seeds, int) else seeds:
         gen = generator(stream_seed(stream, one_seed))
         batch = task.sample_tasks(tasks, gen)
         theta = task.init_theta(tasks, gen)
+        state = optimizer.init(theta)
         for _ in range(steps):
             data = task.collect(theta, batch, gen, "inner") if task.collects_data else batch
             base = baseline_norm(theta, data)
             keep = base > 0
             ratios.append((learned_norm(theta, data)[keep] / base[keep]).detach())
-            theta = {name: value.detach() for name, value in step_fn(theta, data).items()}
+            theta, state = (detached(tree) for tree in step_fn(theta, state, data))
     r = torch.cat(ratios).double().cpu().numpy() if ratios else np.array([math.nan])
     finite = r[np.isfinite(r)]
     if not finite.size:
@@ -182,6 +193,7 @@ def evaluate(
     on_seed: Callable[[int], None] | None = None,
     stream: str = "test",
     record_at: Collection[int] | None = None,
+    optimizer: InnerOptimizer = SGD(),
 ) -> list[LossCurves]:
     """Meta-test every loss on ``tasks`` test tasks for each seed: ``seeds`` the seeds themselves, or a count of
     seeds from ``seed`` on (``seed``, ``seed + 1``, …). Seed s draws its tasks and θ₀ from the random stream
@@ -189,6 +201,7 @@ def evaluate(
     never those of ``test``).
 
     ``on_seed(done)`` is called after each seed (for progress bars). ``record_at``: see :func:`train_curve`.
+    Every loss trains with ``optimizer`` (plain SGD by default).
     """
     values: dict[str, list[np.ndarray]] = {loss.label: [] for loss in losses}
     extras: dict[str, dict[str, list[np.ndarray]]] = {loss.label: {} for loss in losses}
@@ -201,7 +214,9 @@ def evaluate(
         after_draws = gen.get_state()
         for loss in losses:
             gen.set_state(after_draws)  # every loss sees the same rollout randomness (paired comparisons)
-            curve, reported = train_curve(task, loss.fn, theta, batch, loss.lr, steps, report, gen, record_at)
+            curve, reported = train_curve(
+                task, loss.fn, theta, batch, loss.lr, steps, report, gen, record_at, optimizer
+            )
             values[loss.label].append(curve.T.cpu().double().numpy())
             for name, series in reported.items():
                 extras[loss.label].setdefault(name, []).append(series.T.cpu().double().numpy())
@@ -266,11 +281,15 @@ def validation_scores(
     seeds: int | Sequence[int],
     steps: int,
     metric: str | None = None,
+    optimizer: InnerOptimizer = SGD(),
 ) -> dict[float, float]:
-    """The final metric of ``loss`` at each rate, on tasks of the ``validation`` stream (diverging: +inf)."""
+    """The final metric of ``loss`` at each rate, on tasks of the ``validation`` stream (diverging: +inf), trained
+    with ``optimizer``."""
     candidates = [NamedLoss(f"{loss.label}@{lr!r}", loss.fn, lr, loss.source) for lr in lrs]
     scores = {}
-    found = evaluate(task, candidates, tasks, seeds, steps, seed=0, stream="validation", record_at=())
+    found = evaluate(
+        task, candidates, tasks, seeds, steps, seed=0, stream="validation", record_at=(), optimizer=optimizer
+    )
     for lr, curves in zip(lrs, found, strict=True):
         value = float(metric_at(curves, steps, metric).mean())
         scores[lr] = value if math.isfinite(value) else math.inf
@@ -288,13 +307,15 @@ def tune_lr(
     span: float = 2.0,
     step: float = 0.5,
     max_widenings: int = 3,
+    optimizer: InnerOptimizer = SGD(),
 ) -> tuple[float, dict[float, float]]:
     """The learning rate of ``loss`` with the lowest mean final metric on validation tasks of ``task``'s family
     (the ``validation`` random stream: never a test task), on a grid around ``center`` widened until the choice
-    is interior (:func:`widen_until_interior`). Returns the rate and every score."""
+    is interior (:func:`widen_until_interior`), trained with ``optimizer``. Returns the rate and every score."""
     return widen_until_interior(
-        lambda lrs: validation_scores(task, loss, lrs, tasks, seeds, steps, metric), center, span, step, max_widenings
-    )
+        lambda lrs: validation_scores(task, loss, lrs, tasks, seeds, steps, metric, optimizer),
+        center, span, step, max_widenings,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from ml3cli import artifacts, shipped
+from ml3cli.engine import InnerOptimizer, optimizer_for
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import NamedLoss
 from ml3cli.metaloss import MetaLoss
-from ml3cli.recipes import apply_overrides, packaged_recipes
+from ml3cli.recipes import INNER_OPTIMIZERS, InnerConfig, apply_overrides, packaged_recipes
 from ml3cli.tasks import Task, make_task, task_class
 
 #: the SGD learning rate of a loss when neither ``@LR``, ``--lr``, nor the artifact says otherwise.
@@ -206,6 +207,26 @@ def recorded_test_settings(infos: Sequence[dict[str, Any]], task_name: str) -> T
         if recipe.get("task") == task_name:
             return TestSettings(dict(recipe.get("task_options") or {}))
     return TestSettings()
+
+
+def recorded_inner(infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The ``inner`` section of the first artifact that recorded a recipe (its ``optimizer`` and that optimizer's
+    settings, checked by :func:`checked_recipe_settings`), else empty."""
+    for info in infos:
+        inner = (info.get("recipe") or {}).get("inner")
+        if isinstance(inner, dict):
+            return inner
+    return {}
+
+
+def inner_optimizer(name: str | None, recorded: dict[str, Any]) -> InnerOptimizer:
+    """The inner optimizer of a meta-test: ``--optimizer`` ``name``, else the recorded ``inner.optimizer``, else
+    sgd, with the settings the artifact recorded for that rule (momentum's β, Adam's betas and ε) or the defaults."""
+    chosen = name or recorded.get("optimizer") or "sgd"
+    if chosen not in INNER_OPTIMIZERS:
+        raise ML3Error(f"--optimizer {chosen!r}: expected one of {', '.join(INNER_OPTIMIZERS)}")
+    settings = {key: recorded[key] for key in INNER_OPTIMIZERS[chosen] if key in recorded}
+    return optimizer_for(InnerConfig(optimizer=chosen, **settings))
 
 
 def make_test_task(

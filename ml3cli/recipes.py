@@ -71,10 +71,16 @@ class MetaLossConfig(Section):
     )
 
 
-class InnerConfig(Section):
-    """The inner loop: plain SGD on θ with the learned loss."""
+#: a decay rate of the inner optimizers (momentum's β, Adam's β₁ and β₂): 1 or more would never forget a gradient
+Decay = Annotated[float, Field(ge=0, lt=1)]
+#: the inner update rules (:mod:`ml3cli.engine.inner_optimizers`) and the settings each one reads
+INNER_OPTIMIZERS: dict[str, tuple[str, ...]] = {"sgd": (), "momentum": ("momentum",), "adam": ("betas", "eps")}
 
-    lr: Rate = Field(1e-3, description="α, the inner SGD learning rate")
+
+class InnerConfig(Section):
+    """The inner loop: gradient steps on θ with the learned loss (SGD, heavy-ball momentum or Adam)."""
+
+    lr: Rate = Field(1e-3, description="α, the inner learning rate (of SGD, momentum or Adam)")
     steps: Annotated[int, Field(ge=1, le=10_000)] = Field(
         1, description="K, differentiable inner steps per meta-update (the meta-gradient flows through all K)"
     )
@@ -91,11 +97,40 @@ class InnerConfig(Section):
         description="where L_T is taken: after the last inner step, or averaged over the θ after every inner step "
         "(the paper's model-free algorithm 4)",
     )
+    optimizer: Literal["sgd", "momentum", "adam"] = Field(
+        "sgd",
+        description="the inner update rule, differentiated through like SGD (the meta-gradient flows through its "
+        "state too): sgd θ ← θ − α·g (the paper's); momentum (heavy ball) v ← β·v + g, θ ← θ − α·v; adam "
+        "(bias-corrected) θ ← θ − α·m̂/(√v̂ + eps). A learned step scale (meta_loss.learned_lr) multiplies α in each "
+        "rule; the state (v, or m, v and Adam's step count) starts at zero with θ and is reset with it",
+    )
+    momentum: Decay = Field(0.9, description="β of optimizer momentum, in [0, 1) (0: plain SGD)")
+    betas: list[Decay] = Field(
+        [0.9, 0.999],
+        min_length=2,
+        max_length=2,
+        description="Adam's decay rates [β₁, β₂] of optimizer adam, each in [0, 1)",
+    )
+    eps: Annotated[float, Field(gt=0, le=1)] = Field(
+        1e-8, description="Adam's ε of optimizer adam, added to √v̂ (in (0, 1])"
+    )
 
     @model_validator(mode="after")
     def _reset_is_multiple(self) -> InnerConfig:
         if self.reset_every is not None and self.reset_every % self.steps:
             raise ValueError(f"reset_every ({self.reset_every}) must be a multiple of steps ({self.steps})")
+        return self
+
+    @model_validator(mode="after")
+    def _settings_of_the_optimizer(self) -> InnerConfig:
+        # a setting the chosen rule never reads would be silently ignored: `momentum: 0.5` with optimizer sgd
+        for name in ("momentum", "betas", "eps"):
+            default = type(self).model_fields[name].default
+            if name not in INNER_OPTIMIZERS[self.optimizer] and getattr(self, name) != default:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) is a setting of optimizer "
+                    f"{next(o for o, used in INNER_OPTIMIZERS.items() if name in used)}, not of {self.optimizer}"
+                )
         return self
 
     @property
@@ -123,7 +158,8 @@ class TaskLossConfig(Section):
 
 
 class MetaTestConfig(Section):
-    """How the learned loss is tested: fresh optimizees on new tasks, trained with the learned loss only."""
+    """How the learned loss is tested: fresh optimizees on new tasks, trained with the learned loss only (and
+    meta-training's inner.optimizer)."""
 
     task: str = Field(description="the meta-test task family")
     task_options: dict[str, Any] = Field({}, description="options of the meta-test task family")
@@ -131,8 +167,8 @@ class MetaTestConfig(Section):
     seeds: Annotated[int, Field(ge=1, le=1000)] = Field(
         5, description="seeds (each draws its own test tasks and initialisations)"
     )
-    steps: Steps = Field(100, description="SGD steps per optimizee")
-    lr: Rate | None = Field(None, description="SGD learning rate (default: inner.lr)")
+    steps: Steps = Field(100, description="steps of inner.optimizer (SGD by default) per optimizee")
+    lr: Rate | None = Field(None, description="learning rate of those steps (default: inner.lr)")
     baseline: str | None = Field(None, description="hand-written loss to compare with (default: the task's)")
 
 

@@ -423,8 +423,8 @@ def recorded_run(monkeypatch, data: dict[str, Any]):
         def __init__(self, estimator):
             self.estimator = estimator
 
-        def estimate(self, metaloss, phi, theta, batch, gen=None, shard=None):
-            estimate = self.estimator.estimate(metaloss, phi, theta, batch, gen, shard)
+        def estimate(self, metaloss, phi, theta, batch, gen=None, shard=None, state=None):
+            estimate = self.estimator.estimate(metaloss, phi, theta, batch, gen, shard, state=state)
             calls.append((task.step, theta, batch, estimate))
             return estimate
 

@@ -1,8 +1,9 @@
 """``ml3 meta-test`` and ``ml3 compare``: train fresh optimizees with each loss on held-out tasks and report.
 
 Every loss starts from the same θ₀ on the same tasks per seed (:func:`ml3cli.evaluate.evaluate`), so the table's
-differences are paired. ``meta-test`` is ``compare`` of one learned loss against the task's baseline. Unset counts
-and the learning rate come from what the artifact recorded for the task (:mod:`ml3cli.losses`).
+differences are paired. ``meta-test`` is ``compare`` of one learned loss against the task's baseline. Unset counts,
+the learning rate and the inner optimizer come from what the artifact recorded (:mod:`ml3cli.losses`); every loss
+trains with the same optimizer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ml3cli.commands.options import EvalOptions
 from ml3cli.commands.output import fmt, fmt_spread, progress_bar
 from ml3cli.commands.parsing import evaluation_seeds, parse_steps
 from ml3cli.commands.runs import check_out_dir, new_run_dir, write_json, write_settings
+from ml3cli.engine import InnerOptimizer
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, paired_difference, step_size_ratio, tune_lr
 from ml3cli.losses import (
@@ -27,7 +29,9 @@ from ml3cli.losses import (
     artifact_infos,
     baseline_name,
     builtin_loss,
+    inner_optimizer,
     make_test_task,
+    recorded_inner,
     recorded_test_settings,
     resolve_losses,
 )
@@ -58,6 +62,7 @@ def run(
 
     infos = artifact_infos(loss_specs, task_name)
     recorded = recorded_test_settings(infos, task_name)
+    optimizer = inner_optimizer(options.optimizer, recorded_inner(infos))
     tasks = options.tasks or recorded.tasks or EvalOptions.DEFAULT_TASKS
     seeds = evaluation_seeds(
         options.seeds, options.seed, options.num_seeds, recorded.seeds or EvalOptions.DEFAULT_SEEDS
@@ -72,20 +77,23 @@ def run(
         name = baseline_name(task)
         center = options.lr or recorded.lr or 1e-3
         best, scores = tune_lr(  # the same seed numbers as the test, drawn from the validation stream
-            task, builtin_loss(task, name, center), center, tasks, seeds, steps
+            task, builtin_loss(task, name, center), center, tasks, seeds, steps, optimizer=optimizer
         )
         losses.append(builtin_loss(task, name, best, f"{name} (tuned lr)"))
         tuning = {"loss": name, "on_task": task.name, "stream": "validation", "best_lr": best, "final_by_lr": scores}
 
     with progress_bar(console, options.quiet) as progress:
         bar = progress.add_task(f"{command} {task_name}: {len(losses)} losses, seed", total=len(seeds))
-        curves = evaluate(task, losses, tasks, seeds, steps, on_seed=lambda done: progress.update(bar, completed=done))
+        curves = evaluate(
+            task, losses, tasks, seeds, steps, on_seed=lambda done: progress.update(bar, completed=done),
+            optimizer=optimizer,
+        )  # fmt: skip
 
     initial = float(curves[0].at(0).mean())
     threshold = options.threshold if options.threshold is not None else 0.5 * initial
-    document = results_document(task, curves, tasks, seeds, steps, threshold, tuning)
+    document = results_document(task, curves, tasks, seeds, steps, threshold, tuning, optimizer)
     print_results(console, task, curves, steps, len(seeds), tasks, threshold, document, at)
-    ratios = learned_step_sizes(task, losses, tasks, seeds[0], steps)
+    ratios = learned_step_sizes(task, losses, tasks, seeds[0], steps, optimizer)
     if ratios:
         document["step_size_ratio"] = ratios
         for label, r in ratios.items():
@@ -120,6 +128,7 @@ def run(
         "task_option_overrides": list(options.task_options),
         "out_dir": str(out),
         "device": str(device),
+        "inner_optimizer": document["inner_optimizer"],
     }
     write_settings(out, command, used)
     write_json(options.json_path, document)
@@ -128,14 +137,14 @@ def run(
 
 
 def learned_step_sizes(
-    task: Task, losses: Sequence[NamedLoss], tasks: int, seed: int, steps: int
+    task: Task, losses: Sequence[NamedLoss], tasks: int, seed: int, steps: int, optimizer: InnerOptimizer
 ) -> dict[str, dict[str, Any]]:
     """Each learned loss's :class:`~ml3cli.evaluate.StepSizeRatio` against the task's baseline loss at the learned
     loss's own rate, on the first evaluation seed's tasks (label → the ratio's fields and the baseline's name)."""
     name = baseline_name(task)
     return {
         loss.label: dataclasses.asdict(
-            step_size_ratio(task, loss, builtin_loss(task, name, loss.lr), tasks, [seed], steps)
+            step_size_ratio(task, loss, builtin_loss(task, name, loss.lr), tasks, [seed], steps, optimizer=optimizer)
         )
         | {"baseline": name, "seed": seed}
         for loss in losses
@@ -157,7 +166,14 @@ def table_steps(steps: int, at: Sequence[int] | None = None) -> list[int]:
 
 
 def results_document(
-    task: Task, curves: list[LossCurves], tasks: int, seeds: list[int], steps: int, threshold: float, tuning
+    task: Task,
+    curves: list[LossCurves],
+    tasks: int,
+    seeds: list[int],
+    steps: int,
+    threshold: float,
+    tuning,
+    optimizer: InnerOptimizer,
 ) -> dict[str, Any]:
     """The comparison as JSON: every loss's curve per seed, mean and std, and the paired differences at the end."""
     reference = curves[0]
@@ -195,13 +211,16 @@ def results_document(
             for d in (paired_difference(reference, other, steps) for other in curves[1:])
         ],
         "baseline_lr_tuning": tuning,
+        "inner_optimizer": {"name": optimizer.name, **dataclasses.asdict(optimizer)},
     }
 
 
 def print_results(console, task, curves: list[LossCurves], steps, seeds, tasks, threshold, document, at=None) -> None:
     """The comparison table (one row per shown step, one column per loss: mean ± std over seeds, so that it fits
     80 columns), the steps to reach the threshold, the paired differences and the tuning."""
-    table = Table(title=f"{task.name}: held-out {task.metric}, mean ± std over {seeds} seeds × {tasks} tasks")
+    trained = document["inner_optimizer"]["name"]
+    title = f"{task.name}: held-out {task.metric}, mean ± std over {seeds} seeds × {tasks} tasks"
+    table = Table(title=title if trained == "sgd" else f"{title}, trained with {trained}")
     table.add_column("")
     for c in curves:
         table.add_column(f"{c.label}\nlr {c.lr:g}", justify="right")

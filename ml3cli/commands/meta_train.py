@@ -30,7 +30,7 @@ from ml3cli import artifacts, checkpoints, distributed, files, plots
 from ml3cli.commands.options import MetaTrainOptions, to_argv
 from ml3cli.commands.output import fmt, fmt_spread, progress_bar
 from ml3cli.commands.parsing import parse_seeds
-from ml3cli.engine import meta_train
+from ml3cli.engine import meta_train, optimizer_for
 from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
 from ml3cli.evaluate import NamedLoss, evaluate, step_size_ratio
 from ml3cli.losses import baseline_name, builtin_loss
@@ -220,16 +220,18 @@ def _meta_train_into(
     test_task = make_task(test.task, test.task_options, device, where="meta_test.task_options")
     learned = NamedLoss("learned", result.metaloss.as_loss_fn(), recipe.meta_test_lr, str(out_path))
     baseline = test.baseline or baseline_name(test_task)
+    optimizer = optimizer_for(recipe.inner)  # the optimizees train the way meta-training's did
     with progress_bar(console, quiet) as progress:
         bar = progress.add_task(f"meta-test on {test.task}: seed", total=test.seeds)
         curves = evaluate(
             test_task, [learned, builtin_loss(test_task, baseline, recipe.meta_test_lr)], test.tasks, test.seeds,
             test.steps, recipe.seed, on_seed=lambda done: progress.update(bar, completed=done),
             record_at=(),  # only the final step is kept: measuring every step doubled a long meta-test
+            optimizer=optimizer,
         )  # fmt: skip
         # how much of a win at one shared rate is a larger step: on the first meta-test seed's tasks
         ratio = step_size_ratio(test_task, learned, builtin_loss(test_task, baseline, recipe.meta_test_lr),
-                                test.tasks, [recipe.seed], test.steps)  # fmt: skip
+                                test.tasks, [recipe.seed], test.steps, optimizer=optimizer)  # fmt: skip
     metrics = {
         "meta_train": {k: v for k, v in result.final.items() if k != "step"} | {"outer_steps": recipe.outer.steps},
         "meta_train_seconds": round(result.seconds, 3),

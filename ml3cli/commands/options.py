@@ -136,10 +136,15 @@ class EvalOptions(OptionGroup):
         None, "--num-seeds", min=1, help="how many evaluation seeds, from --seed on (default: the artifact's, else 5)"
     )
     seed: int | None = option(None, "--seed", min=0, max=MAX_SEED, help="the first evaluation seed (default 0)")
-    steps: int | None = option(
-        None, "--steps", min=1, help="SGD steps per optimizee (default: the artifact's, else 100)"
+    steps: int | None = option(None, "--steps", min=1, help="steps per optimizee (default: the artifact's, else 100)")
+    lr: float | None = option(None, "--lr", min=0.0, help="learning rate of the steps (default: the recipe's)")
+    optimizer: str | None = option(
+        None,
+        "--optimizer",
+        metavar="sgd|momentum|adam",
+        help="how every optimizee trains: sgd, momentum (heavy ball) or adam, at --lr; momentum's β and Adam's "
+        "betas and eps are the artifact's (default: the artifact's recorded inner.optimizer, else sgd)",
     )
-    lr: float | None = option(None, "--lr", min=0.0, help="SGD learning rate (default: the recipe's)")
     threshold: float | None = option(
         None, "--threshold", help="report steps to reach this metric (default: half the initial)"
     )

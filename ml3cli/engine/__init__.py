@@ -4,7 +4,9 @@ It knows nothing of sines or robots: a :class:`~ml3cli.tasks.base.Task` supplies
 inputs and the task loss. Everything is written with ``torch.func``: θ is a ``dict[str, Tensor]``, inner updates
 are out of place, and a batch of tasks is one ``vmap``. One concern per module:
 
-* :mod:`~ml3cli.engine.unroll`: pure inner steps, θ' = θ − α·scale·∇_θ M_φ, and L_T;
+* :mod:`~ml3cli.engine.inner_optimizers`: the inner update rules (SGD, heavy-ball momentum, Adam), pure functions
+  of θ, its gradient and the rule's state, chosen once from the recipe;
+* :mod:`~ml3cli.engine.unroll`: pure inner steps, θ' = θ − α·scale·∇_θ M_φ for SGD, and L_T;
 * :mod:`~ml3cli.engine.data`: the data of an unroll (the task batch, or rollouts with the current θ; sharding);
 * :mod:`~ml3cli.engine.estimators`: ∇_φ L_T, by full or truncated backpropagation, chosen once from the recipe;
 * :mod:`~ml3cli.engine.diagnostics`: L_T and M_φ at θ₀ for the curves, on a random stream of their own;
@@ -25,6 +27,7 @@ from ml3cli.engine.estimators import (
     estimator_for,
     meta_gradient,
 )
+from ml3cli.engine.inner_optimizers import InnerOptimizer, InnerState, optimizer_for, sgd_update
 from ml3cli.engine.outer import MetaTrainResult, OuterOptimizer, build_metaloss, meta_train
 from ml3cli.engine.state import MetaTrainState
 from ml3cli.engine.unroll import (
@@ -34,12 +37,13 @@ from ml3cli.engine.unroll import (
     detached,
     inner_gradient,
     inner_loss,
+    inner_step,
+    inner_step_autograd,
     learned_loss_fn,
     loss_and_scale,
     loss_value,
     sgd_step,
     sgd_step_autograd,
-    sgd_update,
     task_objective,
     unroll,
 )
@@ -47,6 +51,8 @@ from ml3cli.engine.unroll import (
 __all__ = [
     "Diagnostics",
     "Estimator",
+    "InnerOptimizer",
+    "InnerState",
     "FullBackprop",
     "LossFn",
     "MetaGradient",
@@ -67,11 +73,14 @@ __all__ = [
     "estimator_for",
     "inner_gradient",
     "inner_loss",
+    "inner_step",
+    "inner_step_autograd",
     "learned_loss_fn",
     "loss_and_scale",
     "loss_value",
     "meta_gradient",
     "meta_train",
+    "optimizer_for",
     "sgd_step",
     "sgd_step_autograd",
     "sgd_update",

@@ -49,6 +49,12 @@ class TaskData:
         return self.shard.part(collected, task_count(self.whole_batch))
 
 
+def own_share(tree: Any, batch: Any, shard: Shard | None) -> Any:
+    """This process's share of ``tree``, tensors with the task axis of the WHOLE ``batch`` (the inner optimizer's
+    state, sharded like θ)."""
+    return tree if shard is None else shard.part(tree, task_count(batch))
+
+
 def share(
     task: Task, theta: Theta, batch: Any, gen: torch.Generator | None, shard: Shard | None
 ) -> tuple[Theta, TaskData]:

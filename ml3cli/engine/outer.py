@@ -1,8 +1,9 @@
 """The outer loop (paper, algorithm 1): Adam on φ over meta-gradients of batches of tasks.
 
 Per outer step: the task may update its state (``begin_outer_step``), θ₀ and the tasks are redrawn every
-``inner.reset_period`` inner steps, the estimator chosen from the recipe gives ∇_φ L_T, and Adam (with the recipe's
-schedule and clipping) updates φ. Everything random is drawn from one generator seeded by ``recipe.seed``, except
+``inner.reset_period`` inner steps (the inner optimizer's state starts afresh with θ₀ and is carried beside θ in
+between), the estimator chosen from the recipe gives ∇_φ L_T, and Adam (with the recipe's schedule and clipping)
+updates φ. Everything random is drawn from one generator seeded by ``recipe.seed``, except
 the logging diagnostics (:mod:`~.diagnostics`), so that φ depends neither on ``log_every`` nor on interruptions.
 """
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from ml3cli.engine.diagnostics import Diagnostics, diagnose, diagnostics_generator
 from ml3cli.engine.estimators import MetaGradient, check_task_axis, estimator_for
+from ml3cli.engine.inner_optimizers import InnerState, optimizer_for
 from ml3cli.engine.state import MetaTrainState
 from ml3cli.engine.unroll import Phi, task_objective
 from ml3cli.errors import DivergenceError
@@ -116,9 +118,10 @@ def curve_row(
 
 
 def combined(shard: Shard, estimate: MetaGradient, seen: Diagnostics | None) -> tuple[MetaGradient, Diagnostics | None]:
-    """The whole batch's view from every process's share: the gradients averaged, the per-task values gathered."""
+    """The whole batch's view from every process's share: the gradients averaged, the per-task values gathered (the
+    inner optimizer's state with θ)."""
     gradient = shard.mean(estimate.gradient)
-    estimate = MetaGradient(gradient, *shard.gather((estimate.task_loss, estimate.theta)))
+    estimate = MetaGradient(gradient, *shard.gather((estimate.task_loss, estimate.theta, estimate.state)))
     if seen is not None:
         seen = Diagnostics(*shard.gather((seen.task_loss_before, seen.learned_loss)))
     return estimate, seen
@@ -148,25 +151,27 @@ def meta_train(
     adam = torch.optim.Adam(metaloss.parameters(), lr=outer.lr)
     objective = task_objective(task, recipe.task_loss)
     estimator = estimator_for(inner, task, objective)
+    inner_optimizer = optimizer_for(inner)
 
     result = MetaTrainResult(metaloss)
     theta: Theta | None = None
+    state: InnerState = {}  # the inner optimizer's state beside θ (none for SGD)
     batch: Any = None
     age = 0  # inner steps θ has taken since its last initialisation
     first = 1
     if resume is not None:
         resume.restore(metaloss, adam, gen)
-        theta, batch, age, first = resume.theta, resume.batch, resume.age, resume.step + 1
+        theta, state, batch, age, first = resume.theta, resume.inner_state, resume.batch, resume.age, resume.step + 1
         result.curves = [dict(row) for row in resume.curves]
         task.load_state_tensors(resume.task_state)
     optimizer = OuterOptimizer(adam, outer, first)
     started = time.perf_counter() - (resume.seconds if resume is not None else 0.0)
 
-    def snapshot(step: int, theta: Theta, batch: Any, age: int) -> Callable[[], MetaTrainState]:
+    def snapshot(step: int, theta: Theta, state: InnerState, batch: Any, age: int) -> Callable[[], MetaTrainState]:
         """The state after ``step``, captured when the caller asks for it (checkpoints are not written every step)."""
         return lambda: MetaTrainState.capture(
             step, metaloss, adam, gen, theta, batch, age, result.curves, time.perf_counter() - started,
-            task.state_tensors(),
+            task.state_tensors(), inner_state=state,
         )  # fmt: skip
 
     for step in range(first, outer.steps + 1):
@@ -174,13 +179,14 @@ def meta_train(
         if theta is None or age >= inner.reset_period:
             batch = task.sample_tasks(outer.tasks, gen)
             theta = task.init_theta(outer.tasks, gen)
+            state = inner_optimizer.init(theta)  # a fresh θ₀ has taken no step: no momentum, no moments
             age = 0
         if step == first:  # θ keeps its layout from one redraw to the next
             check_task_axis(theta, batch)
         phi = {name: p.detach() for name, p in metaloss.named_parameters()}
         logging = step % recipe.log_every == 0 or step == outer.steps or step == 1
 
-        estimate = estimator.estimate(metaloss, phi, theta, batch, gen, shard)
+        estimate = estimator.estimate(metaloss, phi, theta, batch, gen, shard, state=state)
         seen = None
         if logging:
             own_stream = diagnostics_generator(recipe.seed, step)
@@ -195,7 +201,7 @@ def meta_train(
         require_finite(step, "the meta-gradient's norm", grad_norm)  # an overflowing norm would silently stall Adam
         optimizer.step(metaloss, optimizer.clip(estimate.gradient, grad_norm))
         require_finite(step, "φ after the Adam step", (p.detach() for p in metaloss.parameters()))
-        theta, age = estimate.theta, age + inner.steps
+        theta, state, age = estimate.theta, estimate.state, age + inner.steps
 
         record = None
         if seen is not None:
@@ -204,6 +210,6 @@ def meta_train(
         if on_step is not None:
             on_step(step, record)
         if on_state is not None:
-            on_state(step, snapshot(step, theta, batch, age))
+            on_state(step, snapshot(step, theta, state, batch, age))
     result.seconds = time.perf_counter() - started
     return result

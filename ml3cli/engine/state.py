@@ -32,6 +32,9 @@ class MetaTrainState:
     seconds: float = 0.0
     #: what a stateful task carries between outer steps (e.g. a learned dynamics model): Task.state_tensors()
     task_state: dict[str, Tensor] = field(default_factory=dict)
+    #: the inner optimizer's state beside θ (momentum's velocity; Adam's moments and step count), with θ's task
+    #: axis; empty for SGD and before the first step
+    inner_state: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     def capture(
@@ -46,6 +49,7 @@ class MetaTrainState:
         curves: list[dict[str, float]],
         seconds: float,
         task_state: dict[str, Tensor] | None = None,
+        inner_state: dict[str, Tensor] | None = None,
     ) -> MetaTrainState:
         """A snapshot that later steps cannot alter (tensors cloned, the curves copied)."""
         return cls(
@@ -59,10 +63,12 @@ class MetaTrainState:
             curves=[dict(row) for row in curves],
             seconds=seconds,
             task_state={k: v.detach().clone() for k, v in (task_state or {}).items()},
+            inner_state={k: v.detach().clone() for k, v in (inner_state or {}).items()},
         )
 
     def restore(self, metaloss: torch.nn.Module, optimizer: torch.optim.Optimizer, gen: torch.Generator) -> None:
-        """Put φ, Adam's state and the generator back (θ, batch, age and curves are read from the record)."""
+        """Put φ, Adam's state and the generator back (θ, the inner optimizer's state, batch, age and curves are
+        read from the record)."""
         metaloss.load_state_dict(self.phi)
         optimizer.load_state_dict(self.optimizer)
         gen.set_state(self.generator)

@@ -1,14 +1,17 @@
-"""Pure inner steps: plain SGD on θ with a loss over a task's named inputs (paper, section 3.1, algorithm 1).
+"""Pure inner steps: gradient steps on θ with a loss over a task's named inputs (paper, section 3.1, algorithm 1).
 
 θ is a ``dict[str, Tensor]``; every function here returns a new dict (out of place), so ``torch.func`` and autograd
 can differentiate through any number of steps. One inner step of ONE task is
 
-    g      = ∇_θ M_φ(task.loss_inputs(θ, batch))
-    θ'     = θ − α · scale · g                                               (:func:`sgd_update`)
+    g          = ∇_θ M_φ(task.loss_inputs(θ, batch))
+    θ', state' = optimizer.update(θ, g, state, α, scale)                       (:func:`inner_step`)
 
 with ``scale`` = 1, or the step scale that a learned loss with ``meta_loss.learned_lr`` outputs (paper 4.1.2),
-evaluated at θ but not differentiated with respect to it (φ still reaches it). With ``truncate`` the gradient
-is taken at a detached θ, so θ' depends on φ through this step alone (see :mod:`ml3cli.engine.estimators`).
+evaluated at θ but not differentiated with respect to it (φ still reaches it). The update rule is plain SGD,
+θ' = θ − α·scale·g without state (:func:`sgd_step`, the paper's), or heavy-ball momentum or Adam
+(:mod:`ml3cli.engine.inner_optimizers`), whose state travels beside θ. With ``truncate`` the gradient is taken at a
+detached θ, so θ' depends on φ through this step's gradient and the state alone (see
+:mod:`ml3cli.engine.estimators`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from ml3cli.engine.inner_optimizers import SGD, InnerOptimizer, InnerState
 from ml3cli.metaloss import MetaLoss
 from ml3cli.recipes import TaskLossConfig
 from ml3cli.tasks.base import Task, Theta
@@ -66,30 +70,26 @@ def inner_gradient(task: Task, loss_fn: LossFn, theta: Theta, batch: Any) -> tup
     return grad(lambda theta: inner_loss(task, loss_fn, theta, batch), has_aux=True)(theta)
 
 
-def sgd_update(theta: Theta, gradient: Theta, lr: float, scale: Tensor | None = None) -> Theta:
-    """The inner update rule, the only place it is written: θ' = θ − α · scale · g, leaf by leaf.
-
-    Args:
-        theta: θ, one task's or a batch's (leading task axis).
-        gradient: g, with the names and shapes of ``theta``.
-        lr: α, the inner learning rate.
-        scale: None for plain SGD; a learned step scale, a scalar for one task or ``[n]`` for a batch of n tasks
-            (then broadcast over the entries of each task's leaves).
-    """
-
-    def step(g: Tensor) -> float | Tensor:
-        if scale is None:
-            return lr
-        return lr * scale.reshape(scale.shape + (1,) * (g.ndim - scale.ndim))
-
-    return {name: theta[name] - step(gradient[name]) * gradient[name] for name in theta}
+def inner_step(
+    task: Task,
+    loss_fn: LossFn,
+    theta: Theta,
+    state: InnerState,
+    batch: Any,
+    lr: float,
+    optimizer: InnerOptimizer,
+    truncate: bool = False,
+) -> tuple[Theta, InnerState]:
+    """One inner step of ``optimizer`` for ONE task with ``torch.func.grad`` (composes with ``vmap``): θ' and the
+    state after it, the gradient ∇_θ loss_fn(task.loss_inputs(θ, batch)) taken at a detached θ with ``truncate``."""
+    gradient, scale = inner_gradient(task, loss_fn, detached(theta) if truncate else theta, batch)
+    return optimizer.update(theta, gradient, state, lr, scale[0] if scale else None)
 
 
 def sgd_step(task: Task, loss_fn: LossFn, theta: Theta, batch: Any, lr: float, truncate: bool = False) -> Theta:
-    """One inner SGD step for ONE task with ``torch.func.grad`` (composes with ``vmap``):
+    """One inner SGD step for ONE task (:func:`inner_step` with plain SGD, which has no state):
     θ' = θ − α·scale·∇_θ loss_fn(task.loss_inputs(θ, batch)), the gradient taken at a detached θ with ``truncate``."""
-    gradient, scale = inner_gradient(task, loss_fn, detached(theta) if truncate else theta, batch)
-    return sgd_update(theta, gradient, lr, scale[0] if scale else None)
+    return inner_step(task, loss_fn, theta, {}, batch, lr, SGD(), truncate)[0]
 
 
 def unroll(
@@ -101,10 +101,18 @@ def unroll(
     return theta
 
 
-def sgd_step_autograd(
-    task: Task, loss_fn: LossFn, theta: Theta, batch: Any, lr: float, truncate: bool = False, batched: bool = False
-) -> Theta:
-    """:func:`sgd_step` with ``torch.autograd.grad(create_graph=True)`` instead of ``torch.func.grad``: the same
+def inner_step_autograd(
+    task: Task,
+    loss_fn: LossFn,
+    theta: Theta,
+    state: InnerState,
+    batch: Any,
+    lr: float,
+    optimizer: InnerOptimizer,
+    truncate: bool = False,
+    batched: bool = False,
+) -> tuple[Theta, InnerState]:
+    """:func:`inner_step` with ``torch.autograd.grad(create_graph=True)`` instead of ``torch.func.grad``: the same
     update and the same second-order graph, outside ``vmap``, and cheaper (torch.func's grad transform costs more
     per operation than the work of these small networks). For ONE task, or with ``batched`` for a batch of tasks
     (leading axis) whose forward passes run in one ``vmap``: the gradient of the SUM of the per-task losses with
@@ -123,7 +131,14 @@ def sgd_step_autograd(
     gradient = torch.autograd.grad(
         loss.sum(), list(at.values()), create_graph=True, allow_unused=True, materialize_grads=True
     )
-    return sgd_update(theta, dict(zip(at, gradient, strict=True)), lr, scale[0] if scale else None)
+    return optimizer.update(theta, dict(zip(at, gradient, strict=True)), state, lr, scale[0] if scale else None)
+
+
+def sgd_step_autograd(
+    task: Task, loss_fn: LossFn, theta: Theta, batch: Any, lr: float, truncate: bool = False, batched: bool = False
+) -> Theta:
+    """:func:`inner_step_autograd` with plain SGD: θ' only (SGD has no state)."""
+    return inner_step_autograd(task, loss_fn, theta, {}, batch, lr, SGD(), truncate, batched)[0]
 
 
 def task_objective(task: Task, weights: TaskLossConfig) -> Objective:

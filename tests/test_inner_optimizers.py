@@ -405,6 +405,7 @@ def sgd_fingerprints() -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow  # float kernels differ between CPU models: a check to run on a machine like the one it was recorded on
 @pytest.mark.skipif(
     (torch.__version__, platform.machine()) != RECORDED_ON,
     reason="the recorded bits are those of one torch build on one kind of CPU",

@@ -163,12 +163,8 @@ def _check_adam_settings(state: MetaTrainState, fresh: torch.optim.Adam, outer: 
             expected["initial_lr"] = outer.lr
             got.pop("lr", None), expected.pop("lr")
         for key in sorted(set(got) | set(expected)):
-            if (
-                key not in got
-                or key not in expected
-                or got[key] != expected[key]
-                or type(got[key]) is not type(expected[key])
-            ):
+            # compared as JSON text: True is not 1 and 1.0 is not 1, here or anywhere inside a list
+            if key not in got or key not in expected or json.dumps(got[key]) != json.dumps(expected[key]):
                 fail(f"Adam's {key} is {got.get(key, '<absent>')!r:.60} but this recipe's is {expected.get(key)!r:.60}")
 
 

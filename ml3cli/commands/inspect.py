@@ -37,8 +37,8 @@ def run(path: str | Path, console: Console, json_path: str | Path | None = None)
     )
     console.print(f"checksum: verified; it covers the {artifacts.file_integrity(verified)}")
     metrics = info.get("metrics", {})
-    if "meta_test" in metrics:
-        mt = metrics["meta_test"]  # an artifact saved from user code may record only part of it
+    mt = metrics.get("meta_test")
+    if isinstance(mt, dict):  # an artifact saved from user code may record only part of it, or none
         finals = ", ".join(f"{k} {fmt(v)}" for k, v in mt.get("final", {}).items())
         console.print(
             f"meta-test {mt.get('task', info['test_task'])} after {mt.get('steps', '?')} steps "

@@ -8,8 +8,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def fmt(value: float) -> str:
-    """A number in 4 significant digits, small ones in scientific notation (``0.01234``, ``1.23e-05``)."""
+def fmt(value: float | None) -> str:
+    """A number in 4 significant digits, small ones in scientific notation (``0.01234``, ``1.23e-05``); ``n/a``
+    for None (a number an artifact did not record)."""
+    if value is None:
+        return "n/a"
     if not math.isfinite(value):
         return str(value)
     return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"

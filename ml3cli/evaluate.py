@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,9 +161,7 @@ def step_size_ratio(
     step_fn = vmap(lambda theta, state, batch: inner_step(task, learned.fn, theta, state, batch, learned.lr, optimizer))
     ratios = []
     for one_seed in range(seed, seed + seeds) if isinstance(seeds, int) else seeds:
-        gen = generator(stream_seed(stream, one_seed))
-        batch = task.sample_tasks(tasks, gen)
-        theta = task.init_theta(tasks, gen)
+        gen, batch, theta = draw_tasks(task, tasks, stream, one_seed)
         state = optimizer.init(theta)
         for _ in range(steps):
             data = task.collect(theta, batch, gen, "inner") if task.collects_data else batch
@@ -176,6 +175,14 @@ def step_size_ratio(
         return StepSizeRatio(math.nan, math.nan, math.nan, math.nan, 0)
     low, median, high = np.percentile(finite, [10, 50, 90])
     return StepSizeRatio(float(finite.mean()), float(median), float(low), float(high), int(finite.size))
+
+
+def draw_tasks(task: Task, tasks: int, stream: str, seed: int) -> tuple[torch.Generator, Any, Any]:
+    """The tasks and θ₀ that seed ``seed`` of the random stream ``stream`` draws (every loss, baseline and check
+    of that seed starts from these), and the generator after the draws (rollouts go on drawing from it)."""
+    gen = generator(stream_seed(stream, seed))
+    batch = task.sample_tasks(tasks, gen)
+    return gen, batch, task.init_theta(tasks, gen)
 
 
 def has_report_metrics(task: Task) -> bool:
@@ -208,9 +215,7 @@ def evaluate(
     report = has_report_metrics(task)
     chosen = range(seed, seed + seeds) if isinstance(seeds, int) else seeds
     for s, one_seed in enumerate(chosen):
-        gen = generator(stream_seed(stream, one_seed))
-        batch = task.sample_tasks(tasks, gen)
-        theta = task.init_theta(tasks, gen)
+        gen, batch, theta = draw_tasks(task, tasks, stream, one_seed)
         after_draws = gen.get_state()
         for loss in losses:
             gen.set_state(after_draws)  # every loss sees the same rollout randomness (paired comparisons)

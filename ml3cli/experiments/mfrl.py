@@ -79,10 +79,9 @@ import numpy as np
 
 from ml3cli import files
 from ml3cli.baselines.ppo import PPOConfig, train_ppo
-from ml3cli.evaluate import LossCurves, widen_until_interior
+from ml3cli.evaluate import LossCurves, draw_tasks, widen_until_interior
 from ml3cli.experiments.protocol import Context, EvalSizes, Experiment, Paired, compare_losses
 from ml3cli.plots import png_bytes
-from ml3cli.runtime import generator, stream_seed
 from ml3cli.tasks import make_task
 from ml3cli.tasks.mfrl import ModelFreeRL
 
@@ -207,8 +206,7 @@ def ppo_run(
         task.environment_samples += samples
         return performance, per_update
     before = task.environment_samples
-    gen = generator(stream_seed(stream, seed))
-    batch, theta = task.sample_tasks(goals, gen), task.init_theta(goals, gen)
+    gen, batch, theta = draw_tasks(task, goals, stream, seed)
     result = train_ppo(task, theta, batch, updates, gen, config)
     if path is not None:
         keep_ppo_run(path, key, result.performance, result.samples_per_update, task.environment_samples - before)

@@ -87,10 +87,11 @@ def check_writable(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_output(path: str | Path) -> Iterator[None]:
-    """Hold ``path``'s output set (an artifact, its curves and checkpoint) for one run: a second run that asks
-    for the same ``path`` while this one holds it is refused, naming the first. An advisory lock (``flock``) on
-    ``PATH.lock``, released by the kernel however the holder ends; a no-op where there is no ``fcntl``."""
+def exclusive_output(path: str | Path, option: str = "--out") -> Iterator[None]:
+    """Hold ``path``'s output set (an artifact with its curves and checkpoint, or a results folder) for one run: a
+    second run that asks for the same ``path`` while this one holds it is refused, naming the first and the
+    ``option`` that writes elsewhere. An advisory lock (``flock``) on ``PATH.lock``, released by the kernel however
+    the holder ends; a no-op where there is no ``fcntl``."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -107,7 +108,7 @@ def exclusive_output(path: str | Path) -> Iterator[None]:
             holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
             raise ML3Error(
                 f"{path} is being written by another run ({holder}); wait for it to finish, or write elsewhere "
-                "with --out"
+                f"with {option}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()}: {' '.join(sys.argv)[:200]}".encode(), 0)

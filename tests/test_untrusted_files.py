@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import math
+import os
 import re
 import resource
 import struct
@@ -552,6 +553,35 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tmp_path):
         first.wait(timeout=60)
     assert not lock.exists()  # released and removed by the first run as it stopped
     assert run_cli("meta-train", path, "--set", "outer.steps=2", "--out", "out/a.safetensors", cwd=tmp_path).code == 0
+
+
+@pytest.mark.parametrize(
+    ("command", "held"),
+    [
+        (["compare", "--task", "sine_shifted", "--loss", "mse", "--loss", "l1"], "--out-dir"),
+        (["meta-test", "--task", "sine_shifted", "--loss", "sine"], "--out-dir"),
+        (["landscape", "--task", "sine_shifted", "--loss", "mse", "--mode", "function"], "--out-dir"),
+        (["compare", "--task", "sine_shifted", "--loss", "mse", "--loss", "l1"], "--json"),
+    ],
+)
+def test_results_another_run_is_writing_are_refused_naming_it(tmp_path, monkeypatch, capsys, command, held):
+    """--out-dir and --json are held for the whole run, like meta-train's artifact: a second run that names them
+    is refused before any training; once the first lets go, the same command runs."""
+    from helpers import run_main
+
+    from ml3cli import files
+
+    small = ["--tasks", "1", "--num-seeds", "1", "--steps", "2", "--quiet"] if command[0] != "landscape" else []
+    target = tmp_path / ("out" if held == "--out-dir" else "results.json")
+    args = [*command, *small, held, target.name]
+    with files.exclusive_output(target.resolve(), held):
+        result = run_main(monkeypatch, capsys, *args, cwd=tmp_path)
+        assert result.code == 2, result.stderr
+        assert f"being written by another run (process {os.getpid()}" in result.stderr
+        assert f"write elsewhere with {held}" in result.stderr
+        assert not (tmp_path / "out").exists() and not (tmp_path / "results.json").exists()
+    assert run_main(monkeypatch, capsys, *args, cwd=tmp_path).code == 0
+    assert not target.with_name(target.name + ".lock").exists()
 
 
 @pytest.mark.parametrize("delay", [0.1, 0.3, 0.6, 1.0])

@@ -20,7 +20,7 @@ from ml3cli import files, plots
 from ml3cli.commands.options import EvalOptions
 from ml3cli.commands.output import fmt, fmt_spread, progress_bar
 from ml3cli.commands.parsing import evaluation_seeds, parse_steps
-from ml3cli.commands.runs import check_out_dir, new_run_dir, write_json, write_settings
+from ml3cli.commands.runs import check_out_dir, exclusive_outputs, new_run_dir, write_json, write_settings
 from ml3cli.engine import InnerOptimizer
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, paired_difference, step_size_ratio, tune_lr
@@ -52,6 +52,14 @@ def run(
 ) -> dict[str, Any]:
     """``ml3 compare``: train fresh optimizees with each loss, same seeds, print the table, write the results
     (to ``--out-dir``, else a new ``runs/COMMAND/TASK/TIMESTAMP/``) with the settings used."""
+    with exclusive_outputs(options.out_dir, options.json_path):
+        return compare(task_name, loss_specs, options, console, command)
+
+
+def compare(
+    task_name: str, loss_specs: Sequence[str], options: EvalOptions, console: Console, command: str
+) -> dict[str, Any]:
+    """What :func:`run` does once it holds the outputs."""
     configure(options.threads, options.seed or 0)
     device = resolve_device(options.device)
     if not loss_specs:

@@ -17,7 +17,7 @@ from ml3cli import artifacts, files, plots, shipped
 from ml3cli.commands.options import LandscapeOptions
 from ml3cli.commands.output import progress_bar
 from ml3cli.commands.parsing import parse_fix
-from ml3cli.commands.runs import check_out_dir, new_run_dir, write_json, write_settings
+from ml3cli.commands.runs import check_out_dir, exclusive_outputs, new_run_dir, write_json, write_settings
 from ml3cli.errors import ML3Error
 from ml3cli.landscape import MODES, Landscape1D, function_view, landscape_1d, landscape_2d, pointwise_fn
 from ml3cli.losses import (
@@ -73,6 +73,12 @@ def run(specs: Sequence[str], options: LandscapeOptions, console: Console) -> di
     Without ``specs``: :func:`default_loss` against the task's hand-written loss, in the function view when the
     1-D view would need ``--param`` (an optimizee with more than one parameter)."""
     check(options)
+    with exclusive_outputs(options.out_dir, options.json_path):
+        return plot_landscape(specs, options, console)
+
+
+def plot_landscape(specs: Sequence[str], options: LandscapeOptions, console: Console) -> dict[str, Any]:
+    """What :func:`run` does once it holds the outputs."""
     check_out_dir(options.out_dir, OUTPUT_FILES, options.overwrite, options.json_path)
     chosen = None
     if not specs:

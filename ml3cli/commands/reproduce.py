@@ -56,6 +56,12 @@ def reproduce(exp: Experiment, options: ReproduceOptions, console: Console) -> d
     configure(options.threads)  # small models: one thread is many times faster than two on a 2-core machine
     tag = f"{exp.name}-quick" if options.quick else exp.name
     out = options.out_dir or (Path("runs") / "reproduce" / tag if options.quick else RESULTS / exp.name)
+    with files.exclusive_output(out.resolve(), "--out-dir"):  # two runs of one experiment would mix their results
+        return run_experiment(exp, options, console, tag, out)
+
+
+def run_experiment(exp: Experiment, options: ReproduceOptions, console: Console, tag: str, out: Path) -> dict[str, Any]:
+    """What :func:`reproduce` does once it holds the results folder ``out``."""
     count = options.meta_seeds or (min(2, exp.meta_seeds) if options.quick else exp.meta_seeds)
     seeds = list(range(count))
     overrides = {recipe: exp.quick_overrides(recipe) if options.quick else [] for recipe in exp.recipes}

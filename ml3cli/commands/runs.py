@@ -9,10 +9,11 @@ filled in) and the versions of ml3, torch, numpy and Python.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,19 @@ def check_out_dir(
             f"{where} {', '.join(str(p) for p in taken)} from an earlier run: add --overwrite to replace "
             "them, or choose another --out-dir / --json (without --out-dir every run gets its own folder under runs/)"
         )
+
+
+@contextlib.contextmanager
+def exclusive_outputs(out_dir: Path | None, json_path: Path | None = None) -> Iterator[None]:
+    """Hold the ``--out-dir`` folder and the ``--json`` file for this run, so that two runs never write the same
+    results: a second one is refused, naming the first (:func:`ml3cli.files.exclusive_output`). A folder of
+    ``runs/`` needs no lock: :func:`new_run_dir` gives every run its own."""
+    with contextlib.ExitStack() as held:
+        if out_dir is not None:
+            held.enter_context(files.exclusive_output(Path(out_dir).resolve(), "--out-dir"))
+        if json_path is not None and not writes_json_to_stdout(json_path):
+            held.enter_context(files.exclusive_output(Path(json_path).resolve(), "--json"))
+        yield
 
 
 def new_run_dir(command: str, task: str, root: Path = Path("runs")) -> Path:

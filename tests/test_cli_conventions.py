@@ -212,6 +212,16 @@ def test_meta_test_without_a_recorded_meta_test_uses_the_documented_defaults(tmp
     assert set(settings["versions"]) >= {"ml3", "torch", "numpy", "python"}
 
 
+def test_one_seed_prints_no_interval_rather_than_nan(tmp_path, monkeypatch, capsys):
+    """A paired 95% interval needs two seeds or more: with one, the line says so instead of "nan … nan"."""
+    tiny = ("--task-option", "hidden=[4]", "--task-option", "points=8", "--task-option", "query_points=8")
+    args = ("meta-test", "--loss", "huber", "--task", "sine_shifted", *tiny, "--steps", "2", "--num-seeds", "1")
+    result = run_main(monkeypatch, capsys, *args, "-q", "--out-dir", tmp_path / "o", cwd=tmp_path)
+    assert result.code == 0, result.output
+    text = re.sub(r"\s+", " ", result.stdout)
+    assert "mse − huber at step 2:" in text and "(no interval from one seed)" in text and "nan" not in text
+
+
 def test_out_dir_with_results_is_refused_unless_overwrite(tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
     first = run_main(monkeypatch, capsys, "compare", *QUICK, "--out-dir", out, cwd=tmp_path)

@@ -246,9 +246,10 @@ def print_results(console, task, curves: list[LossCurves], steps, seeds, tasks, 
     console.print(table)
     for pair in document["paired"]:
         low, high = pair["ci95"]
+        interval = f"95% CI {fmt(low)} … {fmt(high)}" if pair["seeds"] > 1 else "no interval from one seed"
         console.print(
             f"{pair['other']} − {pair['reference']} at step {steps}: {fmt(pair['mean_difference'])} "
-            f"(95% CI {fmt(low)} … {fmt(high)}); {pair['reference']} better on "
+            f"({interval}); {pair['reference']} better on "
             f"{pair['reference_better_on']}/{pair['seeds']} seeds"
         )
     tuning = document["baseline_lr_tuning"]

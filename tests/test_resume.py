@@ -250,6 +250,8 @@ def test_interrupt_before_any_checkpoint_is_reported(tmp_path):
 SLOWED_ML3 = textwrap.dedent(
     """
     import sys, time
+    sys.argv = ["/usr/local/bin/ml3", *sys.argv[1:]]  # the console script: ml3cli guards its start-up
+    import ml3cli
     import ml3cli.commands.meta_train as command
     real = command.meta_train
     def slowed(recipe, task, on_step=None, **kwargs):
@@ -259,8 +261,7 @@ SLOWED_ML3 = textwrap.dedent(
                 on_step(step, record)
         return real(recipe, task, on_step=on_step_slowly, **kwargs)
     command.meta_train = slowed
-    from ml3cli.cli import main
-    sys.argv = ["ml3", *sys.argv[1:]]
+    from ml3cli.entry import main
     main()
     """
 )

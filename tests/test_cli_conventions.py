@@ -429,3 +429,28 @@ def test_cli_without_the_simulators_extra(tmp_path):
         "[sim], pip install 'ml3cli[sim]'"
     )
     assert not Path(tmp_path / "runs").exists()
+
+
+def test_no_help_text_loses_words_to_rich_markup():
+    """Help is rendered with rich, which takes "[word]" for a style and drops it ("needs the [tensorboard]
+    extra" printed as "needs the  extra"): every command's and option's help must render to its own words."""
+    import typer
+    from rich.text import Text
+
+    from ml3cli.cli import app
+
+    def walk(command, path):
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    lost = [
+        (" ".join(path), name)
+        for path, command in walk(typer.main.get_command(app), ["ml3"])
+        for name, text in [
+            ("help", command.help or ""),
+            *((p.name, getattr(p, "help", None) or "") for p in command.params),
+        ]
+        if Text.from_markup(text).plain != text.replace("\\[", "[")
+    ]
+    assert not lost

@@ -109,7 +109,7 @@ class MetaTrainOptions(OptionGroup):
         None,
         "--log-dir",
         help="also write the curves as TensorBoard event files here (same names as the CSV; needs the "
-        "[tensorboard] extra); with --seeds, one subfolder per seed",
+        "\\[tensorboard] extra); with --seeds, one subfolder per seed",
     )
 
     def recipe_overrides(self) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import os
 import random
 import re
 import sys
@@ -69,10 +70,35 @@ def configure(threads: int, seed: int | None = None) -> None:
     keep_freed_memory()
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+        warning = oversubscription(threads)
+        if warning:
+            sys.stderr.write(f"warning: {warning}\n")
     if seed is not None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def oversubscription(threads: int, processes: int = 1) -> str | None:
+    """What is wrong with ``processes`` runs of ``threads`` intra-op threads each on this machine, or None when
+    they fit its cores. More threads than cores do not add speed: they wait for each other (torch's threads
+    spin before they sleep), so every step gets slower, up to many times under load."""
+    cores = usable_cores()
+    if threads * processes <= cores:
+        return None
+    each = f"{processes} processes × {threads} threads" if processes > 1 else f"{threads} threads"
+    return (
+        f"{each} is more than the {cores} CPU cores this process may use: every step will be slower; "
+        f"use --threads {max(1, cores // processes)} or fewer"
+    )
 
 
 #: the independent random streams of one seed: meta-training draws, validation draws (choosing learning rates) and

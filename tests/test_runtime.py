@@ -50,3 +50,50 @@ def test_configure_sets_threads_and_keeps_freed_memory():
         assert_freed_memory_is_reused([page_faults_of_one_step() for _ in range(8)])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_more_threads_than_cores_are_named_with_the_count_that_fits(monkeypatch):
+    from ml3cli import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    assert runtime.oversubscription(2) is None and runtime.oversubscription(1, processes=2) is None
+    assert "3 threads is more than the 2 CPU cores" in runtime.oversubscription(3)
+    assert "use --threads 1 or fewer" in runtime.oversubscription(2, processes=2)
+    assert "4 processes × 1 threads" in runtime.oversubscription(1, processes=4)
+
+
+def test_commands_warn_before_oversubscribing_the_cores(tmp_path, monkeypatch, capsys):
+    """meta-train with more threads than cores, or --seeds with more jobs × threads than cores, says so on stderr
+    before any work; within the cores it says nothing."""
+    from helpers import TINY_RECIPE, run_main, write_recipe
+
+    from ml3cli import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    recipe = write_recipe(tmp_path / "r.yaml", {**TINY_RECIPE, "outer": {**TINY_RECIPE["outer"], "steps": 2}})
+    threads = torch.get_num_threads()
+    try:
+        three = run_main(
+            monkeypatch, capsys, "meta-train", recipe, "--threads", "3", "-q", "--out", "a.safetensors", cwd=tmp_path
+        )
+        assert three.code == 0 and "3 threads is more than the 2 CPU cores" in three.stderr
+        one = run_main(
+            monkeypatch, capsys, "meta-train", recipe, "--threads", "2", "-q", "--out", "b.safetensors", cwd=tmp_path
+        )
+        assert one.code == 0 and "CPU cores" not in one.stderr
+    finally:
+        torch.set_num_threads(threads)
+    sweep = run_main(
+        monkeypatch,
+        capsys,
+        "meta-train",
+        recipe,
+        "--seeds",
+        "0-2",
+        "--jobs",
+        "3",
+        "--out",
+        "c.safetensors",
+        cwd=tmp_path,
+    )
+    assert sweep.code == 0 and "3 processes × 1 threads is more than the 2 CPU cores" in sweep.stderr

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from ml3cli import artifacts, checkpoints, distributed, files, plots
 from ml3cli.commands.options import MetaTrainOptions, to_argv
-from ml3cli.commands.output import fmt, fmt_spread, progress_bar
+from ml3cli.commands.output import fmt, fmt_spread, progress_bar, warn_if_oversubscribed
 from ml3cli.commands.parsing import parse_seeds
 from ml3cli.engine import meta_train, optimizer_for
 from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
@@ -60,6 +60,7 @@ def run(recipe_path: Path, options: MetaTrainOptions, console: Console) -> None:
         )  # fmt: skip
         return
     if options.nproc is not None and options.nproc > 1 and distributed.world_from_environment()[1] == 1:
+        warn_if_oversubscribed(recipe.threads, options.nproc)
         resume = ["--resume", options.resume] if options.resume is not None else []
         code = distributed.launch(options.nproc, argv() + resume)
         if code:
@@ -353,6 +354,7 @@ def run_seed_sweep(
     for path in paths.values():
         files.check_writable(path)
     warn_if_replacing(list(paths.values()))
+    warn_if_oversubscribed(recipe.threads, jobs)
     console.print(f"meta-training {recipe.name} for seeds {list(seeds)}, {jobs} at a time (logs: ARTIFACT.log)")
 
     def one(seed: int) -> tuple[int, int, float]:

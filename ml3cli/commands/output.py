@@ -37,3 +37,12 @@ def progress_bar(console: Console, quiet: bool) -> Progress:
         disable=quiet,
         transient=False,
     )
+
+
+def warn_if_oversubscribed(threads: int, processes: int) -> None:
+    """Before any work: say on stderr when ``processes`` runs of ``threads`` threads each exceed the cores."""
+    from ml3cli.runtime import oversubscription  # torch: only when a command runs
+
+    warning = oversubscription(threads, processes)
+    if warning:
+        Console(stderr=True, highlight=False).print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)

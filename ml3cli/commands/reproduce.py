@@ -17,7 +17,7 @@ from rich.table import Table
 
 from ml3cli import files, plots
 from ml3cli.commands.options import ReproduceOptions
-from ml3cli.commands.output import fmt
+from ml3cli.commands.output import fmt, warn_if_oversubscribed
 from ml3cli.errors import ML3Error
 from ml3cli.experiments import REPRODUCIBLE, experiment
 from ml3cli.experiments.protocol import (
@@ -74,6 +74,7 @@ def run_experiment(exp: Experiment, options: ReproduceOptions, console: Console,
         f"[bold]{exp.name}[/] (paper {exp.paper}): {len(plan)} meta-training(s) of {', '.join(exp.recipes)} "
         f"for seeds {seeds}, {options.jobs} at a time{' (quick)' if options.quick else ''}"
     )
+    warn_if_oversubscribed(1, options.jobs)  # every recipe of an experiment runs on one thread
     started = time.perf_counter()
     records = meta_train_all(plan, options.jobs, console.print)
     trained = time.perf_counter()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.func import vmap
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ml3cli.engine import InnerOptimizer, LossFn, detached, inner_gradient, inner_step
 from ml3cli.engine.inner_optimizers import SGD
@@ -67,7 +68,7 @@ def train_curve(
     loss_fn: LossFn,
     theta,
     batch,
-    lr: float,
+    lr: float | torch.Tensor,
     steps: int,
     report: bool = False,
     gen: torch.Generator | None = None,
@@ -75,7 +76,7 @@ def train_curve(
     optimizer: InnerOptimizer = SGD(),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Train a batch of optimizees with ``loss_fn`` for ``steps`` steps of ``optimizer`` (plain SGD by default),
-    its state fresh at ``theta``.
+    its state fresh at ``theta``, at the learning rate ``lr``: one for all, or a tensor ``[n]``, one per optimizee.
 
     Returns the task loss ``[steps + 1, n]`` and, with ``report``, each of the task's report metrics likewise.
     A task that ``collects_data`` gathers fresh data with the current θ (from ``gen``) before every step and
@@ -87,7 +88,11 @@ def train_curve(
     if task.collects_data and gen is None:
         raise ValueError(f"task {task.name!r} collects data and needs a generator")
     gather = (lambda theta, purpose: task.collect(theta, batch, gen, purpose)) if task.collects_data else None
-    step_fn = vmap(lambda theta, state, batch: inner_step(task, loss_fn, theta, state, batch, lr, optimizer))
+    if isinstance(lr, torch.Tensor):
+        each = vmap(lambda theta, state, batch, lr: inner_step(task, loss_fn, theta, state, batch, lr, optimizer))
+        step_fn = lambda theta, state, batch: each(theta, state, batch, lr)  # noqa: E731
+    else:
+        step_fn = vmap(lambda theta, state, batch: inner_step(task, loss_fn, theta, state, batch, lr, optimizer))
     state = optimizer.init(theta)
     metric_fn = vmap(task.task_loss)
     report_fn = vmap(task.report_metrics) if report else None
@@ -201,6 +206,7 @@ def evaluate(
     stream: str = "test",
     record_at: Collection[int] | None = None,
     optimizer: InnerOptimizer = SGD(),
+    together: bool = True,
 ) -> list[LossCurves]:
     """Meta-test every loss on ``tasks`` test tasks for each seed: ``seeds`` the seeds themselves, or a count of
     seeds from ``seed`` on (``seed``, ``seed + 1``, …). Seed s draws its tasks and θ₀ from the random stream
@@ -208,12 +214,16 @@ def evaluate(
     never those of ``test``).
 
     ``on_seed(done)`` is called after each seed (for progress bars). ``record_at``: see :func:`train_curve`.
-    Every loss trains with ``optimizer`` (plain SGD by default).
+    Every loss trains with ``optimizer`` (plain SGD by default). ``together``: for a task that does not collect
+    data, train the seeds and losses in batches (:func:`evaluate_together`, the same numbers, fewer kernels);
+    False trains one seed and loss after another.
     """
+    chosen = list(range(seed, seed + seeds) if isinstance(seeds, int) else seeds)
+    if not task.collects_data and together:
+        return evaluate_together(task, losses, tasks, chosen, steps, on_seed, stream, record_at, optimizer)
     values: dict[str, list[np.ndarray]] = {loss.label: [] for loss in losses}
     extras: dict[str, dict[str, list[np.ndarray]]] = {loss.label: {} for loss in losses}
     report = has_report_metrics(task)
-    chosen = range(seed, seed + seeds) if isinstance(seeds, int) else seeds
     for s, one_seed in enumerate(chosen):
         gen, batch, theta = draw_tasks(task, tasks, stream, one_seed)
         after_draws = gen.get_state()
@@ -236,6 +246,73 @@ def evaluate(
             {name: np.stack(series) for name, series in extras[loss.label].items()},
         )
         for loss in losses
+    ]
+
+
+#: how many numbers (θ and task data) one batched training of :func:`evaluate_together` may hold; the
+#: activations come on top (a few times that for a small convolutional network)
+BATCH_ELEMENTS = 50_000_000
+
+
+def evaluate_together(
+    task: Task,
+    losses: Sequence[NamedLoss],
+    tasks: int,
+    seeds: Sequence[int],
+    steps: int,
+    on_seed: Callable[[int], None] | None = None,
+    stream: str = "test",
+    record_at: Collection[int] | None = None,
+    optimizer: InnerOptimizer = SGD(),
+    batch_elements: int = BATCH_ELEMENTS,
+) -> list[LossCurves]:
+    """:func:`evaluate` for a task that does not collect data: the optimizees of every seed, and of every loss
+    that shares a function (one loss at several learning rates, as a rate search has), train together in one
+    ``vmap`` with a learning rate per optimizee, in as few batches as ``batch_elements`` allows.
+
+    Each optimizee trains as it would alone (its own θ₀, tasks and rate; nothing couples them), so the curves
+    equal those of training one seed and loss after another (bit for bit on the machines measured; a test holds
+    them to float32 rounding, as a kernel may sum in another order for another batch size). What changes is the
+    number of small kernels launched, which is what a sweep of small optimizees waits for: a rate search on
+    ``sine_shifted`` runs several times faster. Convolutional optimizees (LeNet) gain nothing, their time is the
+    convolutions' own (``benchmarks/sweeps.py``)."""
+    draws = [draw_tasks(task, tasks, stream, one_seed)[1:] for one_seed in seeds]  # (tasks, θ₀) of each seed
+    report = has_report_metrics(task)
+    per_seed = sum(leaf.numel() for leaf in tree_leaves(draws[0]))
+    capacity = max(1, batch_elements // max(1, per_seed))  # (seed, loss) pairs per batch
+    groups: dict[int, list[int]] = {}  # losses that share a function train together
+    for index, loss in enumerate(losses):
+        groups.setdefault(id(loss.fn), []).append(index)
+    total = len(seeds) * len(losses)
+    trained: dict[tuple[int, int], tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+    for indices in groups.values():
+        pairs = [(s, index) for s in range(len(seeds)) for index in indices]
+        for start in range(0, len(pairs), capacity):
+            chunk = pairs[start : start + capacity]
+            batch, theta = tree_map(lambda *leaves: torch.cat(leaves), *[draws[s] for s, _ in chunk])
+            like = tree_leaves(theta)[0]
+            lr = torch.tensor([losses[index].lr for _, index in chunk], dtype=like.dtype, device=like.device)
+            curve, reported = train_curve(
+                task, losses[indices[0]].fn, theta, batch, lr.repeat_interleave(tasks), steps, report,
+                record_at=record_at, optimizer=optimizer,
+            )  # fmt: skip
+            for k, pair in enumerate(chunk):
+                part = slice(k * tasks, (k + 1) * tasks)
+                trained[pair] = (
+                    curve[:, part].T.cpu().double().numpy(),
+                    {name: series[:, part].T.cpu().double().numpy() for name, series in reported.items()},
+                )
+            if on_seed is not None:
+                on_seed(len(trained) * len(seeds) // total)
+    return [
+        LossCurves(
+            loss.label,
+            loss.lr,
+            loss.source,
+            np.stack([trained[s, index][0] for s in range(len(seeds))]),
+            {name: np.stack([trained[s, index][1][name] for s in range(len(seeds))]) for name in trained[0, index][1]},
+        )
+        for index, loss in enumerate(losses)
     ]
 
 

@@ -107,8 +107,8 @@ class LossAdapter:
 
     @property
     def phi(self) -> Phi:
-        """φ now, by name (detached)."""
-        return {name: value.detach() for name, value in self.metaloss.named_parameters()}
+        """φ now, by name: a copy, which later updates leave as it is."""
+        return {name: value.detach().clone() for name, value in self.metaloss.named_parameters()}
 
     def estimator(self, task: Task, lr: float, optimizer: InnerOptimizer = SGD()) -> Estimator:
         """The engine's estimator through K steps of ``optimizer`` at ``lr``, with the task loss as L_val."""

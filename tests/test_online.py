@@ -277,6 +277,7 @@ def test_online_loss_trains_a_model_beside_its_optimizer():
         optimizer.step()
         online.step((x, y), (x_val, y_val))
     assert online.adapter.updates == 10
+    assert {k for k, _ in online.named_parameters()} == {f"loss.{k}" for k, _ in loss_fn.named_parameters()}
     assert float(torch.nn.functional.mse_loss(model(x), y).detach()) < before
     assert all(torch.equal(v, loss_fn.state_dict()[k]) for k, v in original.items())
     assert not torch.equal(online.loss.net[0].weight, loss_fn.net[0].weight)

@@ -250,7 +250,8 @@ class OnlineLoss(nn.Module):
         names = tuple(item.name for item in loss.inputs)
         self.adapter = LossAdapter(loss, Adaptation(every=every, lr=lr, unroll=unroll))
         self.loss = self.adapter.metaloss
-        self.model = model
+        # not a submodule: online.parameters() and online.state_dict() are φ alone, never the model's θ
+        object.__setattr__(self, "model", model)
         self.inner_lr = float(inner_lr)
         self.validation_loss = validation_loss
         self.make_inputs = inputs or (lambda prediction, target: dict(zip(names, (prediction, target), strict=True)))

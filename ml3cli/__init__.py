@@ -34,12 +34,14 @@ _PUBLIC = {
     "ML3Error": "ml3cli.errors",
     "LossInput": "ml3cli.metaloss",
     "MetaLoss": "ml3cli.metaloss",
+    "OnlineLoss": "ml3cli.engine.online",
 }
 
-__all__ = ["LossInput", "ML3Error", "MetaLoss", "__version__", "load_loss", "read_info", "save_loss"]
+__all__ = ["LossInput", "ML3Error", "MetaLoss", "OnlineLoss", "__version__", "load_loss", "read_info", "save_loss"]
 
 if TYPE_CHECKING:
     from ml3cli.artifacts import load_loss, read_info, save_loss
+    from ml3cli.engine.online import OnlineLoss
     from ml3cli.errors import ML3Error
     from ml3cli.metaloss import LossInput, MetaLoss
 

@@ -4,7 +4,8 @@ Every loss under comparison starts from the same θ₀ on the same tasks for a g
 losses are paired. The recorded metric is the task's own task loss on held-out query points (e.g. MSE). The
 optimizees train with plain SGD, the paper's inner loop, unless an inner optimizer is given (momentum or Adam,
 :mod:`ml3cli.engine.inner_optimizers`, whose state starts afresh with each θ₀): every loss of one comparison
-trains with the same one.
+trains with the same one. With an :class:`~ml3cli.engine.online.Adaptation`, every learned loss keeps learning
+while its optimizees train (online loss adaptation, from the support data only); hand-written losses stay fixed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ml3cli.engine import InnerOptimizer, LossFn, detached, inner_gradient, inner_step
 from ml3cli.engine.inner_optimizers import SGD
+from ml3cli.engine.online import Adaptation, LossAdapter
+from ml3cli.metaloss import MetaLoss
 from ml3cli.runtime import generator, stream_seed
 from ml3cli.tasks.base import Task
 
@@ -33,6 +36,7 @@ class NamedLoss:
     fn: LossFn
     lr: float
     source: str = "builtin"  # "builtin" or the artifact's path
+    metaloss: MetaLoss | None = None  #: M_φ of a learned loss (what online adaptation adapts), None for a built-in
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class LossCurves:
     source: str
     values: np.ndarray
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    adapts: bool = False  #: whether φ learned online while these optimizees trained
 
     @property
     def per_seed(self) -> np.ndarray:
@@ -74,6 +79,7 @@ def train_curve(
     gen: torch.Generator | None = None,
     record_at: Collection[int] | None = None,
     optimizer: InnerOptimizer = SGD(),
+    adapter: LossAdapter | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Train a batch of optimizees with ``loss_fn`` for ``steps`` steps of ``optimizer`` (plain SGD by default),
     its state fresh at ``theta``, at the learning rate ``lr``: one for all, or a tensor ``[n]``, one per optimizee.
@@ -84,9 +90,17 @@ def train_curve(
     step), for a protocol that reads a few steps of a long run (measuring can cost as much as the step). A task
     that collects data is measured at every step whatever ``record_at`` says: its measurement rollouts draw from
     the generator its training rollouts draw from, so skipping one would change the training.
+
+    With an ``adapter`` the optimizees train with its loss (``loss_fn`` unused), whose φ every
+    ``adapter.adaptation.every`` steps takes a step on the validation loss of the tasks' training data
+    (:meth:`Task.validation_batch`), through the last ``unroll`` steps (:mod:`ml3cli.engine.online`).
     """
     if task.collects_data and gen is None:
         raise ValueError(f"task {task.name!r} collects data and needs a generator")
+    if adapter is not None:
+        loss_fn, validation = adapter.loss_fn, task.validation_batch(batch)
+        estimator = adapter.estimator(task, lr, optimizer)
+        adaptation, window = adapter.adaptation, (theta, optimizer.init(theta))
     gather = (lambda theta, purpose: task.collect(theta, batch, gen, purpose)) if task.collects_data else None
     if isinstance(lr, torch.Tensor):
         each = vmap(lambda theta, state, batch, lr: inner_step(task, loss_fn, theta, state, batch, lr, optimizer))
@@ -120,7 +134,11 @@ def train_curve(
     with torch.no_grad():
         for step in range(steps):
             record(theta, step)
+            if adapter is not None and adaptation.opens_window(step):
+                window = theta, state
             theta, state = step_fn(theta, state, gather(theta, "inner") if gather is not None else batch)
+            if adapter is not None and adaptation.due(step + 1):
+                adapter.adapt(estimator, window[0], validation, state=window[1])
         record(theta, steps)
     return stack(history), {name: stack(values) for name, values in extras.items()}
 
@@ -206,6 +224,7 @@ def evaluate(
     stream: str = "test",
     record_at: Collection[int] | None = None,
     optimizer: InnerOptimizer = SGD(),
+    adaptation: Adaptation | None = None,
     together: bool = True,
 ) -> list[LossCurves]:
     """Meta-test every loss on ``tasks`` test tasks for each seed: ``seeds`` the seeds themselves, or a count of
@@ -214,12 +233,15 @@ def evaluate(
     never those of ``test``).
 
     ``on_seed(done)`` is called after each seed (for progress bars). ``record_at``: see :func:`train_curve`.
-    Every loss trains with ``optimizer`` (plain SGD by default). ``together``: for a task that does not collect
-    data, train the seeds and losses in batches (:func:`evaluate_together`, the same numbers, fewer kernels);
-    False trains one seed and loss after another.
+    Every loss trains with ``optimizer`` (plain SGD by default). With ``adaptation`` every learned loss (one with a
+    ``metaloss``) adapts online, starting afresh from its φ for each seed; the hand-written ones stay fixed.
+    ``together``: for a task that does not collect data, without adaptation, train the seeds and losses in batches
+    (:func:`evaluate_together`: the same numbers, fewer kernels); False trains one seed and loss after another.
     """
     chosen = list(range(seed, seed + seeds) if isinstance(seeds, int) else seeds)
-    if not task.collects_data and together:
+    if adaptation is not None:
+        task.check_validation_split()
+    elif not task.collects_data and together:
         return evaluate_together(task, losses, tasks, chosen, steps, on_seed, stream, record_at, optimizer)
     values: dict[str, list[np.ndarray]] = {loss.label: [] for loss in losses}
     extras: dict[str, dict[str, list[np.ndarray]]] = {loss.label: {} for loss in losses}
@@ -229,9 +251,11 @@ def evaluate(
         after_draws = gen.get_state()
         for loss in losses:
             gen.set_state(after_draws)  # every loss sees the same rollout randomness (paired comparisons)
+            adapts = adaptation is not None and loss.metaloss is not None
             curve, reported = train_curve(
-                task, loss.fn, theta, batch, loss.lr, steps, report, gen, record_at, optimizer
-            )
+                task, loss.fn, theta, batch, loss.lr, steps, report, gen, record_at, optimizer,
+                LossAdapter(loss.metaloss, adaptation) if adapts else None,
+            )  # fmt: skip
             values[loss.label].append(curve.T.cpu().double().numpy())
             for name, series in reported.items():
                 extras[loss.label].setdefault(name, []).append(series.T.cpu().double().numpy())
@@ -244,6 +268,7 @@ def evaluate(
             loss.source,
             np.stack(values[loss.label]),
             {name: np.stack(series) for name, series in extras[loss.label].items()},
+            adaptation is not None and loss.metaloss is not None,
         )
         for loss in losses
     ]

@@ -110,7 +110,7 @@ class LossSpec:
         module = artifacts.load_loss(path, expect_inputs=task.loss_inputs_spec).to(device)
         info = module.info
         chosen = lr or default_lr or (info["recipe"].get("inner") or {}).get("lr") or FALLBACK_LR
-        named = NamedLoss(path.stem + suffix, module.as_loss_fn(), chosen, source)
+        named = NamedLoss(path.stem + suffix, module.as_loss_fn(), chosen, source, module)
         return ResolvedLoss(named, module, info)
 
     def missing_message(self, task: Task) -> str:

@@ -3,12 +3,14 @@
 Every loss starts from the same θ₀ on the same tasks per seed (:func:`ml3cli.evaluate.evaluate`), so the table's
 differences are paired. ``meta-test`` is ``compare`` of one learned loss against the task's baseline. Unset counts,
 the learning rate and the inner optimizer come from what the artifact recorded (:mod:`ml3cli.losses`); every loss
-trains with the same optimizer.
+trains with the same optimizer. With ``--adapt`` every learned loss keeps learning while its optimizees train
+(:mod:`ml3cli.engine.online`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from ml3cli.commands.options import EvalOptions
 from ml3cli.commands.output import fmt, fmt_spread, progress_bar
 from ml3cli.commands.parsing import evaluation_seeds, parse_steps
 from ml3cli.commands.runs import check_out_dir, exclusive_outputs, new_run_dir, write_json, write_settings
-from ml3cli.engine import InnerOptimizer
+from ml3cli.engine import Adaptation, InnerOptimizer
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, paired_difference, step_size_ratio, tune_lr
 from ml3cli.losses import (
@@ -77,8 +79,13 @@ def compare(
     )
     steps = options.steps or recorded.steps or EvalOptions.DEFAULT_STEPS
     table_steps(steps, at)  # refuse --at beyond the steps before any training
+    adaptation = adaptation_from(options)
     task = make_test_task(task_name, recorded, options.task_options, device)
     losses = [r.named for r in resolve_losses(loss_specs, task, options.lr or recorded.lr, device)]
+    if adaptation is not None:
+        task.check_validation_split()
+        if all(loss.metaloss is None for loss in losses):
+            raise ML3Error("--adapt adapts learned losses, and every --loss is a hand-written one: give a learned loss")
 
     tuning = None
     if options.tune_baseline_lr:  # on validation tasks of the test family: never a test task
@@ -94,14 +101,15 @@ def compare(
         bar = progress.add_task(f"{command} {task_name}: {len(losses)} losses, seed", total=len(seeds))
         curves = evaluate(
             task, losses, tasks, seeds, steps, on_seed=lambda done: progress.update(bar, completed=done),
-            optimizer=optimizer,
+            optimizer=optimizer, adaptation=adaptation,
         )  # fmt: skip
 
     initial = float(curves[0].at(0).mean())
     threshold = options.threshold if options.threshold is not None else 0.5 * initial
-    document = results_document(task, curves, tasks, seeds, steps, threshold, tuning, optimizer)
+    document = results_document(task, curves, tasks, seeds, steps, threshold, tuning, optimizer, adaptation)
     print_results(console, task, curves, steps, len(seeds), tasks, threshold, document, at)
-    ratios = learned_step_sizes(task, losses, tasks, seeds[0], steps, optimizer)
+    # the ratio describes a fixed loss: an adapting one is another loss at every step
+    ratios = {} if adaptation is not None else learned_step_sizes(task, losses, tasks, seeds[0], steps, optimizer)
     if ratios:
         document["step_size_ratio"] = ratios
         for label, r in ratios.items():
@@ -137,11 +145,41 @@ def compare(
         "out_dir": str(out),
         "device": str(device),
         "inner_optimizer": document["inner_optimizer"],
+        "online_adaptation": document["online_adaptation"],
     }
     write_settings(out, command, used)
     write_json(options.json_path, document)
     console.print(f"wrote {', '.join(RESULT_FILES)} and settings.json to {out}")
     return document
+
+
+def adaptation_from(options: EvalOptions) -> Adaptation | None:
+    """The online adaptation ``--adapt`` asks for (None without it), its settings checked in one line each."""
+    given = {
+        flag: value
+        for flag, value in (
+            ("--adapt-every", options.adapt_every),
+            ("--adapt-lr", options.adapt_lr),
+            ("--adapt-unroll", options.adapt_unroll),
+        )
+        if value is not None
+    }
+    if not options.adapt:
+        if given:
+            raise ML3Error(f"{next(iter(given))} is a setting of online adaptation: add --adapt")
+        return None
+    defaults = Adaptation()
+    every = options.adapt_every or defaults.every
+    unroll = options.adapt_unroll or defaults.unroll
+    lr = options.adapt_lr if options.adapt_lr is not None else defaults.lr
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ML3Error(f"--adapt-lr {lr}: expected a finite rate, 0 or more")
+    if unroll > every:
+        raise ML3Error(
+            f"--adapt-unroll {unroll} exceeds --adapt-every {every}: the meta-gradient flows back only through "
+            "steps taken with the current φ; lower --adapt-unroll or raise --adapt-every"
+        )
+    return Adaptation(every=every, lr=lr, unroll=unroll)
 
 
 def learned_step_sizes(
@@ -182,6 +220,7 @@ def results_document(
     threshold: float,
     tuning,
     optimizer: InnerOptimizer,
+    adaptation: Adaptation | None = None,
 ) -> dict[str, Any]:
     """The comparison as JSON: every loss's curve per seed, mean and std, and the paired differences at the end."""
     reference = curves[0]
@@ -199,6 +238,7 @@ def results_document(
                 "name": c.label,
                 "source": c.source,
                 "lr": c.lr,
+                "adapts": c.adapts,
                 "per_seed": [[float(v) for v in row] for row in c.per_seed],
                 "mean": [float(v) for v in c.per_seed.mean(axis=0)],
                 "std": [float(v) for v in c.per_seed.std(axis=0)],
@@ -220,6 +260,9 @@ def results_document(
         ],
         "baseline_lr_tuning": tuning,
         "inner_optimizer": {"name": optimizer.name, **dataclasses.asdict(optimizer)},
+        "online_adaptation": None
+        if adaptation is None
+        else adaptation.record() | {"validation": "the task loss on each task's training (support) data"},
     }
 
 
@@ -228,10 +271,17 @@ def print_results(console, task, curves: list[LossCurves], steps, seeds, tasks, 
     80 columns), the steps to reach the threshold, the paired differences and the tuning."""
     trained = document["inner_optimizer"]["name"]
     title = f"{task.name}: held-out {task.metric}, mean ± std over {seeds} seeds × {tasks} tasks"
-    table = Table(title=title if trained == "sgd" else f"{title}, trained with {trained}")
+    title = title if trained == "sgd" else f"{title}, trained with {trained}"
+    online = document.get("online_adaptation")
+    if online:
+        title += (
+            f"; learned losses adapt online every {online['every']} steps through {online['unroll']} "
+            f"(Adam, lr {online['lr']:g}, on the training data)"
+        )
+    table = Table(title=title)
     table.add_column("")
     for c in curves:
-        table.add_column(f"{c.label}\nlr {c.lr:g}", justify="right")
+        table.add_column(f"{c.label}\nlr {c.lr:g}" + ("\nadapting" if c.adapts else ""), justify="right")
     shown = table_steps(steps, at)
     for s in shown:
         cells = (f"{fmt(float(c.at(s).mean()))} ± {fmt_spread(float(c.at(s).std()))}" for c in curves)

@@ -162,6 +162,25 @@ class EvalOptions(OptionGroup):
         help="KEY=VALUE override of the test task's options (default: those the artifact was meta-tested with), "
         "e.g. architecture=mlp; repeatable",
     )
+    adapt: bool = option(
+        False,
+        "--adapt",
+        help="online loss adaptation: every learned loss keeps learning while its optimizees train, by the "
+        "meta-gradient of the task loss on the tasks' training (support) data, never the test points; "
+        "hand-written losses stay fixed",
+    )
+    adapt_every: int | None = option(
+        None, "--adapt-every", min=1, help="with --adapt: optimizee steps between updates of φ (default 1)"
+    )
+    adapt_lr: float | None = option(
+        None, "--adapt-lr", min=0.0, help="with --adapt: Adam's learning rate on φ (default 1e-3; 0: φ stays fixed)"
+    )
+    adapt_unroll: int | None = option(
+        None,
+        "--adapt-unroll",
+        min=1,
+        help="with --adapt: inner steps the meta-gradient flows back through, at most --adapt-every (default 1)",
+    )
     json_path: Path | None = option(None, "--json", metavar="PATH", help=JSON_HELP)
     out_dir: Path | None = option(
         None, "--out-dir", help=OUT_DIR_HELP.format(files="results.json, curves.csv, curves.png", command="COMMAND")

@@ -11,6 +11,8 @@ are out of place, and a batch of tasks is one ``vmap``. One concern per module:
 * :mod:`~ml3cli.engine.estimators`: ∇_φ L_T, by full or truncated backpropagation, chosen once from the recipe;
 * :mod:`~ml3cli.engine.diagnostics`: L_T and M_φ at θ₀ for the curves, on a random stream of their own;
 * :mod:`~ml3cli.engine.outer`: the outer loop, Adam on φ;
+* :mod:`~ml3cli.engine.online`: online loss adaptation, φ learning on while an optimizee trains (meta-test, or
+  :class:`OnlineLoss` beside a user's training loop);
 * :mod:`~ml3cli.engine.state`: the outer loop's state between steps (what a checkpoint holds).
 """
 
@@ -28,6 +30,7 @@ from ml3cli.engine.estimators import (
     meta_gradient,
 )
 from ml3cli.engine.inner_optimizers import InnerOptimizer, InnerState, optimizer_for, sgd_update
+from ml3cli.engine.online import Adaptation, LossAdapter, OnlineLoss
 from ml3cli.engine.outer import MetaTrainResult, OuterOptimizer, build_metaloss, meta_train
 from ml3cli.engine.state import MetaTrainState
 from ml3cli.engine.unroll import (
@@ -49,17 +52,20 @@ from ml3cli.engine.unroll import (
 )
 
 __all__ = [
+    "Adaptation",
     "Diagnostics",
     "Estimator",
     "InnerOptimizer",
     "InnerState",
     "FullBackprop",
+    "LossAdapter",
     "LossFn",
     "MetaGradient",
     "MetaStep",
     "MetaTrainResult",
     "MetaTrainState",
     "Objective",
+    "OnlineLoss",
     "OuterOptimizer",
     "Phi",
     "TaskData",

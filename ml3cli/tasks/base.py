@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 
+from ml3cli.errors import ML3Error
 from ml3cli.functional import module_function
 from ml3cli.metaloss import LossInput
 
@@ -73,6 +74,9 @@ class Task(ABC):
     #: True for tasks that gather new data with the current θ between inner steps (rollouts of a policy on a
     #: simulator): the engine then calls :meth:`collect` outside ``torch.func`` before every use of a batch.
     collects_data: ClassVar[bool] = False
+    #: query field → the support field holding the same kind of data (``x_query`` → ``x_support``), for families
+    #: with a support/query split of fixed data; :meth:`validation_batch` needs it (empty: no such split).
+    query_from_support: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: TaskOptions | None = None, device: torch.device | str = "cpu"):
         self.options = options if options is not None else self.Options()
@@ -123,6 +127,23 @@ class Task(ABC):
     @abstractmethod
     def task_loss(self, theta: Theta, task: Any) -> Tensor:
         """L_T for ONE task on its held-out query data: a scalar. Also the meta-test metric."""
+
+    def validation_batch(self, batch: Any) -> Any:
+        """``batch`` with its query data replaced by its training (support) data, so that :meth:`task_loss` on it is
+        a validation loss on the training split: online loss adaptation (:mod:`ml3cli.engine.online`) descends it,
+        and the query data the meta-test metric is measured on never reach φ. Refused for a family without a
+        support/query split of fixed data (:attr:`query_from_support` empty)."""
+        self.check_validation_split()
+        return batch._replace(**{query: getattr(batch, support) for query, support in self.query_from_support.items()})
+
+    def check_validation_split(self) -> None:
+        """Refuse, in one line, a family that :meth:`validation_batch` cannot serve."""
+        if not self.query_from_support:
+            raise ML3Error(
+                f"task {self.name!r} has no training split of fixed data to measure a validation loss on, which "
+                "online loss adaptation (--adapt) needs: use a supervised family (sine, sine_shifted, "
+                "sine_frequency, mnist_binary, mnist)"
+            )
 
     def extra_term(self, name: str, theta: Theta, task: Any) -> Tensor:
         """The shaping term ``name`` (one of ``extra_term_names``) for ONE task; meta-train time only."""

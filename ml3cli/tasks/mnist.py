@@ -247,6 +247,7 @@ class MnistBinary(Task):
     loss_inputs_spec = CLASSWISE_INPUTS
     metric = "cross_entropy"
     builtin_losses = {"cross_entropy": cross_entropy, "brier": brier}
+    query_from_support = {"x_test": "x_train", "y_test": "y_train"}
 
     def __init__(self, options: TaskOptions | None = None, device: torch.device | str = "cpu"):
         super().__init__(options, device)

@@ -102,6 +102,7 @@ class SineFrequency(Task):
     )
     metric = "mse"
     builtin_losses = {"mse": mse, "l1": l1, "huber": huber}
+    query_from_support = {"x_query": "x_support", "y_query": "y_support"}
     extra_term_names = ("param_distance",)
 
     def build_optimizee(self) -> nn.Module:

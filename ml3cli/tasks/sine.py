@@ -75,6 +75,7 @@ class SineRegression(Task):
     )
     metric = "mse"
     builtin_losses = {"mse": mse, "l1": l1, "huber": huber}
+    query_from_support = {"x_query": "x_support", "y_query": "y_support"}
 
     def build_optimizee(self) -> nn.Module:
         opts = self.options

@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ml3cli.evaluate", "ml3cli.engine"),
     ("ml3cli.recipes",),
     ("ml3cli.tasks",),
-    ("ml3cli.envs", "ml3cli.control", "ml3cli.rl", "ml3cli.distributed"),
+    ("ml3cli.envs", "ml3cli.control", "ml3cli.rl", "ml3cli.distributed", "ml3cli.launchers"),
     (
         "ml3cli.files",
         "ml3cli.metadata",
@@ -199,7 +199,7 @@ def test_the_cli_is_the_only_user_of_typer():
 STREAMED_LOGS = {
     ("ml3cli.commands.meta_train", "open(out_path.with_suffix(f'.rank{shard.rank}.log'), 'w', encoding='utf-8')"),
     ("ml3cli.commands.meta_train", "open(log_path, 'w', encoding='utf-8')"),
-    ("ml3cli.experiments.protocol", "open(job.artifact.with_suffix('.log'), 'w', encoding='utf-8')"),
+    ("ml3cli.launchers", "open(run.log, 'w', encoding='utf-8')"),
 }
 
 

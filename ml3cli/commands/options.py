@@ -234,7 +234,20 @@ class ReproduceOptions(OptionGroup):
     meta_seeds: int | None = option(
         None, "--meta-seeds", min=1, help="meta-train seeds 0 … N−1 (default: the experiment's, 2 with --quick)"
     )
-    jobs: int = option(1, "--jobs", min=1, help="meta-trainings run in parallel processes")
+    jobs: int = option(
+        1, "--jobs", min=1, help="meta-trainings run in parallel processes (with --launcher ray and no --address: "
+        "the CPUs of the local Ray cluster)"
+    )  # fmt: skip
+    launcher: str = option(
+        "local",
+        "--launcher",
+        help="where the meta-trainings run: local (processes on this machine) or ray (a Ray cluster; needs the "
+        "\\[ray] extra)",
+    )
+    address: str | None = option(
+        None, "--address", help="with --launcher ray: the cluster to use (auto, or ray://HOST:PORT); default: a "
+        "cluster started on this machine"
+    )  # fmt: skip
     threads: int = option(
         1, "--threads", min=1, max=MAX_THREADS, help=THREADS_HELP + " of the comparison (meta-training: the recipe's)"
     )

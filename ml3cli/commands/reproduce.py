@@ -29,6 +29,7 @@ from ml3cli.experiments.protocol import (
     provenance,
     validate_results,
 )
+from ml3cli.launchers import launcher_for
 from ml3cli.runtime import configure
 
 #: where full results live, one folder per experiment
@@ -48,6 +49,7 @@ def run(names: list[str], options: ReproduceOptions, console: Console) -> list[d
         raise ML3Error(f"unknown experiment {unknown[0]!r}; known: {', '.join(REPRODUCIBLE)} (or all)")
     if options.out_dir is not None and len(chosen) > 1:
         raise ML3Error("--out-dir names one experiment's folder: give one experiment with it")
+    launcher_for(options.launcher, options.jobs, options.address)  # refuse a bad --launcher before any work
     return [reproduce(experiment(name), options, console) for name in chosen]
 
 
@@ -74,9 +76,10 @@ def run_experiment(exp: Experiment, options: ReproduceOptions, console: Console,
         f"[bold]{exp.name}[/] (paper {exp.paper}): {len(plan)} meta-training(s) of {', '.join(exp.recipes)} "
         f"for seeds {seeds}, {options.jobs} at a time{' (quick)' if options.quick else ''}"
     )
-    warn_if_oversubscribed(1, options.jobs)  # every recipe of an experiment runs on one thread
+    if options.address is None:  # every recipe of an experiment runs on one thread, here
+        warn_if_oversubscribed(1, options.jobs)
     started = time.perf_counter()
-    records = meta_train_all(plan, options.jobs, console.print)
+    records = meta_train_all(plan, launcher_for(options.launcher, options.jobs, options.address), console.print)
     trained = time.perf_counter()
     if all(record["reused"] for record in records):
         console.print("no meta-training needed: every artifact was reused")
@@ -102,6 +105,7 @@ def run_experiment(exp: Experiment, options: ReproduceOptions, console: Console,
             "meta_train_seconds_sum": round(sum(r["meta_train_seconds"] or 0.0 for r in records), 2),
         },
         "jobs": options.jobs,
+        "launcher": options.launcher if options.address is None else f"{options.launcher} at {options.address}",
         "environment_samples": {  # simulator steps; supervised experiments simulate nothing
             "meta_train": sum(record["environment_samples"] for record in records),
             "meta_test": context.meta_test_samples,

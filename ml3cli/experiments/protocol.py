@@ -20,10 +20,8 @@ import dataclasses
 import math
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +35,7 @@ from ml3cli.engine import LossFn
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, metric_at, t_quantile_975, tune_lr
 from ml3cli.evaluate import widen_until_interior as widen_rates
+from ml3cli.launchers import Finished, Launcher, Run
 from ml3cli.losses import LossSpec, baseline_name, builtin_loss
 from ml3cli.recipes import Recipe, find_recipe, load_recipe, recipe_to_dict
 from ml3cli.tasks import make_task
@@ -108,10 +107,10 @@ class MetaTrainJob:
     overrides: tuple[str, ...]
     artifact: Path
 
-    def command(self) -> list[str]:
-        """The ``ml3`` command line that writes the artifact."""
+    def run(self) -> Run:
+        """The ``ml3 meta-train`` run that writes the artifact."""
         sets = [word for item in self.overrides for word in ("--set", item)]
-        return ["meta-train", self.recipe, "--seed", str(self.seed), "--out", str(self.artifact), "--quiet", *sets]
+        return Run(("meta-train", self.recipe, "--seed", str(self.seed), "--quiet", *sets), self.artifact)
 
     def effective_recipe(self) -> dict[str, Any]:
         """The recipe as the artifact must record it, without the output path."""
@@ -131,34 +130,29 @@ class MetaTrainJob:
         return recorded == self.effective_recipe()
 
 
-def meta_train_all(jobs: Sequence[MetaTrainJob], workers: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Meta-train every job whose artifact is not reusable, ``workers`` processes at a time; one record per job
-    (seed, artifact, reused, wall seconds, meta-train seconds). Raises ML3Error naming the failed runs and logs."""
+def meta_train_all(
+    jobs: Sequence[MetaTrainJob], launcher: Launcher, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Meta-train every job whose artifact is not reusable, by ``launcher`` (processes here, or a Ray cluster);
+    one record per job (seed, artifact, reused, wall seconds, meta-train seconds). Raises ML3Error naming the
+    failed runs and logs."""
     todo = [job for job in jobs if not job.reusable()]
     for job in jobs:
         if job not in todo:
             say(f"reusing {job.artifact} ({job.recipe}, seed {job.seed}: same recipe)")
-    finished: list[MetaTrainJob] = []
+    by_run = {job.run(): job for job in todo}
+    count = iter(range(1, len(todo) + 1))
 
-    def one(job: MetaTrainJob) -> tuple[MetaTrainJob, int, float]:
-        job.artifact.parent.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        with open(job.artifact.with_suffix(".log"), "w", encoding="utf-8") as log:
-            code = subprocess.call(
-                [sys.executable, "-m", "ml3cli", *job.command()], stdout=log, stderr=subprocess.STDOUT
-            )
-        seconds = time.perf_counter() - started
-        finished.append(job)
-        count = f"[{len(finished)}/{len(todo)}]"
+    def on_finished(finished: Finished) -> None:
+        job = by_run[finished.run]
+        done_so_far = f"[{next(count)}/{len(todo)}]"
         say(
-            f"{count} meta-trained {job.recipe} seed {job.seed} in {seconds:.1f} s"
-            if code == 0
-            else f"{count} FAILED: {job.recipe} seed {job.seed}"
+            f"{done_so_far} meta-trained {job.recipe} seed {job.seed} in {finished.seconds:.1f} s"
+            if finished.code == 0
+            else f"{done_so_far} FAILED: {job.recipe} seed {job.seed}"
         )
-        return job, code, seconds
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        done = {job: (code, seconds) for job, code, seconds in pool.map(one, todo)}
+    done = {by_run[f.run]: (f.code, f.seconds) for f in launcher.run_all(list(by_run), on_finished)}
     failed = [job for job, (code, _) in done.items() if code != 0]
     if failed:
         raise ML3Error(
@@ -587,6 +581,8 @@ class ResultsRecord(BaseModel):
     meta_train: list[dict[str, Any]]
     wall_seconds: dict[str, float]
     jobs: int
+    #: where the meta-trainings ran (local, or ray [at ADDRESS]); results written before it was recorded lack it
+    launcher: str = "local"
     environment_samples: dict[str, int]
     provenance: dict[str, Any]
 

@@ -250,6 +250,8 @@ def _meta_train_into(
             "environment_samples": test_task.environment_samples,  # its rollouts, not part of meta-training
         },
     }
+    if task.provenance():
+        metrics["task_data"] = task.provenance()
     artifacts.save_loss(out_path, result.metaloss, base_info | {"metrics": metrics})
     if not recipe.checkpoint_every:  # no end-of-run checkpoint: one left by an interrupt is spent now
         checkpoint.unlink(missing_ok=True)

@@ -153,6 +153,11 @@ class Task(ABC):
         """The ground-truth parameters θ* of ONE task when the family knows them (landscapes mark them), else None."""
         return None
 
+    def provenance(self) -> dict[str, Any]:
+        """What the task derived from its data that a reader of an artifact should see (e.g. scales the loss
+        inputs are divided by); recorded by ``ml3 meta-train`` in the artifact's metrics. None by default."""
+        return {}
+
     def report_metrics(self, theta: Theta, task: Any) -> dict[str, Tensor]:
         """Extra per-task scalars that meta-test/compare report beside the task loss (e.g. |θ − θ*|); none by default."""
         return {}

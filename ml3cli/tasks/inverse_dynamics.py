@@ -277,6 +277,11 @@ class InverseDynamicsOptions(TaskOptions):
         None, description="folder of the generated-data cache (default $ML3_CACHE_DIR or ~/.cache/ml3)"
     )
     no_cache: bool = Field(False, description="generate the data in memory, never read or write the cache")
+    normalize_torques: bool = Field(
+        False,
+        description="the loss sees û_j / s_j and u_j / s_j, s_j the std of joint j's torque over the meta-train "
+        "split's training trajectories, so one learning rate suits every joint",
+    )
 
     @field_validator("omega_range")
     @classmethod
@@ -330,6 +335,22 @@ class InverseDynamics(Task):
         names = ("q", "qd", "qdd", "u", "M")
         self.train_pool = {n: pool(n, slice(None, split)) for n in names}
         self.held_out_pool = {n: pool(n, slice(split, None)) for n in names}
+        # s_j: from the meta-train split's training trajectories whichever split this is, so that a loss learned
+        # on one split sees the other's torques on the same scale
+        train_data = (
+            data if opts.split == "meta_train" else load_or_generate(settings._replace(split="meta_train"), cache)
+        )
+        self.torque_scales = torch.as_tensor(
+            train_data["u"][:split].reshape(-1, self.dof).std(axis=0) if opts.normalize_torques else np.ones(self.dof),
+            dtype=torch.float32,
+        )
+        if opts.normalize_torques:
+            self.builtin_losses = {
+                "torque_mse": self._in_newton_metres(torque_mse),
+                "normalized_mse": torque_mse,
+                "l1": self._in_newton_metres(torque_l1),
+                "huber": self._in_newton_metres(torque_huber),
+            }
         for what, need, have in (
             ("points", opts.points, self.train_pool["q"].shape[0]),
             ("query_points", opts.query_points, self.held_out_pool["q"].shape[0]),
@@ -340,6 +361,20 @@ class InverseDynamics(Task):
     @property
     def dof(self) -> int:
         return robot_dof(self.robot)
+
+    def _in_newton_metres(self, loss):
+        """``loss`` of the torques in N·m, from the normalised inputs (the hand-written losses keep their meaning)."""
+        scales = self.torque_scales.reshape(self.dof, 1)
+
+        def in_newton_metres(u_pred: Tensor, u_true: Tensor) -> Tensor:
+            return loss(u_pred * scales.to(u_pred), u_true * scales.to(u_true))
+
+        in_newton_metres.__name__ = loss.__name__
+        return in_newton_metres
+
+    def provenance(self) -> dict[str, object]:
+        """The per-joint torque scales s_j the loss inputs are divided by (recorded in the artifact)."""
+        return {"torque_scales": [float(v) for v in self.torque_scales]} if self.options.normalize_torques else {}
 
     def build_optimizee(self) -> nn.Module:
         return DeepLagrangianModel(self.dof, list(self.options.hidden), self.options.epsilon)
@@ -361,7 +396,8 @@ class InverseDynamics(Task):
 
     def loss_inputs(self, theta: Theta, task: InverseDynamicsBatch) -> dict[str, Tensor]:
         u_pred, _ = self._model(theta, task.q, task.qd, task.qdd)
-        return {"u_pred": u_pred.unsqueeze(-1), "u_true": task.u.unsqueeze(-1)}
+        scales = self.torque_scales.to(u_pred)  # ones unless normalize_torques
+        return {"u_pred": (u_pred / scales).unsqueeze(-1), "u_true": (task.u / scales).unsqueeze(-1)}
 
     def task_loss(self, theta: Theta, task: InverseDynamicsBatch) -> Tensor:
         u_pred, _ = self._model(theta, task.q_query, task.qd_query, task.qdd_query)

@@ -193,3 +193,30 @@ def test_the_supervised_experiments_run_quick_end_to_end(name, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     options = ReproduceOptions(quick=True, jobs=2, out_dir=tmp_path / "out")
     check_quick_results(tmp_path / "out", reproduce(experiment(name), options, Console(quiet=True)))
+
+
+def test_the_speed_page_tables_are_made_from_the_benchmarks_json(tmp_path):
+    """docs/speed.md's benchmark tables come from results/benchmarks/NAME.json, between their markers; without a
+    JSON the page is left as it is."""
+    import json
+
+    from ml3cli.commands.report import SPEED, with_benchmark_tables
+
+    page = SPEED.read_text(encoding="utf-8")
+    assert with_benchmark_tables(page, tmp_path) is None
+    sweeps = {
+        "commit": "0123456789abcdef",
+        "versions": {"torch": "2.13.0"},
+        "rounds": 2,
+        "load_after": 1.25,
+        "results": {
+            "sine": {"task": "sine_shifted", "rates": 9, "seeds": 5, "tasks": 10, "steps": 100, "looped_seconds": 19.5,
+                     "batched_seconds": 3.0, "speedup": 6.5, "speedup_range": [6.1, 6.9], "same_scores": True},
+        },
+    }  # fmt: skip
+    (tmp_path / "sweeps.json").write_text(json.dumps(sweeps))
+    made = with_benchmark_tables(page, tmp_path)
+    assert "| sine (sine_shifted) | 9 × 5 × 10 × 100 | 19.50 | 3.00 | 6.50× (6.10–6.90) | yes |" in made
+    assert "commit `0123456789` with torch 2.13.0, 2 rounds, load 1.2 after the run" in made
+    begin, end = "<!-- sweeps table: generated", "<!-- end of the generated sweeps table -->"
+    assert made.split(begin)[0] == page.split(begin)[0] and made.split(end)[1] == page.split(end)[1]

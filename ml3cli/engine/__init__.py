@@ -10,6 +10,7 @@ are out of place, and a batch of tasks is one ``vmap``. One concern per module:
 * :mod:`~ml3cli.engine.data`: the data of an unroll (the task batch, or rollouts with the current θ; sharding);
 * :mod:`~ml3cli.engine.estimators`: ∇_φ L_T, by full or truncated backpropagation, chosen once from the recipe;
 * :mod:`~ml3cli.engine.diagnostics`: L_T and M_φ at θ₀ for the curves, on a random stream of their own;
+* :mod:`~ml3cli.engine.graphs`: a meta-step replayed from a CUDA graph (:class:`GraphedEstimator`, GPU only);
 * :mod:`~ml3cli.engine.outer`: the outer loop, Adam on φ;
 * :mod:`~ml3cli.engine.online`: online loss adaptation, φ learning on while an optimizee trains (meta-test, or
   :class:`OnlineLoss` beside a user's training loop);

@@ -16,7 +16,9 @@ from ml3cli.tasks import make_task
 
 def reference_setup(tasks: int = 4, truncate: bool = False):
     """The sine reference networks, ``tasks`` tasks, K = 3 inner steps."""
-    recipe = load_recipe("sine_reference", [f"inner.truncate={str(truncate).lower()}", "inner.steps=3", "inner.reset_every=3"])
+    recipe = load_recipe(
+        "sine_reference", [f"inner.truncate={str(truncate).lower()}", "inner.steps=3", "inner.reset_every=3"]
+    )
     task = make_task(recipe.task, recipe.task_options)
     gen = generator(0)
     metaloss = build_metaloss(recipe, task, gen)

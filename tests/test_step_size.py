@@ -62,3 +62,47 @@ def test_meta_train_records_it_and_inspect_and_compare_report_it(tmp_path, monke
     assert result.code == 0, result.output
     document = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert set(document["step_size_ratio"]) == {"a"} and document["step_size_ratio"]["a"]["baseline"] == "mse"
+
+
+def test_tune_inner_lr_meta_trains_and_meta_tests_at_the_baselines_validation_rate(tmp_path, monkeypatch, capsys):
+    """--tune-inner-lr: the baseline's rate chosen on validation tasks of the meta-test family (tune_lr, the same
+    search as compare --tune-baseline-lr) becomes inner.lr and meta_test.lr, recorded in the artifact; with --seeds
+    every seed's process gets that number, not a search of its own."""
+    from ml3cli.artifacts import read_info
+    from ml3cli.evaluate import tune_lr
+    from ml3cli.recipes import recipe_from_dict
+
+    data = {**TINY_RECIPE, "outer": {**TINY_RECIPE["outer"], "steps": 3}}
+    recipe_path = write_recipe(tmp_path / "r.yaml", data)
+    recipe = recipe_from_dict(data)
+    test = recipe.meta_test
+    task = make_task(test.task, test.task_options)
+    expected, _ = tune_lr(
+        task, builtin_loss(task, "mse", recipe.inner.lr), recipe.inner.lr, test.tasks, test.seeds, test.steps
+    )
+    assert expected != recipe.inner.lr  # the test would not tell the tuned rate from the recipe's
+
+    result = run_main(
+        monkeypatch, capsys, "meta-train", recipe_path, "--tune-inner-lr", "-q", "--out", "a.safetensors", cwd=tmp_path
+    )
+    assert result.code == 0, result.output
+    assert f"tuned inner lr: mse ends lowest at {expected:.4g}" in " ".join(result.stdout.split())
+    recorded = read_info(tmp_path / "a.safetensors")["recipe"]
+    assert recorded["inner"]["lr"] == expected and recorded["meta_test"]["lr"] == expected
+
+    sweep = run_main(
+        monkeypatch,
+        capsys,
+        "meta-train",
+        recipe_path,
+        "--tune-inner-lr",
+        "--seeds",
+        "0-1",
+        "--out",
+        "s.safetensors",
+        cwd=tmp_path,
+    )
+    assert sweep.code == 0, sweep.output
+    assert sweep.stdout.count("tuned inner lr") == 1  # once, here; the seeds' processes get the number
+    for seed in (0, 1):
+        assert read_info(tmp_path / f"s-seed{seed}.safetensors")["recipe"]["inner"]["lr"] == expected

@@ -32,7 +32,7 @@ from ml3cli.commands.output import fmt, fmt_spread, progress_bar, warn_if_oversu
 from ml3cli.commands.parsing import parse_seeds
 from ml3cli.engine import meta_train, optimizer_for
 from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
-from ml3cli.evaluate import NamedLoss, evaluate, step_size_ratio
+from ml3cli.evaluate import NamedLoss, evaluate, step_size_ratio, tune_lr
 from ml3cli.losses import baseline_name, builtin_loss
 from ml3cli.recipes import Recipe, checkpoint_path_for, load_recipe, recipe_to_dict
 from ml3cli.runtime import configure, resolve_device
@@ -43,6 +43,12 @@ from ml3cli.tracking import TensorBoardLog
 def run(recipe_path: Path, options: MetaTrainOptions, console: Console) -> None:
     """The command: load the recipe with the overrides, then run once, over ``--nproc`` processes or per seed."""
     recipe = load_recipe(recipe_path, options.recipe_overrides(), seed=options.seed)
+    if options.tune_inner_lr:  # the tuned rate becomes two overrides, which every process and seed then shares
+        rate = tuned_inner_lr(recipe, console)
+        options = dataclasses.replace(
+            options, tune_inner_lr=False, overrides=[*options.overrides, f"inner.lr={rate!r}", f"meta_test.lr={rate!r}"]
+        )
+        recipe = load_recipe(recipe_path, options.recipe_overrides(), seed=options.seed)
 
     def argv(**changes: Any) -> list[str]:
         """This command's own words with ``changes``, without --nproc/--seeds/--jobs, to start it elsewhere."""
@@ -97,6 +103,26 @@ def source_commit(root: Path | None = None) -> str | None:
         return None
     changes = git("status", "--porcelain", "--untracked-files=no")
     return head + ("-dirty" if changes else "")
+
+
+def tuned_inner_lr(recipe: Recipe, console: Console) -> float:
+    """The learning rate at which the meta-test family's baseline loss ends lowest, chosen on tasks of the
+    ``validation`` random stream (never a meta-train or test task) at the recipe's meta-test sizes, on a grid
+    around ``inner.lr`` widened until the choice is interior; trained with the recipe's inner optimizer."""
+    configure(recipe.threads)
+    test = recipe.meta_test
+    task = make_task(test.task, test.task_options, resolve_device(recipe.device), where="meta_test.task_options")
+    name = test.baseline or baseline_name(task)
+    best, scores = tune_lr(
+        task, builtin_loss(task, name, recipe.inner.lr), recipe.inner.lr, test.tasks, test.seeds, test.steps,
+        optimizer=optimizer_for(recipe.inner),
+    )  # fmt: skip
+    tried = ", ".join(f"{lr:.3g} → {fmt(score)}" for lr, score in scores.items())
+    console.print(
+        f"tuned inner lr: {name} ends lowest at {best:.4g} on validation tasks of {task.name} after {test.steps} "
+        f"steps ({tried}); meta-training and meta-testing at that rate"
+    )
+    return best
 
 
 # -- one run ------------------------------------------------------------------------------------------------------

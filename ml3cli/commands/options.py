@@ -83,6 +83,13 @@ class MetaTrainOptions(OptionGroup):
         None, "--threads", min=0, max=MAX_THREADS, help=THREADS_HELP + " (default: the recipe's)"
     )
     quiet: bool = option(False, "--quiet", "-q", help=QUIET_HELP)
+    tune_inner_lr: bool = option(
+        False,
+        "--tune-inner-lr",
+        help="first tune the baseline loss's learning rate on validation tasks of the meta-test family, then "
+        "meta-train and meta-test at that rate (inner.lr and meta_test.lr): a learned loss that wins there wins "
+        "by more than a larger step",
+    )
     resume: str | None = option(
         None,
         "--resume",

@@ -9,6 +9,14 @@ What is measured
     which goes first; the speed-up is looped time ÷ batched time per round, summarised by its median. The scores
     of the two are asserted equal (to float32 rounding) before anything is reported.
 
+Results (2 shared cores, 1 thread; the machine's load moves absolute times by 2×, ratios less)
+    ``sine``: batched 6.4× faster. ``mnist_binary`` (``--steps 10``): 1.4× (looped 13.9 s, batched 10.1 s), and 1.2–1.5×
+    faster than the looped sweep with vmap's grouped convolution (same-run rounds); the
+    time is LeNet's convolutions, and the batch only helps since they run one optimizee at a time
+    (:func:`ml3cli.functional.per_optimizee_conv2d`; with vmap's grouped convolution batched was 0.87–0.89× of
+    looped). One LeNet step of 64 images is ~145 MFLOP, ~10 ms per optimizee here: within about 3× of what a
+    core's GEMM peak (~30 GFLOP/s measured) would allow at all.
+
 Usage (from the repository root)
     python benchmarks/sweeps.py                                      # sine_shifted and mnist_binary
     python benchmarks/sweeps.py --recipes sine --rounds 3 --out results/benchmarks/sweeps.json

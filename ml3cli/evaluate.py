@@ -299,8 +299,10 @@ def evaluate_together(
     equal those of training one seed and loss after another (bit for bit on the machines measured; a test holds
     them to float32 rounding, as a kernel may sum in another order for another batch size). What changes is the
     number of small kernels launched, which is what a sweep of small optimizees waits for: a rate search on
-    ``sine_shifted`` runs several times faster. Convolutional optimizees (LeNet) gain nothing, their time is the
-    convolutions' own (``benchmarks/sweeps.py``)."""
+    ``sine_shifted`` runs several times faster. Convolutional optimizees (LeNet) gain less: their time is the
+    convolutions' own, which :func:`ml3cli.functional.per_optimizee_conv2d` runs one optimizee at a time (the
+    grouped convolution ``vmap`` would make of them is slower, worse the more optimizees a batch holds), and a
+    rate search on ``mnist_binary`` runs about 1.4× faster batched than looped (``benchmarks/sweeps.py``)."""
     draws = [draw_tasks(task, tasks, stream, one_seed)[1:] for one_seed in seeds]  # (tasks, θ₀) of each seed
     report = has_report_metrics(task)
     per_seed = sum(leaf.numel() for leaf in tree_leaves(draws[0]))

@@ -16,7 +16,9 @@ Nothing here knows a task, a loss or a baseline: only torch, numpy and a gymnasi
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -109,6 +111,8 @@ class EnvSpec:
     make: Callable[[], Any]  # a fresh gymnasium env (no time limit: the collector steps exactly ``horizon``)
     metric: Literal["neg_distance", "distance_gain"]
     goal_features: tuple[int, int] = (4, 5)  # where the goal (x, y) sits in the observation (its scale for g)
+    # steps reset envs together, the same trajectories as their ``step`` (:class:`ml3cli.envs.mujoco_batch.MujocoBatch`)
+    batch: Callable[..., Any] | None = None
 
 
 # -- rollouts -------------------------------------------------------------------------------------------------
@@ -124,11 +128,20 @@ class Rollout(NamedTuple):
 
 class EnvPool:
     """Gymnasium environments for ``n × E`` parallel episodes, stepped together with one batched policy call per
-    time step (gymnasium's vector envs would step them in the same Python loop, without the batching)."""
+    time step (gymnasium's vector envs would step them in the same Python loop, without the batching).
 
-    def __init__(self, spec: EnvSpec):
+    Where the spec has a ``batch`` class and ``batched`` is on, the environments are reset through gymnasium and
+    then stepped by it, all at once (the same trajectories, without gymnasium's Python per step; on ``threads``
+    threads when more than 1); otherwise each through its gymnasium ``step``.
+    """
+
+    def __init__(self, spec: EnvSpec, batched: bool = True, threads: int | None = None):
         self.spec = spec
         self.envs: list[Any] = []
+        self.batched = batched and spec.batch is not None
+        self.threads = usable_cores() if threads is None else threads
+        threaded = self.batched and getattr(spec.batch, "threaded", False) and self.threads > 1
+        self._executor = ThreadPoolExecutor(self.threads, "ml3-sim") if threaded else None
 
     def rollout(
         self,
@@ -162,6 +175,8 @@ class EnvPool:
         rewards = np.empty((count, horizon))
         distances = np.empty((count, horizon))
         diverged = np.zeros(count, dtype=bool)
+        space = self.envs[0].action_space
+        batch = self.spec.batch(self.envs[:count], self.threads, self._executor) if self.batched else None
         for t in range(horizon):
             state = torch.as_tensor(obs, dtype=dtype).reshape(n, episodes, -1)
             with torch.no_grad():
@@ -171,12 +186,16 @@ class EnvPool:
             actions.append(action)
             action_np = action.reshape(count, -1).double().numpy()
             diverged |= ~np.isfinite(action_np).all(axis=1)
+            applied = np.clip(action_np, space.low, space.high)
+            if batch is not None:
+                obs, rewards[:, t], distances[:, t] = batch.step(applied, ~diverged)
+                rewards[diverged, t] = distances[diverged, t] = np.nan
+                continue
             for j, env in enumerate(self.envs[:count]):
                 if diverged[j]:
                     rewards[j, t] = distances[j, t] = np.nan
                     continue
-                applied = np.clip(action_np[j], env.action_space.low, env.action_space.high)
-                obs[j], rewards[j, t], _, _, info = env.step(applied)
+                obs[j], rewards[j, t], _, _, info = env.step(applied[j])
                 distances[j, t] = info["distance"]
         as_tensor = lambda a: torch.as_tensor(a, dtype=dtype).reshape(n, episodes, *a.shape[1:])  # noqa: E731
         return Rollout(
@@ -186,6 +205,13 @@ class EnvPool:
             as_tensor(distances),
             as_tensor(start),
         )
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the platform tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def performance(distance: Tensor, start_distance: Tensor, metric: str) -> Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ml3cli.envs.goals import requested_goal
+from ml3cli.envs.mujoco_batch import BatchStep, MujocoBatch
 from ml3cli.errors import simulators_needed
 
 with simulators_needed("gymnasium's MuJoCo Ant"):
@@ -96,3 +97,16 @@ def make_ant_goal(horizon: int = HORIZON, **kwargs: Any):
     from gymnasium.wrappers import TimeLimit
 
     return TimeLimit(AntGoalEnv(**kwargs), max_episode_steps=horizon)
+
+
+class AntGoalBatch(MujocoBatch):
+    """:meth:`AntGoalEnv.step` for many ant environments at once (see :mod:`ml3cli.envs.mujoco_batch`)."""
+
+    # one ant step (5 MuJoCo steps with contacts) is ~0.35 ms of mj_step on these machines, far above the cost of
+    # handing work to a thread: a rollout of 8 ants took 1.6 instead of 2.2 s of wall time on 2 busy cores
+    threaded = True
+
+    def outcome(self, qpos: np.ndarray, qvel: np.ndarray, xpos: np.ndarray | None, applied: np.ndarray) -> BatchStep:
+        distance = np.linalg.norm(qpos[:, :2] - self.goal, axis=-1)
+        obs = np.concatenate([qpos, qvel, self.goal], axis=1)
+        return BatchStep(obs, ant_goal_reward(distance, applied), distance)

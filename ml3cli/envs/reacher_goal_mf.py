@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ml3cli.envs.goals import requested_goal
+from ml3cli.envs.mujoco_batch import BatchStep, MujocoBatch
 from ml3cli.errors import simulators_needed
 
 with simulators_needed("gymnasium's MuJoCo Reacher"):
@@ -87,3 +88,18 @@ def make_reacher_goal_mf(**kwargs: Any):
     from gymnasium.wrappers import TimeLimit
 
     return TimeLimit(ReacherGoalMFEnv(**kwargs), max_episode_steps=HORIZON)
+
+
+class ReacherGoalMFBatch(MujocoBatch):
+    """``ReacherGoalMFEnv.step`` for many reacher environments at once (see :mod:`ml3cli.envs.mujoco_batch`)."""
+
+    # not threaded: one step (2 MuJoCo steps of a 2-link arm) is ~0.05 ms, less than handing it to a thread costs
+    # (measured: a rollout of 8 arms took longer on 2 threads than on 1)
+    bodies = ("fingertip", "target")
+
+    def outcome(self, qpos: np.ndarray, qvel: np.ndarray, xpos: np.ndarray | None, applied: np.ndarray) -> BatchStep:
+        offset = (xpos[:, 0] - xpos[:, 1])[:, :2]  # fingertip − target, as gymnasium's observation and distance
+        theta = qpos[:, :2]
+        obs = np.concatenate([np.cos(theta), np.sin(theta), qpos[:, 2:], qvel[:, :2], offset], axis=1)
+        distance = np.linalg.norm(offset, axis=-1)
+        return BatchStep(obs, reacher_goal_reward(distance, applied), distance)

@@ -64,16 +64,16 @@ RewardInput = Literal["none", "return", "to_go"]
 # The simulator's module is imported when the task is built (a missing simulator is refused before any work),
 # its environments are made when rollouts need them.
 def _reacher_spec(options: Any) -> EnvSpec:
-    from ml3cli.envs.reacher_goal_mf import ReacherGoalMFEnv
+    from ml3cli.envs.reacher_goal_mf import ReacherGoalMFBatch, ReacherGoalMFEnv
 
-    return EnvSpec(10, 2, ReacherGoalMFEnv, "neg_distance")
+    return EnvSpec(10, 2, ReacherGoalMFEnv, "neg_distance", batch=ReacherGoalMFBatch)
 
 
 def _ant_spec(options: Any) -> EnvSpec:
-    from ml3cli.envs.ant_goal import AntGoalEnv
+    from ml3cli.envs.ant_goal import AntGoalBatch, AntGoalEnv
 
     radius = options.goal_radius[1]
-    return EnvSpec(31, 8, lambda: AntGoalEnv(goal_radius=radius), "distance_gain", (29, 30))
+    return EnvSpec(31, 8, lambda: AntGoalEnv(goal_radius=radius), "distance_gain", (29, 30), AntGoalBatch)
 
 
 # -- the task family ------------------------------------------------------------------------------------------

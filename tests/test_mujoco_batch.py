@@ -1,8 +1,8 @@
-"""The batched MuJoCo stepping (ml3cli.envs.mujoco_batch) gives the same trajectories, bit for bit, as the
-gymnasium environments' own ``step``.
+"""The batched MuJoCo stepping (ml3cli.envs.mujoco_batch) and the stacked policy (ml3cli.rl.stacked_policy) give
+the same trajectories, bit for bit, as the gymnasium environments' own ``step`` and ``vmap`` over the policy.
 
 Exact equality is asserted, not closeness: the fast path makes the same MuJoCo calls on the same data and the
-same numpy arithmetic, so any difference at all is a change of what the tasks compute."""
+same numpy and torch arithmetic, so any difference at all is a change of what the tasks compute."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.func import vmap
+from torch.func import functional_call, vmap
 
-from ml3cli.rl import EnvPool
+from ml3cli.rl import EnvPool, GaussianPolicy, stacked_policy
 from ml3cli.runtime import generator
 from ml3cli.tasks import make_task
 
@@ -88,7 +88,7 @@ def gymnasium_rollout(task, theta, goals, episodes, gen):
     ],
 )
 def test_task_rollouts_equal_the_gymnasium_rollouts(name, options):
-    """The task's rollout (batched stepping) against gymnasium's step: equal tensors,
+    """The task's rollout (batched stepping, stacked policy) against gymnasium's step and ``vmap``: equal tensors,
     on several seeds, with one task's θ diverging (NaN) so that the not-stepped episodes are covered too."""
     task = make_task(name, options)
     for seed in range(3):
@@ -114,9 +114,23 @@ def test_the_thread_count_does_not_change_the_rollout():
     task = make_task("ant_goal", {"horizon": 40})
     gen = generator(0)
     goals, theta = task.sample_goals(2, gen), task.init_theta(2, gen)
-    batched = vmap(task.policy)
-    policy = lambda obs: batched(theta, obs)  # noqa: E731
+    policy = stacked_policy(task.optimizee, theta)
     rollouts = [EnvPool(task.spec, threads=t).rollout(policy, goals, 3, 40, generator(1)) for t in (1, 2, 3)]
     for other in rollouts[1:]:
         for field in other._fields:
             assert torch.equal(getattr(other, field), getattr(rollouts[0], field)), field
+
+
+@pytest.mark.parametrize("hidden", [[], [8], [64, 64], [32, 16, 8]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stacked_policy_equals_vmap_over_the_module(hidden, dtype):
+    policy = GaussianPolicy(31, 8, hidden, init_log_std=-0.3).to(dtype)
+    gen = generator(0)
+    theta = {
+        name: p.detach() + 0.1 * torch.randn((4, *p.shape), generator=gen, dtype=dtype)
+        for name, p in policy.named_parameters()
+    }
+    obs = 3 * torch.randn(4, 5, 31, generator=gen, dtype=dtype)
+    expected = vmap(lambda th, s: functional_call(policy, th, (s,)))(theta, obs)
+    got = stacked_policy(policy, theta)(obs)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from pydantic import Field, PositiveInt, field_validator, model_validator
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from ml3cli.errors import ML3Error
 from ml3cli.metaloss import LossInput
@@ -53,6 +53,7 @@ from ml3cli.rl import (
     magic_box,
     performance,
     reinforce_surrogate,
+    stacked_policy,
     trajectory_advantage,
 )
 from ml3cli.tasks.base import Task, TaskOptions, Theta
@@ -254,8 +255,8 @@ class ModelFreeRL(Task):
         """``episodes`` episodes of every task's policy (θ with a leading task axis) on the simulator; the policy
         sees ``observe(obs[n, E, obs_dim])`` where given (PPO's observation normalisation), the returned rollout
         holds the raw observations. Every simulator step is counted in ``environment_samples``."""
-        batched = vmap(self.policy)
-        policy = (lambda obs: batched(theta, obs)) if observe is None else (lambda obs: batched(theta, observe(obs)))
+        batched = stacked_policy(self.optimizee, theta)  # vmap(self.policy)(theta, ·) without vmap's overhead
+        policy = batched if observe is None else (lambda obs: batched(observe(obs)))
         self.environment_samples += goals.shape[0] * episodes * self.options.horizon
         return self.pool.rollout(policy, goals, episodes, self.options.horizon, generator)
 

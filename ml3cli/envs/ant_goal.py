@@ -106,7 +106,7 @@ class AntGoalBatch(MujocoBatch):
     # handing work to a thread: a rollout of 8 ants took 1.6 instead of 2.2 s of wall time on 2 busy cores
     threaded = True
 
-    def outcome(self, qpos: np.ndarray, qvel: np.ndarray, xpos: np.ndarray | None, applied: np.ndarray) -> BatchStep:
+    def outcome(self, qpos: np.ndarray, qvel: np.ndarray, xpos: np.ndarray, applied: np.ndarray) -> BatchStep:
         distance = np.linalg.norm(qpos[:, :2] - self.goal, axis=-1)
         obs = np.concatenate([qpos, qvel, self.goal], axis=1)
         return BatchStep(obs, ant_goal_reward(distance, applied), distance)

@@ -49,11 +49,12 @@ class BatchStep(NamedTuple):
 class MujocoBatch:
     """Steps ``envs`` (gymnasium MuJoCo environments of one class, already reset) together.
 
-    Subclasses name the bodies whose positions they read (:attr:`bodies`) and turn the gathered
-    ``qpos [count, nq]``, ``qvel [count, nv]``, ``xpos [count, len(bodies), 3]`` into observations, rewards and
-    distances (:meth:`outcome`). ``step(applied, active)`` advances only the environments marked ``active``
-    (the others keep their state and report what they did before). With an ``executor`` of ``threads`` threads
-    and :attr:`threaded` set, the environments are stepped in ``threads`` chunks at once.
+    Subclasses name the bodies whose positions they read (:attr:`bodies`; their rows in ``xpos`` are
+    ``self.body[name]``) and turn the gathered ``qpos [count, nq]``, ``qvel [count, nv]`` and ``xpos [count,
+    nbody, 3]`` into observations, rewards and distances (:meth:`outcome`). ``step(applied, active)`` advances only
+    the environments marked ``active`` (the others keep their state and report what they did before). With an
+    ``executor`` of ``threads`` threads and :attr:`threaded` set, the environments are stepped in ``threads``
+    chunks at once.
     """
 
     bodies: ClassVar[tuple[str, ...]] = ()
@@ -65,31 +66,41 @@ class MujocoBatch:
         first = self.envs[0]
         self.frame_skip = first.frame_skip
         self.goal = np.stack([env.goal for env in self.envs])  # [count, 2], as the resets set them
-        self._sims = [(env.model, env.data) for env in self.envs]
-        self._body_ids = np.array([first.model.body(name).id for name in self.bodies], dtype=np.intp)
+        self.body = {name: first.model.body(name).id for name in self.bodies}
         self._threads = threads if executor is not None and self.threaded else 1
         self._executor = executor
+        # MjData's arrays, looked up once: each attribute access builds a new numpy view (~1 µs, as long as the
+        # reacher's whole step once gathered per environment and step)
+        self._sims = [
+            (env.model, env.data, env.data.ctrl, env.data.qpos, env.data.qvel, env.data.xpos) for env in self.envs
+        ]
+        # the state of every environment, its row written as it is stepped (an environment left unstepped keeps
+        # its row): gathered while the data is at hand rather than by a second pass over all of them
+        self.qpos = np.stack([sim[3] for sim in self._sims])
+        self.qvel = np.stack([sim[4] for sim in self._sims])
+        self.xpos = np.stack([sim[5] for sim in self._sims]) if self.bodies else np.empty((len(self.envs), 0, 3))
 
     def step(self, applied: np.ndarray, active: np.ndarray) -> BatchStep:
         """One environment step for every active environment; ``applied [count, act_dim]`` is the control
         already clipped to the action space (what gymnasium's ``do_simulation`` would write to ``data.ctrl``)."""
-        indices = np.flatnonzero(active)
+        indices = np.flatnonzero(active).tolist()
         if self._threads > 1 and len(indices) > 1:
-            chunks = np.array_split(indices, min(self._threads, len(indices)))
+            chunks = [indices[i :: self._threads] for i in range(min(self._threads, len(indices)))]
             list(self._executor.map(lambda chunk: self._advance(chunk, applied), chunks))  # list: raise errors
         else:
             self._advance(indices, applied)
-        datas = [data for _, data in self._sims]
-        qpos = np.stack([data.qpos for data in datas])
-        qvel = np.stack([data.qvel for data in datas])
-        xpos = np.stack([data.xpos[self._body_ids] for data in datas]) if self.bodies else None
-        return self.outcome(qpos, qvel, xpos, applied)
+        return self.outcome(self.qpos, self.qvel, self.xpos, applied)
 
-    def _advance(self, indices: np.ndarray, applied: np.ndarray) -> None:
+    def _advance(self, indices: list[int], applied: np.ndarray) -> None:
+        frame_skip, read_bodies = self.frame_skip, bool(self.bodies)
         for j in indices:
-            model, data = self._sims[j]
-            data.ctrl[:] = applied[j]
-            mujoco.mj_step(model, data, nstep=self.frame_skip)
+            model, data, ctrl, qpos, qvel, xpos = self._sims[j]
+            ctrl[:] = applied[j]
+            mujoco.mj_step(model, data, nstep=frame_skip)
+            self.qpos[j] = qpos
+            self.qvel[j] = qvel
+            if read_bodies:
+                self.xpos[j] = xpos
 
-    def outcome(self, qpos: np.ndarray, qvel: np.ndarray, xpos: np.ndarray | None, applied: np.ndarray) -> BatchStep:
+    def outcome(self, qpos: np.ndarray, qvel: np.ndarray, xpos: np.ndarray, applied: np.ndarray) -> BatchStep:
         raise NotImplementedError

@@ -97,8 +97,9 @@ class ReacherGoalMFBatch(MujocoBatch):
     # (measured: a rollout of 8 arms took longer on 2 threads than on 1)
     bodies = ("fingertip", "target")
 
-    def outcome(self, qpos: np.ndarray, qvel: np.ndarray, xpos: np.ndarray | None, applied: np.ndarray) -> BatchStep:
-        offset = (xpos[:, 0] - xpos[:, 1])[:, :2]  # fingertip − target, as gymnasium's observation and distance
+    def outcome(self, qpos: np.ndarray, qvel: np.ndarray, xpos: np.ndarray, applied: np.ndarray) -> BatchStep:
+        fingertip, target = xpos[:, self.body["fingertip"]], xpos[:, self.body["target"]]
+        offset = (fingertip - target)[:, :2]  # as gymnasium's observation and distance
         theta = qpos[:, :2]
         obs = np.concatenate([np.cos(theta), np.sin(theta), qpos[:, 2:], qvel[:, :2], offset], axis=1)
         distance = np.linalg.norm(offset, axis=-1)

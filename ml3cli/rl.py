@@ -165,8 +165,8 @@ class EnvPool:
         self.envs: list[Any] = []
         self.batched = batched and spec.batch is not None
         self.threads = usable_cores() if threads is None else threads
-        threaded = self.batched and getattr(spec.batch, "threaded", False) and self.threads > 1
-        self._executor = ThreadPoolExecutor(self.threads, "ml3-sim") if threaded else None
+        self.threaded = self.batched and getattr(spec.batch, "threaded", False) and self.threads > 1
+        self._executor = ThreadPoolExecutor(self.threads, "ml3-sim") if self.threaded else None
 
     def rollout(
         self,

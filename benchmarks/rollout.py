@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(json.loads(args.markdown.read_text(encoding="utf-8"))))
         return
     started = time.perf_counter()
+    commit = source_commit()  # before the timing: a checkout edited meanwhile must not be recorded as measured
     torch.set_num_threads(1)  # as the recipes (threads: 1); the policy is tiny
     load_before = os.getloadavg()
     console.print(
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "rollout",
         "command": " ".join(["python", "benchmarks/rollout.py", *(argv if argv is not None else sys.argv[1:])]),
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "commit": source_commit(),
+        "commit": commit,
         "versions": library_versions(),
         "machine": {"usable_cores": usable_cores(), "load_before": load_before, "load_after": os.getloadavg()},
         "settings": {k: v for k, v in vars(args).items() if k != "json"} | {"rollouts": SETTINGS},

@@ -5,9 +5,10 @@ the same rollouts and measure them with the same metric; everything they share l
 depends on the other:
 
 * the policy: :class:`GaussianPolicy` π_θ(a|s) = N(μ_θ(s), diag σ_θ²), :func:`gaussian_log_prob`,
-  :func:`gaussian_entropy`;
+  :func:`gaussian_entropy`, :func:`stacked_policy` (the policies of many tasks at once, for rollouts);
 * REINFORCE (paper, equations 7–8): :func:`trajectory_advantage`, :func:`reinforce_surrogate`, :func:`magic_box`;
-* rollouts on gymnasium simulators: :class:`EnvSpec`, :class:`EnvPool`, :class:`Rollout`;
+* rollouts on gymnasium simulators: :class:`EnvSpec`, :class:`EnvPool` (stepping the environments together
+  through a batch class where the spec has one), :class:`Rollout`;
 * the paper's performance metric (appendix C): :func:`performance`.
 
 Nothing here knows a task, a loss or a baseline: only torch, numpy and a gymnasium-style ``reset``/``step``.

@@ -15,6 +15,9 @@ Data sheet
   ``info["distance"]`` is d.
 * **Episode end**: never terminates (an upside-down ant can still be scored); :func:`make_ant_goal` adds a
   time limit of :data:`HORIZON` steps.
+* **Batched**: the rollouts (:class:`ml3cli.rl.EnvPool`) reset the environments through gymnasium, then step
+  them all at once with :class:`AntGoalBatch`, on a thread per core: the same trajectories as ``step``, bit for
+  bit (:mod:`ml3cli.envs.mujoco_batch`).
 """
 
 from __future__ import annotations

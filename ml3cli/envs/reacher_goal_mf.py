@@ -14,6 +14,9 @@ Data sheet
 * **Reward** (paper, appendix C): R_g = −d + 1/(d + 0.001) − |a|₁, with d = ‖fingertip − g‖ after the step and
   |a|₁ the L1 norm of the applied action. ``info["distance"]`` is d.
 * **Episode end**: never terminates; :func:`make_reacher_goal_mf` adds gymnasium's 50-step time limit.
+* **Batched**: the rollouts (:class:`ml3cli.rl.EnvPool`) reset the environments through gymnasium, then step
+  them all at once with :class:`ReacherGoalMFBatch`: the same trajectories as ``step``, bit for bit
+  (:mod:`ml3cli.envs.mujoco_batch`).
 """
 
 from __future__ import annotations

@@ -67,17 +67,24 @@ def stacked_policy(policy: GaussianPolicy, theta: dict[str, Tensor]) -> Callable
     added; tanh; exp of log σ), without that overhead (``tests/test_mujoco_batch.py`` compares the two). Not for
     gradients: a rollout takes no gradient through the policy.
     """
-    layers = [(name, isinstance(layer, nn.Linear), layer) for name, layer in policy.mean.named_children()]
+    # per layer, once per rollout: (W^T [n, in, out], b [n, 1, out]) of a linear layer, or the activation
+    layers: list[tuple[Tensor, Tensor] | nn.Module] = [
+        (theta[f"mean.{name}.weight"].transpose(1, 2), theta[f"mean.{name}.bias"].unsqueeze(1))
+        if isinstance(layer, nn.Linear)
+        else layer
+        for name, layer in policy.mean.named_children()
+    ]
+    sigma = theta["log_std"].exp().unsqueeze(1)  # [n, 1, act_dim]
 
     def forward(obs: Tensor) -> tuple[Tensor, Tensor]:
         x = obs
-        for name, linear, layer in layers:
-            if linear:
-                weight, bias = theta[f"mean.{name}.weight"], theta[f"mean.{name}.bias"]
-                x = torch.bmm(x, weight.transpose(1, 2)) + bias.unsqueeze(1)
+        for layer in layers:
+            if isinstance(layer, tuple):
+                weight_t, bias = layer
+                x = torch.bmm(x, weight_t) + bias
             else:
                 x = layer(x)
-        return x, theta["log_std"].exp().unsqueeze(1).expand_as(x)
+        return x, sigma.expand_as(x)
 
     return forward
 

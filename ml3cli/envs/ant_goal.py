@@ -105,8 +105,9 @@ def make_ant_goal(horizon: int = HORIZON, **kwargs: Any):
 class AntGoalBatch(MujocoBatch):
     """:meth:`AntGoalEnv.step` for many ant environments at once (see :mod:`ml3cli.envs.mujoco_batch`)."""
 
-    # one ant step (5 MuJoCo steps with contacts) is ~0.35 ms of mj_step on these machines, far above the cost of
-    # handing work to a thread: a rollout of 8 ants took 1.6 instead of 2.2 s of wall time on 2 busy cores
+    # one ant step (5 MuJoCo steps with contacts) is ~0.3 ms of mj_step, far above the cost of handing work to a
+    # thread, and mj_step releases the GIL (bare mj_step on 2 threads: 0.71 instead of 1.07 s of wall time). On the
+    # shared 2-core machine, whose cores were rarely free, rollouts gained little (docs/speed.md)
     threaded = True
 
     def outcome(self, qpos: np.ndarray, qvel: np.ndarray, xpos: np.ndarray, applied: np.ndarray) -> BatchStep:

@@ -69,8 +69,8 @@ class MujocoBatch:
         self.body = {name: first.model.body(name).id for name in self.bodies}
         self._threads = threads if executor is not None and self.threaded else 1
         self._executor = executor
-        # MjData's arrays, looked up once: each attribute access builds a new numpy view (~1 µs, as long as the
-        # reacher's whole step once gathered per environment and step)
+        # MjData's arrays, looked up once: each attribute access builds a new numpy view, and looked up at every
+        # step these views cost the reacher half as much again as its mj_step (measured)
         self._sims = [
             (env.model, env.data, env.data.ctrl, env.data.qpos, env.data.qvel, env.data.xpos) for env in self.envs
         ]

@@ -12,8 +12,9 @@ What is measured
     * ``batched``   – the tasks' rollout on one thread: :class:`ml3cli.envs.mujoco_batch.MujocoBatch` steps the
       environments' own MuJoCo data with one ``mj_step`` each and computes observations, rewards and distances
       with numpy over all of them; the policy through :func:`ml3cli.rl.stacked_policy`;
-    * ``threads``   – the same with the environments stepped on one thread per usable core, as the tasks run it
-      (the reacher is never threaded: its step is shorter than a thread hand-off, see ``ReacherGoalMFBatch``).
+    * ``threads``   – the same with the environments stepped on ``--threads`` threads (default: one per usable
+      core), as the ant task does with ``task_options.sim_threads`` (the reacher is never threaded: its step is
+      shorter than a thread hand-off, see ``ReacherGoalMFBatch``).
 
     Beside them, ``mj_step only``: the same resets and the same MuJoCo calls (the controls of one recorded
     rollout) with nothing else, on one thread: the most any one-thread loop could reach with these physics.
@@ -67,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ml3cli.commands.meta_train import source_commit  # noqa: E402
 from ml3cli.commands.runs import versions  # noqa: E402
-from ml3cli.rl import EnvPool, Rollout, stacked_policy, usable_cores  # noqa: E402
+from ml3cli.rl import EnvPool, Rollout, stacked_policy  # noqa: E402
 from ml3cli.runtime import generator  # noqa: E402
 from ml3cli.tasks import make_task  # noqa: E402
 
@@ -114,6 +115,13 @@ def rollout_calls(name: str, threads: int, seed: int) -> tuple[dict[str, Callabl
     }
     calls[FLOOR] = mj_step_only(pools["batched"], calls["batched"](), seed)
     return calls, setting["tasks"] * episodes * horizon, pools["threads"].threaded
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the platform tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def mj_step_only(pool: EnvPool, recorded: Rollout, seed: int) -> Callable[[], None]:

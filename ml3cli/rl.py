@@ -17,7 +17,6 @@ Nothing here knows a task, a loss or a baseline: only torch, numpy and a gymnasi
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -165,14 +164,14 @@ class EnvPool:
 
     Where the spec has a ``batch`` class and ``batched`` is on, the environments are reset through gymnasium and
     then stepped by it, all at once (the same trajectories, without gymnasium's Python per step; on ``threads``
-    threads when more than 1); otherwise each through its gymnasium ``step``.
+    threads when more than 1 and the batch class is threaded); otherwise each through its gymnasium ``step``.
     """
 
-    def __init__(self, spec: EnvSpec, batched: bool = True, threads: int | None = None):
+    def __init__(self, spec: EnvSpec, batched: bool = True, threads: int = 1):
         self.spec = spec
         self.envs: list[Any] = []
         self.batched = batched and spec.batch is not None
-        self.threads = usable_cores() if threads is None else threads
+        self.threads = threads
         self.threaded = self.batched and getattr(spec.batch, "threaded", False) and self.threads > 1
         self._executor = ThreadPoolExecutor(self.threads, "ml3-sim") if self.threaded else None
 
@@ -238,13 +237,6 @@ class EnvPool:
             as_tensor(distances),
             as_tensor(start),
         )
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity where the platform tells it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def performance(distance: Tensor, start_distance: Tensor, metric: str) -> Tensor:

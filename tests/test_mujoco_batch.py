@@ -119,6 +119,10 @@ def test_the_thread_count_does_not_change_the_rollout():
     for other in rollouts[1:]:
         for field in other._fields:
             assert torch.equal(getattr(other, field), getattr(rollouts[0], field)), field
+    threaded = make_task("ant_goal", {"horizon": 40, "sim_threads": 2})  # the task's own option
+    assert threaded.pool.threaded and not task.pool.threaded
+    again = threaded.rollout(theta, goals, 3, generator(1))
+    assert all(torch.equal(getattr(again, field), getattr(rollouts[0], field)) for field in again._fields)
 
 
 @pytest.mark.parametrize("hidden", [[], [8], [64, 64], [32, 16, 8]])

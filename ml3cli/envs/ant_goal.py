@@ -16,8 +16,8 @@ Data sheet
 * **Episode end**: never terminates (an upside-down ant can still be scored); :func:`make_ant_goal` adds a
   time limit of :data:`HORIZON` steps.
 * **Batched**: the rollouts (:class:`ml3cli.rl.EnvPool`) reset the environments through gymnasium, then step
-  them all at once with :class:`AntGoalBatch`, on a thread per core: the same trajectories as ``step``, bit for
-  bit (:mod:`ml3cli.envs.mujoco_batch`).
+  them all at once with :class:`AntGoalBatch` (on the task option ``sim_threads`` threads): the same trajectories
+  as ``step``, bit for bit (:mod:`ml3cli.envs.mujoco_batch`).
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class AntGoalBatch(MujocoBatch):
 
     # one ant step (5 MuJoCo steps with contacts) is ~0.3 ms of mj_step, far above the cost of handing work to a
     # thread, and mj_step releases the GIL (bare mj_step on 2 threads: 0.71 instead of 1.07 s of wall time). On the
-    # shared 2-core machine, whose cores were rarely free, rollouts gained little (docs/speed.md)
+    # shared 2-core machine, whose cores were rarely free, the rollouts gained nothing measurable, so the tasks
+    # ask for threads only through their sim_threads option (docs/speed.md)
     threaded = True
 
     def outcome(self, qpos: np.ndarray, qvel: np.ndarray, xpos: np.ndarray, applied: np.ndarray) -> BatchStep:

@@ -145,6 +145,12 @@ class AntGoalOptions(MFRLOptions):
         (2.0, 2.0), description="goals on the circle(s) r ∈ [low, high] m around the start (paper: a circle)"
     )
     horizon: PositiveInt = Field(200, description="steps per episode")
+    sim_threads: PositiveInt = Field(
+        1,
+        le=256,
+        description="threads that step a rollout's ants in MuJoCo (the same numbers for any count); more than 1 "
+        "pays only where cores are idle: on a shared 2-core machine it gained nothing measurable (docs/speed.md)",
+    )
 
     _radius = field_validator("goal_radius")(_check_radius)
 
@@ -204,7 +210,7 @@ class ModelFreeRL(Task):
         options = options if options is not None else self.Options()
         self.spec = type(self).spec_factory(options)
         super().__init__(options, device)
-        self.pool = EnvPool(self.spec)
+        self.pool = EnvPool(self.spec, threads=getattr(self.options, "sim_threads", 1))
         scale = self.options.loss_state_scale
         if scale is not None and len(scale) != self.spec.obs_dim:
             raise ML3Error(

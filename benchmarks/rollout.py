@@ -32,23 +32,23 @@ Timing
     ratios much less.
 
 Results
-    ``--json PATH`` (default ``benchmarks/results/rollout.json``) gets the settings, the source commit, the
-    versions (ml3, Python, torch, numpy, MuJoCo, gymnasium), the machine's cores and load, every sample and the
-    summary, and the total wall time: what ``docs/speed.md``'s rollout table is written from.
+    ``--out PATH`` (``results/benchmarks/rollout.json`` for the committed one) gets the settings, the source
+    commit, the versions (ml3, Python, torch, numpy, MuJoCo, gymnasium), the cores and the load, every sample and
+    the summary, and the total wall time; ``ml3 report`` makes docs/speed.md's rollout table from it.
 
 Usage (from the repository root)
     python benchmarks/rollout.py                   # ant and model-free reacher, recipe-sized rollouts
     python benchmarks/rollout.py --quick           # fewer, shorter rounds
     python benchmarks/rollout.py --envs ant_goal --threads 4
-    python benchmarks/rollout.py --markdown benchmarks/results/rollout.json   # the doc's table from a results file
+    python benchmarks/rollout.py --out results/benchmarks/rollout.json && ml3 report   # the doc's table
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -66,6 +66,7 @@ from torch.func import vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ml3cli import files  # noqa: E402
 from ml3cli.commands.meta_train import source_commit  # noqa: E402
 from ml3cli.commands.runs import versions  # noqa: E402
 from ml3cli.rl import EnvPool, Rollout, stacked_policy  # noqa: E402
@@ -235,33 +236,6 @@ def render(results: list[Result]) -> Table:
     return table
 
 
-def markdown(document: dict) -> str:
-    """The table of ``docs/speed.md`` from a results file of this script, with the line that says where from."""
-    machine, settings = document["machine"], document["settings"]
-    lines = [
-        f"`{document['command']}` at {document['commit']}, {document['created'][:10]}: torch "
-        f"{document['versions'].get('torch')}, mujoco {document['versions'].get('mujoco')}, gymnasium "
-        f"{document['versions'].get('gymnasium')}; {machine['usable_cores']} cores, load {machine['load_before'][0]:.1f}"
-        f" at the start; {settings['repeats']} rounds; {document['wall_seconds']:.0f} s in all.",
-        "",
-        "| env | env-steps per rollout | gymnasium steps/s | batched steps/s | threads steps/s | mj_step only "
-        "steps/s | batched ÷ gymnasium | threads ÷ gymnasium |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for env, result in document["results"].items():
-        rates = result["env_steps_per_second"]
-        cells = [env if result["threaded"] else f"{env} (not threaded¹)", f"{result['env_steps_per_rollout']:,}"]
-        cells += [f"{rates[variant]:,.0f}" for variant in (*VARIANTS, FLOOR)]
-        for variant in VARIANTS[1:]:
-            speedup = result[f"speedup_{variant}"]
-            low, high = speedup["iqr"]
-            cells.append(f"{speedup['median']:.2f}× ({low:.2f}–{high:.2f})")
-        lines.append("| " + " | ".join(cells) + " |")
-    if not all(result["threaded"] for result in document["results"].values()):
-        lines += ["", "¹ its threads column times the batched loop a second time: the spread between the two is noise."]
-    return "\n".join(lines)
-
-
 def library_versions() -> dict[str, str]:
     found = versions()
     for name in ("mujoco", "gymnasium"):
@@ -283,8 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, help="seconds per sample, at least (default: 1, quick: 0.2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rollouts per variant (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of θ₀, the goals and the rollouts (default: 0)")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/rollout.json"), help="results file")
-    parser.add_argument("--markdown", type=Path, help="print the doc's table from this results file, run nothing")
+    parser.add_argument("--out", type=Path, help="write the results JSON here (results/benchmarks/rollout.json)")
     args = parser.parse_args(argv)
     args.envs = [name.strip() for name in args.envs.split(",") if name.strip()]
     unknown = [name for name in args.envs if name not in SETTINGS]
@@ -301,9 +274,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.markdown is not None:
-        print(markdown(json.loads(args.markdown.read_text(encoding="utf-8"))))
-        return
     started = time.perf_counter()
     commit = source_commit()  # before the timing: a checkout edited meanwhile must not be recorded as measured
     torch.set_num_threads(1)  # as the recipes (threads: 1); the policy is tiny
@@ -329,20 +299,26 @@ def main(argv: list[str] | None = None) -> None:
         "resets alone, one thread."
     )
     wall = time.perf_counter() - started
+    if args.out is None:
+        console.print(f"total wall time: {wall:.1f} s (--out PATH keeps the results)")
+        return
     document = {
         "benchmark": "rollout",
         "command": " ".join(["python", "benchmarks/rollout.py", *(argv if argv is not None else sys.argv[1:])]),
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
         "commit": commit,
         "versions": library_versions(),
-        "machine": {"usable_cores": usable_cores(), "load_before": load_before, "load_after": os.getloadavg()},
-        "settings": {k: v for k, v in vars(args).items() if k != "json"} | {"rollouts": SETTINGS},
+        "cpus": usable_cores(),
+        "machine": platform.machine(),
+        "load_before": load_before[0],
+        "load_after": os.getloadavg()[0],
+        "rounds": args.repeats,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"rollouts": SETTINGS},
         "results": {r.env: summary(r) | {"samples": asdict(r)} for r in results},
         "wall_seconds": wall,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
-    console.print(f"wrote {args.json} · total wall time: {wall:.1f} s")
+    files.write_json_atomic(args.out, document)
+    console.print(f"wrote {args.out} · total wall time: {wall:.1f} s")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ the same rollouts and measure them with the same metric; everything they share l
 depends on the other:
 
 * the policy: :class:`GaussianPolicy` π_θ(a|s) = N(μ_θ(s), diag σ_θ²), :func:`gaussian_log_prob`,
-  :func:`gaussian_entropy`;
+  :func:`gaussian_entropy`, :func:`stacked_policy` (the policies of many tasks at once, for rollouts);
 * REINFORCE (paper, equations 7–8): :func:`trajectory_advantage`, :func:`reinforce_surrogate`, :func:`magic_box`;
-* rollouts on gymnasium simulators: :class:`EnvSpec`, :class:`EnvPool`, :class:`Rollout`;
+* rollouts on gymnasium simulators: :class:`EnvSpec`, :class:`EnvPool` (stepping the environments together
+  through a batch class where the spec has one), :class:`Rollout`;
 * the paper's performance metric (appendix C): :func:`performance`.
 
 Nothing here knows a task, a loss or a baseline: only torch, numpy and a gymnasium-style ``reset``/``step``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -52,6 +54,38 @@ class GaussianPolicy(nn.Module):
         """(μ_θ(s), σ_θ) for observations ``[..., obs_dim]``, σ broadcast to μ's shape."""
         mu = self.mean(obs)
         return mu, self.log_std.exp().expand_as(mu)
+
+
+def stacked_policy(policy: GaussianPolicy, theta: dict[str, Tensor]) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """``obs [n, E, obs_dim] -> (mu, sigma) [n, E, act_dim]`` for θ with a leading task axis ``n``: the same
+    numbers as ``vmap(lambda θ, s: functional_call(policy, θ, (s,)))(theta, obs)``, bit for bit, for rollouts.
+
+    Why: a rollout calls the policy once per time step, and ``vmap`` with ``functional_call`` costs ~0.8 ms of
+    Python per call (swapping θ into the module, flattening pytrees), ten times the arithmetic of the small MLP.
+    This runs the kernels that ``vmap`` lowers each layer to (``bmm`` with the transposed weights, then the bias
+    added; tanh; exp of log σ), without that overhead (``tests/test_mujoco_batch.py`` compares the two). Not for
+    gradients: a rollout takes no gradient through the policy.
+    """
+    # per layer, once per rollout: (W^T [n, in, out], b [n, 1, out]) of a linear layer, or the activation
+    layers: list[tuple[Tensor, Tensor] | nn.Module] = [
+        (theta[f"mean.{name}.weight"].transpose(1, 2), theta[f"mean.{name}.bias"].unsqueeze(1))
+        if isinstance(layer, nn.Linear)
+        else layer
+        for name, layer in policy.mean.named_children()
+    ]
+    sigma = theta["log_std"].exp().unsqueeze(1)  # [n, 1, act_dim]
+
+    def forward(obs: Tensor) -> tuple[Tensor, Tensor]:
+        x = obs
+        for layer in layers:
+            if isinstance(layer, tuple):
+                weight_t, bias = layer
+                x = torch.bmm(x, weight_t) + bias
+            else:
+                x = layer(x)
+        return x, sigma.expand_as(x)
+
+    return forward
 
 
 def _orthogonal(linear: nn.Linear, gain: float) -> None:
@@ -109,6 +143,8 @@ class EnvSpec:
     make: Callable[[], Any]  # a fresh gymnasium env (no time limit: the collector steps exactly ``horizon``)
     metric: Literal["neg_distance", "distance_gain"]
     goal_features: tuple[int, int] = (4, 5)  # where the goal (x, y) sits in the observation (its scale for g)
+    # steps reset envs together, the same trajectories as their ``step`` (:class:`ml3cli.envs.mujoco_batch.MujocoBatch`)
+    batch: Callable[..., Any] | None = None
 
 
 # -- rollouts -------------------------------------------------------------------------------------------------
@@ -124,11 +160,20 @@ class Rollout(NamedTuple):
 
 class EnvPool:
     """Gymnasium environments for ``n × E`` parallel episodes, stepped together with one batched policy call per
-    time step (gymnasium's vector envs would step them in the same Python loop, without the batching)."""
+    time step (gymnasium's vector envs would step them in the same Python loop, without the batching).
 
-    def __init__(self, spec: EnvSpec):
+    Where the spec has a ``batch`` class and ``batched`` is on, the environments are reset through gymnasium and
+    then stepped by it, all at once (the same trajectories, without gymnasium's Python per step; on ``threads``
+    threads when more than 1 and the batch class is threaded); otherwise each through its gymnasium ``step``.
+    """
+
+    def __init__(self, spec: EnvSpec, batched: bool = True, threads: int = 1):
         self.spec = spec
         self.envs: list[Any] = []
+        self.batched = batched and spec.batch is not None
+        self.threads = threads
+        self.threaded = self.batched and getattr(spec.batch, "threaded", False) and self.threads > 1
+        self._executor = ThreadPoolExecutor(self.threads, "ml3-sim") if self.threaded else None
 
     def rollout(
         self,
@@ -162,6 +207,8 @@ class EnvPool:
         rewards = np.empty((count, horizon))
         distances = np.empty((count, horizon))
         diverged = np.zeros(count, dtype=bool)
+        space = self.envs[0].action_space
+        batch = self.spec.batch(self.envs[:count], self.threads, self._executor) if self.batched else None
         for t in range(horizon):
             state = torch.as_tensor(obs, dtype=dtype).reshape(n, episodes, -1)
             with torch.no_grad():
@@ -171,12 +218,16 @@ class EnvPool:
             actions.append(action)
             action_np = action.reshape(count, -1).double().numpy()
             diverged |= ~np.isfinite(action_np).all(axis=1)
+            applied = np.clip(action_np, space.low, space.high)
+            if batch is not None:
+                obs, rewards[:, t], distances[:, t] = batch.step(applied, ~diverged)
+                rewards[diverged, t] = distances[diverged, t] = np.nan
+                continue
             for j, env in enumerate(self.envs[:count]):
                 if diverged[j]:
                     rewards[j, t] = distances[j, t] = np.nan
                     continue
-                applied = np.clip(action_np[j], env.action_space.low, env.action_space.high)
-                obs[j], rewards[j, t], _, _, info = env.step(applied)
+                obs[j], rewards[j, t], _, _, info = env.step(applied[j])
                 distances[j, t] = info["distance"]
         as_tensor = lambda a: torch.as_tensor(a, dtype=dtype).reshape(n, episodes, *a.shape[1:])  # noqa: E731
         return Rollout(

@@ -346,5 +346,25 @@ def sweeps_table(document: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def rollout_table(document: dict[str, Any]) -> str:
+    """``benchmarks/rollout.py``: env-steps/s of the model-free rollouts, gymnasium's loop against the batched one."""
+    rows = [
+        "| env | env-steps per rollout | gymnasium steps/s | batched steps/s | threads steps/s | mj_step only steps/s "
+        "| batched ÷ gymnasium | threads ÷ gymnasium |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for env, r in document["results"].items():
+        rates = r["env_steps_per_second"]
+        cells = [env if r["threaded"] else f"{env} (not threaded¹)", f"{r['env_steps_per_rollout']:,}"]
+        cells += [f"{rates[variant]:,.0f}" for variant in ("gymnasium", "batched", "threads", "mj_step only")]
+        for variant in ("batched", "threads"):
+            low, high = r[f"speedup_{variant}"]["iqr"]
+            cells.append(f"{r[f'speedup_{variant}']['median']:.2f}× ({low:.2f}–{high:.2f})")
+        rows.append("| " + " | ".join(cells) + " |")
+    if not all(r["threaded"] for r in document["results"].values()):
+        rows += ["", "¹ its threads column times the batched loop a second time: the spread between the two is noise."]
+    return "\n".join(rows)
+
+
 #: benchmark name → its table
-BENCHMARK_TABLES = {"threads": threads_table, "sweeps": sweeps_table}
+BENCHMARK_TABLES = {"threads": threads_table, "sweeps": sweeps_table, "rollout": rollout_table}

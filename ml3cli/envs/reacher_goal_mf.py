@@ -14,6 +14,9 @@ Data sheet
 * **Reward** (paper, appendix C): R_g = −d + 1/(d + 0.001) − |a|₁, with d = ‖fingertip − g‖ after the step and
   |a|₁ the L1 norm of the applied action. ``info["distance"]`` is d.
 * **Episode end**: never terminates; :func:`make_reacher_goal_mf` adds gymnasium's 50-step time limit.
+* **Batched**: the rollouts (:class:`ml3cli.rl.EnvPool`) reset the environments through gymnasium, then step
+  them all at once with :class:`ReacherGoalMFBatch`: the same trajectories as ``step``, bit for bit
+  (:mod:`ml3cli.envs.mujoco_batch`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ml3cli.envs.goals import requested_goal
+from ml3cli.envs.mujoco_batch import BatchStep, MujocoBatch
 from ml3cli.errors import simulators_needed
 
 with simulators_needed("gymnasium's MuJoCo Reacher"):
@@ -87,3 +91,19 @@ def make_reacher_goal_mf(**kwargs: Any):
     from gymnasium.wrappers import TimeLimit
 
     return TimeLimit(ReacherGoalMFEnv(**kwargs), max_episode_steps=HORIZON)
+
+
+class ReacherGoalMFBatch(MujocoBatch):
+    """``ReacherGoalMFEnv.step`` for many reacher environments at once (see :mod:`ml3cli.envs.mujoco_batch`)."""
+
+    # not threaded: one step (2 MuJoCo steps of a 2-link arm) is ~0.03 ms, less than handing it to a thread costs
+    # (measured: a rollout of 16 arms ran at 11,800 instead of 16,100 steps/s on 2 threads)
+    bodies = ("fingertip", "target")
+
+    def outcome(self, qpos: np.ndarray, qvel: np.ndarray, xpos: np.ndarray, applied: np.ndarray) -> BatchStep:
+        fingertip, target = xpos[:, self.body["fingertip"]], xpos[:, self.body["target"]]
+        offset = (fingertip - target)[:, :2]  # as gymnasium's observation and distance
+        theta = qpos[:, :2]
+        obs = np.concatenate([np.cos(theta), np.sin(theta), qpos[:, 2:], qvel[:, :2], offset], axis=1)
+        distance = np.linalg.norm(offset, axis=-1)
+        return BatchStep(obs, reacher_goal_reward(distance, applied), distance)

@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from pydantic import Field, PositiveInt, field_validator, model_validator
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from ml3cli.errors import ML3Error
 from ml3cli.metaloss import LossInput
@@ -53,6 +53,7 @@ from ml3cli.rl import (
     magic_box,
     performance,
     reinforce_surrogate,
+    stacked_policy,
     trajectory_advantage,
 )
 from ml3cli.tasks.base import Task, TaskOptions, Theta
@@ -64,16 +65,16 @@ RewardInput = Literal["none", "return", "to_go"]
 # The simulator's module is imported when the task is built (a missing simulator is refused before any work),
 # its environments are made when rollouts need them.
 def _reacher_spec(options: Any) -> EnvSpec:
-    from ml3cli.envs.reacher_goal_mf import ReacherGoalMFEnv
+    from ml3cli.envs.reacher_goal_mf import ReacherGoalMFBatch, ReacherGoalMFEnv
 
-    return EnvSpec(10, 2, ReacherGoalMFEnv, "neg_distance")
+    return EnvSpec(10, 2, ReacherGoalMFEnv, "neg_distance", batch=ReacherGoalMFBatch)
 
 
 def _ant_spec(options: Any) -> EnvSpec:
-    from ml3cli.envs.ant_goal import AntGoalEnv
+    from ml3cli.envs.ant_goal import AntGoalBatch, AntGoalEnv
 
     radius = options.goal_radius[1]
-    return EnvSpec(31, 8, lambda: AntGoalEnv(goal_radius=radius), "distance_gain", (29, 30))
+    return EnvSpec(31, 8, lambda: AntGoalEnv(goal_radius=radius), "distance_gain", (29, 30), AntGoalBatch)
 
 
 # -- the task family ------------------------------------------------------------------------------------------
@@ -144,6 +145,12 @@ class AntGoalOptions(MFRLOptions):
         (2.0, 2.0), description="goals on the circle(s) r ∈ [low, high] m around the start (paper: a circle)"
     )
     horizon: PositiveInt = Field(200, description="steps per episode")
+    sim_threads: PositiveInt = Field(
+        1,
+        le=256,
+        description="threads that step a rollout's ants in MuJoCo (the same numbers for any count); more than 1 "
+        "pays only where cores are idle: on a shared 2-core machine it gained nothing measurable (docs/speed.md)",
+    )
 
     _radius = field_validator("goal_radius")(_check_radius)
 
@@ -203,7 +210,7 @@ class ModelFreeRL(Task):
         options = options if options is not None else self.Options()
         self.spec = type(self).spec_factory(options)
         super().__init__(options, device)
-        self.pool = EnvPool(self.spec)
+        self.pool = EnvPool(self.spec, threads=getattr(self.options, "sim_threads", 1))
         scale = self.options.loss_state_scale
         if scale is not None and len(scale) != self.spec.obs_dim:
             raise ML3Error(
@@ -254,8 +261,8 @@ class ModelFreeRL(Task):
         """``episodes`` episodes of every task's policy (θ with a leading task axis) on the simulator; the policy
         sees ``observe(obs[n, E, obs_dim])`` where given (PPO's observation normalisation), the returned rollout
         holds the raw observations. Every simulator step is counted in ``environment_samples``."""
-        batched = vmap(self.policy)
-        policy = (lambda obs: batched(theta, obs)) if observe is None else (lambda obs: batched(theta, observe(obs)))
+        batched = stacked_policy(self.optimizee, theta)  # vmap(self.policy)(theta, ·) without vmap's overhead
+        policy = batched if observe is None else (lambda obs: batched(observe(obs)))
         self.environment_samples += goals.shape[0] * episodes * self.options.horizon
         return self.pool.rollout(policy, goals, episodes, self.options.horizon, generator)
 

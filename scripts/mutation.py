@@ -3,6 +3,7 @@
     python scripts/mutation.py --list              # the targets, their modules and tests
     python scripts/mutation.py evaluate            # mutate the evaluation statistics, print the score and survivors
     python scripts/mutation.py evaluate --report-only --diffs   # the last run's survivors, each with its change
+    python scripts/mutation.py evaluate --only 'ml3cli.evaluate.x_lr_grid__mutmut_*'   # re-check a few mutants
 
 Each target names the files (and, where only part of a file is meant, the functions) to mutate and the test files
 that cover them. mutmut reads its settings from ``[tool.mutmut]`` in ``pyproject.toml``; rather than rewrite that
@@ -25,7 +26,7 @@ import os
 import shutil
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,12 +170,15 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--report-only", action="store_true", help="print the score of the last run, run nothing")
     parser.add_argument("--diffs", action="store_true", help="print the change each survivor makes")
+    parser.add_argument("--only", nargs="+", metavar="GLOB", help="mutant names to run (a re-check, not a score)")
     args = parser.parse_args()
     if args.list or args.target is None:
         for name, target in TARGETS.items():
             print(f"{name}: {' '.join(target.modules)}  <-  {' '.join(target.tests)}")
         return
     target = TARGETS[args.target]
+    if args.only:
+        target = replace(target, functions=tuple(args.only))
     os.chdir(ROOT)  # mutmut works in the current folder: the copy goes to ./mutants
     if not args.report_only:
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)

@@ -56,7 +56,8 @@ TARGETS = {
             "ml3cli.evaluate.x_step_size_ratio__mutmut_*",
         ),
     ),
-    "sine": Target(modules=("ml3cli/tasks/sine.py",), tests=("tests/test_tasks.py",)),
+    # the contract tests of every family, run for the sine families only
+    "sine": Target(modules=("ml3cli/tasks/sine.py",), tests=("tests/test_tasks.py", "-k", "sine")),
     "artifacts": Target(modules=("ml3cli/artifacts.py",), tests=("tests/test_artifacts.py",)),
     "metadata": Target(modules=("ml3cli/metadata.py",), tests=("tests/test_artifacts.py",)),
     "engine": Target(

@@ -78,6 +78,29 @@ EQUIVALENT: dict[str, str] = {
     "baseline gradient gives an infinite or NaN ratio, which the finite filter below drops as the mask would",
     "ml3cli.evaluate.x_step_size_ratio__mutmut_98": "keep = base >= 0 also keeps zero baseline gradients, whose "
     "infinite or NaN ratios the finite filter below drops",
+    # artifacts
+    "ml3cli.artifacts.x__check_layout__mutmut_23": "every stored entry is a dict (_read_checked refused the others), so `not isinstance(..., dict)` is False and `and` or `or` give the same",
+    "ml3cli.artifacts.x__read_checked__mutmut_39": "unreachable: JSON text that starts with '{' (checked above) parses to a dict or fails to parse",
+    "ml3cli.artifacts.x_file_sha256__mutmut_9": "'<q' reads the length signed: _read_checked bounded it to 16 MiB first, where both readings agree",
+    "ml3cli.artifacts.x_tensors_sha256__mutmut_8": "an empty tensor's bytes are b'' either way",
+    "ml3cli.artifacts.x__kind_of__mutmut_10": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "ml3cli.artifacts.x__matches__mutmut_10": "zip's strictness: the lengths were compared just above",
+    "ml3cli.artifacts.x__matches__mutmut_13": "zip's strictness: the lengths were compared just above",
+    "ml3cli.artifacts.x__matches__mutmut_14": "zip's strictness: the lengths were compared just above",
+    "ml3cli.artifacts.x__legacy_groups__mutmut_14": "zip's strictness: len(spec) == len(inputs) is checked first",
+    "ml3cli.artifacts.x__legacy_groups__mutmut_17": "zip's strictness: len(spec) == len(inputs) is checked first",
+    "ml3cli.artifacts.x__legacy_groups__mutmut_18": "zip's strictness: len(spec) == len(inputs) is checked first",
+    "ml3cli.artifacts.x__legacy_groups__mutmut_26": "zip's strictness: len(spec) == len(inputs) was checked",
+    "ml3cli.artifacts.x__legacy_groups__mutmut_29": "zip's strictness: len(spec) == len(inputs) was checked",
+    "ml3cli.artifacts.x__legacy_groups__mutmut_30": "zip's strictness: len(spec) == len(inputs) was checked",
+    "ml3cli.artifacts.x_save_loss__mutmut_20": "allow_nan=True is json.dumps's default",
+    "ml3cli.artifacts.x_load_loss__mutmut_52": "the path only enters the message of a corrupt entry, which _checked has already refused",
+    "ml3cli.artifacts.x_load_loss__mutmut_58": "unreachable message: safetensors' tensors are the file's bytes that file_sha256 hashed",
+    "ml3cli.artifacts.x__groups__mutmut_1": "_groups is called nowhere (dead code): no behaviour can change",
+    "ml3cli.artifacts.x__groups__mutmut_2": "_groups is called nowhere (dead code): no behaviour can change",
+    "ml3cli.artifacts.x__groups__mutmut_3": "_groups is called nowhere (dead code): no behaviour can change",
+    "ml3cli.artifacts.x__groups__mutmut_4": "_groups is called nowhere (dead code): no behaviour can change",
+    "ml3cli.artifacts.x__groups__mutmut_5": "_groups is called nowhere (dead code): no behaviour can change",
 }
 
 #: mutmut's exit codes of a tested mutant, by the name the score uses
@@ -112,9 +135,20 @@ def run_mutmut(target: Target, max_children: int) -> None:
     settings = mutmut_settings(target)
     configuration._config_reader = lambda: lambda key, default: settings.get(key, default)
     configuration.reset_config()
-    from mutmut.__main__ import _run
+    import mutmut.__main__ as mutmut_main  # reads the settings when imported
 
-    _run(list(target.functions), max_children)
+    copy_also_copy_files = mutmut_main.copy_also_copy_files
+
+    def copy_with_settings() -> None:
+        # a test that starts Python (`ml3 inspect` in a subprocess) runs in mutants/ and imports the mutated copy,
+        # whose trampolines read the settings from mutants/pyproject.toml: the copy gets the target's table
+        copy_also_copy_files()
+        with open(ROOT / "mutants" / "pyproject.toml", "a", encoding="utf-8") as copied:
+            copied.write("\n[tool.mutmut]\n")
+            copied.writelines(f"{key} = {json.dumps(value)}\n" for key, value in settings.items())
+
+    mutmut_main.copy_also_copy_files = copy_with_settings
+    mutmut_main._run(list(target.functions), max_children)
     # the tests ran in this process (the stats, the clean run): they must have imported the mutated copy
     tested = Path(sys.modules["ml3cli"].__file__).resolve()
     if not tested.is_relative_to(ROOT / "mutants"):

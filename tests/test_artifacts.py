@@ -574,3 +574,45 @@ def test_checksum_of_an_empty_tensor_from_the_file_bytes_equals_the_tensor_check
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     assert artifacts.file_sha256(path, data, json.loads(data[8 : 8 + n])) == artifacts.tensors_sha256(tensors)
+
+
+def test_metadata_refusals_name_the_file_and_the_artifact(artifact, tmp_path):
+    rewrite(artifact, {"ml3": "{not json"})
+    assert f"{artifact}: artifact metadata is not valid JSON" in refused(artifact, "json")
+    other = save_loss(tmp_path / "other.safetensors", trained_like_loss(), make_info())
+    resign(other, document_update=lambda d: d["architecture"].update(hidden="x"))
+    assert f"{other}: artifact metadata is malformed: " in refused(other, "malformed")
+    deep: dict = {}
+    for _ in range(40):
+        deep = {"next": deep}
+    path = tmp_path / "deep.safetensors"
+    with pytest.raises(ML3Error, match=rf"^{path}: artifact metadata is nested deeper than 32 levels$"):
+        save_loss(path, trained_like_loss(), make_info(metrics=deep))
+
+
+def test_the_shipped_names_are_listed_comma_separated_or_none(tmp_path, monkeypatch):
+    from ml3cli import shipped
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ML3Error) as info:
+        load_loss("nope")
+    assert str(info.value).endswith(f"not a shipped loss: {', '.join(shipped.shipped_names())})")
+    monkeypatch.setattr(shipped, "shipped_names", lambda folder=None: [])
+    with pytest.raises(ML3Error, match=r"not a shipped loss: none\)$"):
+        load_loss("nope")
+
+
+def test_a_file_from_before_group_axes_takes_them_from_the_expected_inputs_or_its_task(tmp_path):
+    """An artifact that records no group axes gets those of the inputs it is expected to serve, else those of the
+    task it was learned on (a class-wise MNIST loss), where names and sizes match."""
+    from ml3cli.tasks.mnist import CLASSWISE_INPUTS
+
+    metaloss = trained_like_loss(inputs=CLASSWISE_INPUTS)
+    path = save_loss(tmp_path / "legacy.safetensors", metaloss, make_info(task="mnist"))
+    resign(path, document_update=lambda d: [i.pop("groups") for i in d["architecture"]["inputs"]])
+    assert load_loss(path).inputs == CLASSWISE_INPUTS  # from the task it was learned on
+    assert load_loss(path, expect_inputs=CLASSWISE_INPUTS).inputs == CLASSWISE_INPUTS
+    flat = tuple(LossInput(i.name, i.size, i.description) for i in CLASSWISE_INPUTS)
+    assert load_loss(path, expect_inputs=flat).inputs == flat  # the caller's axes win over the task's
+    resign(path, document_update=lambda d: d.update(task="sine"))
+    assert all(i.groups == () for i in load_loss(path).inputs)  # a task whose inputs are others: no axes

@@ -170,7 +170,7 @@ def results(target: Target) -> dict[str, str]:
 def report(name: str, target: Target, found: dict[str, str], diffs: bool) -> None:
     """Print the counts, the score and every survivor that is not judged equivalent."""
     counts = Counter(found.values())
-    equivalent = sorted(m for m, status in found.items() if status == "survived" and m in EQUIVALENT)
+    equivalent = sorted(m for m, status in found.items() if status not in ("killed", "timeout") and m in EQUIVALENT)
     survivors = sorted(m for m, status in found.items() if status not in ("killed", "timeout") and m not in EQUIVALENT)
     detected = counts["killed"] + counts["timeout"]
     total = len(found)

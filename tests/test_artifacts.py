@@ -612,6 +612,9 @@ def test_a_file_from_before_group_axes_takes_them_from_the_expected_inputs_or_it
     resign(path, document_update=lambda d: [i.pop("groups") for i in d["architecture"]["inputs"]])
     assert load_loss(path).inputs == CLASSWISE_INPUTS  # from the task it was learned on
     assert load_loss(path, expect_inputs=CLASSWISE_INPUTS).inputs == CLASSWISE_INPUTS
+    assert load_loss(path, expect_inputs=("prob", "onehot")).inputs == CLASSWISE_INPUTS  # names: the task's axes
+    with pytest.raises(ML3Error, match="the task here needs inputs"):
+        load_loss(path, expect_inputs=CLASSWISE_INPUTS[:1])
     flat = tuple(LossInput(i.name, i.size, i.description) for i in CLASSWISE_INPUTS)
     assert load_loss(path, expect_inputs=flat).inputs == flat  # the caller's axes win over the task's
     resign(path, document_update=lambda d: d.update(task="sine"))

@@ -78,6 +78,8 @@ EQUIVALENT: dict[str, str] = {
     "baseline gradient gives an infinite or NaN ratio, which the finite filter below drops as the mask would",
     "ml3cli.evaluate.x_step_size_ratio__mutmut_98": "keep = base >= 0 also keeps zero baseline gradients, whose "
     "infinite or NaN ratios the finite filter below drops",
+    # metadata
+    "ml3cli.metadata.x_document_sha256__mutmut_7": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
     # artifacts
     "ml3cli.artifacts.x__check_layout__mutmut_23": "every stored entry is a dict (_read_checked refused the others), so `not isinstance(..., dict)` is False and `and` or `or` give the same",
     "ml3cli.artifacts.x__read_checked__mutmut_39": "unreachable: JSON text that starts with '{' (checked above) parses to a dict or fails to parse",

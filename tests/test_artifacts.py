@@ -4,6 +4,7 @@ files with a clear ML3Error, refusal of a loss learned for other inputs, and ato
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -619,3 +620,60 @@ def test_a_file_from_before_group_axes_takes_them_from_the_expected_inputs_or_it
     assert load_loss(path, expect_inputs=flat).inputs == flat  # the caller's axes win over the task's
     resign(path, document_update=lambda d: d.update(task="sine"))
     assert all(i.groups == () for i in load_loss(path).inputs)  # a task whose inputs are others: no axes
+
+
+# -- the metadata helpers every file format shares (ml3cli/metadata.py) ------------------------------------------
+@pytest.mark.parametrize(
+    "meta, expected",
+    [
+        ("not a mapping", "not an ml3 loss artifact (metadata format is None)"),
+        ({"format": "x" * 78}, f"(metadata format is {'x' * 78!r})"),  # a repr of 80 characters is shown whole
+        ({"format": "x" * 79}, f"(metadata format is {'x' * 78!r}"[:-1] + "…)"),  # longer: cut to 80 with …
+        ({"format": "ml3-loss", "format_version": 5}, "has no valid format_version (got 5)"),
+        ({"format": "ml3-loss", "format_version": "1a"}, "has no valid format_version (got '1a')"),
+        ({"format": "ml3-loss", "format_version": "²"}, "has no valid format_version (got '²')"),
+        ({"format": "ml3-loss", "format_version": "1234567890"}, "has no valid format_version (got '1234567890')"),
+        ({"format": "ml3-loss", "format_version": "123456789"}, "format version 123456789 is newer than this ml3"),
+        ({"format": "ml3-loss", "format_version": "0"}, "format version 0 does not exist"),
+    ],
+)
+def test_check_format_names_what_it_found(meta, expected):
+    with pytest.raises(ML3Error) as info:
+        metadata.check_format(Path("f"), meta, "ml3-loss", 2, "ml3 loss artifact")
+    assert expected in str(info.value) and str(info.value).startswith("f: ")
+
+
+def test_documents_nest_at_most_32_levels_counting_lists():
+    def nested(levels: int, inner=None):
+        value = inner if inner is not None else {}
+        for _ in range(levels - 1):
+            value = {"a": value}
+        return json.dumps(value)
+
+    assert metadata.parse_document(Path("f"), nested(32), "artifact")
+    for text in (nested(33), nested(32, [[]])):  # [[]] is two levels
+        with pytest.raises(ML3Error, match=r"^f: artifact metadata is nested deeper than 32 levels$"):
+            metadata.parse_document(Path("f"), text, "artifact")
+    for text, message in (
+        (None, "f: artifact metadata is missing its ml3 document"),
+        ("[1]", "f: artifact metadata must be a JSON object, got list"),
+        ("{x", "f: artifact metadata is not valid JSON ('Expecting property name"),
+    ):
+        with pytest.raises(ML3Error) as info:
+            metadata.parse_document(Path("f"), text, "artifact")
+        assert str(info.value).startswith(message)
+
+
+def test_the_checksum_of_each_format_version():
+    """Format 1 checked the tensors' digest alone; format 2 hashes it with the document's exact text, which may
+    hold any character JSON can escape, lone surrogates too."""
+    assert metadata.expected_sha256(1, "abc", "doc") == "abc"
+    assert metadata.expected_sha256(2, "abc", "doc") == metadata.document_sha256("abc", "doc")
+    lone = json.loads('"\\ud800"')
+    assert metadata.document_sha256("abc", lone) == hashlib.sha256(b"abc\n\xed\xa0\x80").hexdigest()
+
+
+def test_a_malformed_record_names_the_field_under_its_prefix():
+    with pytest.raises(ML3Error) as info:
+        metadata.validated(metadata.InputRecord, {"name": "y", "size": "big"}, Path("f"), "the input", "inputs.0")
+    assert str(info.value).startswith("f: the input is malformed: ") and "inputs.0.size" in str(info.value)

@@ -80,6 +80,7 @@ EQUIVALENT: dict[str, str] = {
     "infinite or NaN ratios the finite filter below drops",
     # metadata
     "ml3cli.metadata.x_document_sha256__mutmut_7": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "ml3cli.metadata.x__depth__mutmut_2": "deepest starts at 1 instead of 0: the first node visited sets it to 1",
     # artifacts
     "ml3cli.artifacts.x__check_layout__mutmut_23": "every stored entry is a dict (_read_checked refused the others), so `not isinstance(..., dict)` is False and `and` or `or` give the same",
     "ml3cli.artifacts.x__read_checked__mutmut_39": "unreachable: JSON text that starts with '{' (checked above) parses to a dict or fails to parse",

@@ -677,3 +677,9 @@ def test_a_malformed_record_names_the_field_under_its_prefix():
     with pytest.raises(ML3Error) as info:
         metadata.validated(metadata.InputRecord, {"name": "y", "size": "big"}, Path("f"), "the input", "inputs.0")
     assert str(info.value).startswith("f: the input is malformed: ") and "inputs.0.size" in str(info.value)
+
+
+def test_an_unknown_field_is_named_with_the_closest_known_one():
+    with pytest.raises(ML3Error) as info:
+        metadata.validated(metadata.InputRecord, {"name": "y", "size": 1, "sise": 1}, Path("f"), "the input")
+    assert str(info.value).startswith("f: the input is malformed: unknown field `sise`; did you mean 'size'?")

@@ -114,3 +114,15 @@ def test_steps_to_threshold_by_hand():
     assert c.steps_to(1.5) == [2, 3]
     assert c.steps_to(3.0) == [0, 1]
     assert c.steps_to(0.5) == [None, None]
+
+
+def test_metric_at_reads_the_step_asked_for_of_the_task_metric_or_a_report_metric():
+    """Per seed, the mean over the test tasks at one step, of the task metric or of a report metric."""
+    from ml3cli.evaluate import metric_at
+
+    values = np.arange(2 * 3 * 4, dtype=float).reshape(2, 3, 4)  # [seeds, tasks, steps + 1]
+    c = LossCurves("x", 1e-3, "builtin", values, {"accuracy": 100 + values**2})
+    assert metric_at(c, 1).tolist() == [5.0, 17.0]  # seed 0: tasks at step 1 are 1, 5, 9
+    assert metric_at(c, 2, "accuracy").tolist() == pytest.approx(
+        [100 + (4 + 36 + 100) / 3, 100 + (196 + 324 + 484) / 3]
+    )

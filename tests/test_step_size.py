@@ -4,14 +4,17 @@ win at one shared learning rate can be told apart from a learned step size."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from helpers import TINY_RECIPE, run_main, write_recipe
 
-from ml3cli.evaluate import NamedLoss, step_size_ratio
+from ml3cli.engine.inner_optimizers import Momentum
+from ml3cli.evaluate import NamedLoss, draw_tasks, step_size_ratio
 from ml3cli.losses import builtin_loss
 from ml3cli.tasks import make_task
+from ml3cli.tasks.sine import ShiftedSineOptions, ShiftedSineRegression
 
 OPTIONS = TINY_RECIPE["meta_test"]["task_options"]
 
@@ -106,3 +109,73 @@ def test_tune_inner_lr_meta_trains_and_meta_tests_at_the_baselines_validation_ra
     assert sweep.stdout.count("tuned inner lr") == 1  # once, here; the seeds' processes get the number
     for seed in (0, 1):
         assert read_info(tmp_path / f"s-seed{seed}.safetensors")["recipe"]["inner"]["lr"] == expected
+
+
+# -- the statistics against ratios worked out by hand -----------------------------------------------------------
+def target_scaled_mse(task, lr: float) -> NamedLoss:
+    """MSE times the mean |y| of the task's targets: its gradient is that many times MSE's at every θ, so the
+    ratio of each task is a number read off its data, whatever the trajectory."""
+    mse = builtin_loss(task, "mse", lr)
+    return NamedLoss("scaled", lambda inputs: mse.fn(inputs) * inputs["y_true"].abs().mean(), lr)
+
+
+def mean_abs_targets(task, tasks: int, seed: int) -> list[float]:
+    _, batch, _ = draw_tasks(task, tasks, "test", seed)
+    return batch.y_support.abs().mean(dim=(1, 2)).tolist()
+
+
+def test_the_ratio_statistics_by_hand_on_the_seeds_asked_for():
+    """Seeds 3 and 4 (``seed=3, seeds=2``), two tasks each, one step: four ratios r₀ ≤ … ≤ r₃, each the task's
+    mean |y|; the percentiles interpolate linearly (10th at position 0.3, median 1.5, 90th at 2.7)."""
+    task = make_task("sine_shifted", OPTIONS)
+    ratio = step_size_ratio(task, target_scaled_mse(task, 0.01), builtin_loss(task, "mse", 0.01), 2, 2, 1, seed=3)
+    r = sorted(mean_abs_targets(task, 2, 3) + mean_abs_targets(task, 2, 4))
+    assert ratio.points == 4 and ratio.mean == pytest.approx(sum(r) / 4, rel=1e-5)
+    assert ratio.median == pytest.approx((r[1] + r[2]) / 2, rel=1e-5)
+    assert ratio.low == pytest.approx(r[0] + 0.3 * (r[1] - r[0]), rel=1e-5)
+    assert ratio.high == pytest.approx(r[2] + 0.7 * (r[3] - r[2]), rel=1e-5)
+
+
+def test_no_steps_measure_nothing():
+    task = make_task("sine_shifted", OPTIONS)
+    mse = builtin_loss(task, "mse", 0.01)
+    ratio = step_size_ratio(task, mse, mse, tasks=2, seeds=1, steps=0)
+    assert ratio.points == 0
+    assert all(math.isnan(value) for value in (ratio.mean, ratio.median, ratio.low, ratio.high))
+
+
+def test_with_momentum_the_ratio_is_still_of_the_gradients():
+    task = make_task("sine_shifted", OPTIONS)
+    mse = builtin_loss(task, "mse", 0.01)
+    scaled = NamedLoss("scaled", lambda inputs: 3.0 * mse.fn(inputs), 0.01)
+    ratio = step_size_ratio(task, scaled, mse, tasks=2, seeds=1, steps=3, optimizer=Momentum())
+    assert (
+        ratio.points == 6 and ratio.low == pytest.approx(3.0, rel=1e-5) and ratio.high == pytest.approx(3.0, rel=1e-5)
+    )
+
+
+class CollectingSine(ShiftedSineRegression):
+    """Shifted sines as a task that collects data: each collection, made with the current θ, doubles the targets."""
+
+    collects_data = True
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.collections = []
+
+    def collect(self, theta, batch, generator, purpose):
+        self.collections.append((theta, generator, purpose))
+        return batch._replace(y_support=2 * batch.y_support)
+
+
+def test_a_task_that_collects_data_is_measured_on_the_data_collected_with_the_current_theta():
+    task = CollectingSine(ShiftedSineOptions(**OPTIONS))
+    ratio = step_size_ratio(task, target_scaled_mse(task, 0.01), builtin_loss(task, "mse", 0.01), 2, 1, 2)
+    doubled = [2 * r for r in mean_abs_targets(task, 2, 0)]
+    assert ratio.points == 4 and ratio.mean == pytest.approx(sum(doubled) / 2, rel=1e-5)
+    assert [purpose for _, _, purpose in task.collections] == ["inner", "inner"]
+    assert all(isinstance(generator, torch.Generator) for _, generator, _ in task.collections)
+    theta0 = draw_tasks(task, 2, "test", 0)[2]
+    first, second = (theta for theta, _, _ in task.collections)
+    assert all(torch.equal(first[name], theta0[name]) for name in theta0)
+    assert not all(torch.equal(second[name], theta0[name]) for name in theta0)

@@ -247,3 +247,42 @@ def test_no_query_sample_is_also_a_support_sample(name):
         held_out = getattr(batch, query[0])[i].flatten(1)
         repeated = int((held_out[:, None, :] == rows[None, :, :]).all(-1).any(1).sum())
         assert repeated == 0, f"task {i}: {repeated} of its {len(held_out)} {query[0]} rows are {support[0]} rows"
+
+
+# -- the sine families against their data sheet (ml3cli/tasks/sine.py) -----------------------------------------
+def test_shifted_sines_follow_the_data_sheet():
+    """y = A·sin(x − ω) at every support and query point, with x, A and ω inside the ranges of the options."""
+    task = make_task("sine_shifted", {"points": 16, "query_points": 8, "x_range": [-1.0, 3.0], "hidden": [8]})
+    batch = task.sample_tasks(64, generator(0))
+    amplitude, phase = batch.amplitude[:, None, None], batch.phase[:, None, None]
+    for x, y in ((batch.x_support, batch.y_support), (batch.x_query, batch.y_query)):
+        assert ((-1.0 <= x) & (x <= 3.0)).all() and x.min() < 0.0 < 2.0 < x.max()
+        torch.testing.assert_close(y, amplitude * torch.sin(x - phase))
+    assert ((0.2 <= batch.amplitude) & (batch.amplitude <= 5.0)).all() and batch.amplitude.max() > 4.0
+    assert ((-math.pi <= batch.phase) & (batch.phase <= math.pi)).all() and batch.phase.min() < -2.0
+
+
+def test_the_meta_train_sine_is_one_fixed_curve():
+    """``sine``: A = 1 and ω = π for every task, so y = sin(x − π) = −sin(x)."""
+    batch = make_task("sine", {"points": 8, "query_points": 8, "hidden": [8]}).sample_tasks(4, generator(0))
+    assert (batch.amplitude == 1.0).all() and (batch.phase == math.pi).all()
+    torch.testing.assert_close(batch.y_support, -torch.sin(batch.x_support))
+
+
+def test_sine_ranges_must_be_ordered():
+    """A range is [low, high] with low <= high: a single value is allowed, a reversed range is refused."""
+    from pydantic import ValidationError
+
+    from ml3cli.tasks.sine import SineOptions
+
+    assert SineOptions(amplitude_range=(2.0, 2.0)).amplitude_range == (2.0, 2.0)
+    with pytest.raises(ValidationError, match=r"expected \[low, high\] with low <= high, got \[3.0, 2.0\]"):
+        SineOptions(phase_range=(3.0, 2.0))
+
+
+def test_sine_tasks_are_drawn_onto_the_tasks_device():
+    """The tasks are drawn on the CPU (the same numbers on any device) and moved to the task's device."""
+    from ml3cli.tasks.sine import ShiftedSineOptions, ShiftedSineRegression
+
+    task = ShiftedSineRegression(ShiftedSineOptions(points=4, query_points=4, hidden=[4]), device="meta")
+    assert all(t.device.type == "meta" for t in task.sample_tasks(2, generator(0)))

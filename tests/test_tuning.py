@@ -63,3 +63,37 @@ def test_the_sweep_grid_spans_two_decades_either_side_and_widens_at_a_winning_ed
     best, scores = widen_until_interior(score, 1e-3, span=2.0, step=0.5)
     assert best == pytest.approx(1.0) and len(tried) == 3
     assert tried[1] == pytest.approx([10**-0.5, 1.0]) and tried[2] == pytest.approx([10**0.5, 10.0])
+
+
+def test_the_defaults_try_lr_grid_first_and_widen_three_times_at_most():
+    """With its defaults the sweep first scores lr_grid(center) (two decades either side, half a decade apart);
+    a score that keeps falling past the top edge is chased three times, then the top rate is taken."""
+    from ml3cli.evaluate import lr_grid, widen_until_interior
+
+    tried: list[list[float]] = []
+
+    def falling(lrs):
+        tried.append(lrs)
+        return {lr: -lr for lr in lrs}
+
+    best, scores = widen_until_interior(falling, 1e-3)
+    assert tried[0] == lr_grid(1e-3) and len(tried) == 4
+    assert best == pytest.approx(10**2.0) and best == max(scores) and list(scores) == sorted(scores)
+
+
+def test_a_winning_bottom_edge_widens_downwards_by_the_given_step():
+    """A loss lowest at 10^-4.5, a grid a quarter decade apart one decade either side of 1e-3: the bottom edge
+    wins twice, each time adding the two rates one and two steps below it."""
+    from ml3cli.evaluate import widen_until_interior
+
+    tried: list[list[float]] = []
+
+    def score(lrs):
+        tried.append(lrs)
+        return {lr: abs(math.log10(lr) + 4.5) for lr in lrs}
+
+    best, scores = widen_until_interior(score, 1e-3, span=1.0, step=0.25)
+    assert tried[0] == pytest.approx([10 ** (-4 + k / 4) for k in range(9)], rel=1e-12)
+    assert tried[1] == pytest.approx([10**-4.25, 10**-4.5], rel=1e-12)
+    assert tried[2] == pytest.approx([10**-4.75, 10**-5], rel=1e-12)
+    assert best == pytest.approx(10**-4.5, rel=1e-12) and len(scores) == 13

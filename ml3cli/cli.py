@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
+import os
+import signal
 import sys
+import threading
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +34,22 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _load(name: str) -> types.ModuleType:
+    """The command module ``ml3cli.commands.NAME``, imported while Ctrl-C ends the process at once (exit 130).
+
+    The commands import torch, whose native code runs Python's signal handlers from inside pybind11: a
+    KeyboardInterrupt raised there cannot unwind and aborts the process (SIGABRT, "terminate called after throwing
+    an instance of 'pybind11::error_already_set'"). Once the module is loaded, Ctrl-C is a KeyboardInterrupt again.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return importlib.import_module(f"ml3cli.commands.{name}")
+    previous = signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    try:
+        return importlib.import_module(f"ml3cli.commands.{name}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _version(value: bool) -> None:
@@ -116,7 +137,7 @@ def meta_train_command(
     the end. Ctrl-C (SIGINT) or SIGTERM finishes the current outer step, writes a checkpoint, prints the command
     that resumes and exits with 130 / 143.
     """
-    from ml3cli.commands import meta_train
+    meta_train = _load("meta_train")
 
     meta_train.run(recipe, options, _console())
 
@@ -133,7 +154,7 @@ def meta_test_command(
     baseline: Annotated[str | None, typer.Option("--baseline", help="hand-written loss to compare with")] = None,
 ) -> None:
     """Train fresh optimizees on TASK with the learned loss only, next to the task's hand-written baseline."""
-    from ml3cli.commands import compare
+    compare = _load("compare")
 
     compare.meta_test(loss, task, baseline, options, _console(options.json_path))
 
@@ -151,7 +172,7 @@ def compare_command(
     options: EvalOptions,
 ) -> None:
     """Compare any number of losses on one task family: same seeds, same initialisations, paired statistics."""
-    from ml3cli.commands import compare
+    compare = _load("compare")
 
     compare.run(task, losses, options, _console(options.json_path))
 
@@ -170,7 +191,7 @@ def landscape_command(
     ] = None,
 ) -> None:
     """Plot loss landscapes (1-D sweep, 2-D filter-normalised plane, or the loss as a function of its inputs)."""
-    from ml3cli.commands import landscape
+    landscape = _load("landscape")
 
     landscape.run(losses or [], options, _console(options.json_path))
 
@@ -186,7 +207,7 @@ def inspect_command(
     ] = None,
 ) -> None:
     """Show what an artifact is: task, inputs, architecture, recipe, metrics."""
-    from ml3cli.commands import inspect as inspect_artifact
+    inspect_artifact = _load("inspect")
 
     inspect_artifact.run(artifact, _console(json_path), json_path)
 
@@ -194,7 +215,7 @@ def inspect_command(
 @app.command("tasks")
 def tasks_command() -> None:
     """List the registered task families and their loss inputs."""
-    from ml3cli.commands import tasks
+    tasks = _load("tasks")
 
     tasks.run(_console())
 
@@ -207,7 +228,7 @@ def reproduce_command(
     options: ReproduceOptions,
 ) -> None:
     """Reproduce a paper experiment end to end: meta-train every seed, compare tuned against tuned, judge, plot."""
-    from ml3cli.commands import reproduce
+    reproduce = _load("reproduce")
 
     reproduce.run(list(names or []), options, _console())
 
@@ -217,7 +238,7 @@ def report_command(
     check: Annotated[bool, typer.Option("--check", help="only check that the committed pages are current")] = False,
 ) -> None:
     """Regenerate docs/results.md (and the README's status table) from results/*/results.json."""
-    from ml3cli.commands import report
+    report = _load("report")
 
     report.run(_console(), check=check)
 
@@ -225,7 +246,7 @@ def report_command(
 @app.command("recipes")
 def recipes_command() -> None:
     """List the recipes shipped with ml3: `ml3 meta-train NAME` runs one from any folder."""
-    from ml3cli.commands import recipes
+    recipes = _load("recipes")
 
     recipes.run(_console())
 
@@ -252,7 +273,7 @@ def losses_command(
     ] = None,
 ) -> None:
     """List the learned losses shipped with ml3: any --loss and load_loss() take their names (e.g. sine)."""
-    from ml3cli.commands import losses
+    losses = _load("losses")
 
     if source is not None and build is None:
         raise typer.BadParameter("--from needs --build NAME", param_hint="--from")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -94,13 +93,9 @@ def main() -> None:
         )
     if args.out:
         from ml3cli import files
-        from ml3cli.commands.runs import versions
+        from ml3cli.commands.runs import benchmark_record
 
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        document = {
-            "benchmark": "cuda_graph",
-            "commit": commit,
-            "versions": versions(),
+        document = benchmark_record("cuda_graph") | {
             "device": torch.cuda.get_device_name(),
             "steps": args.steps,
             "rounds": args.rounds,

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -109,22 +107,15 @@ def main() -> None:
         )
     if args.out:
         from ml3cli import files
-        from ml3cli.commands.runs import versions
+        from ml3cli.commands.runs import benchmark_record
 
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        files.write_json_atomic(
-            args.out,
-            {
-                "benchmark": "sweeps",
-                "commit": commit,
-                "versions": versions(),
-                "threads": args.threads,
-                "torch_threads": torch.get_num_threads(),
-                "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-                "rounds": args.rounds,
-                "results": results,
-            },
-        )
+        document = benchmark_record("sweeps") | {
+            "threads": args.threads,
+            "torch_threads": torch.get_num_threads(),
+            "rounds": args.rounds,
+            "results": results,
+        }
+        files.write_json_atomic(args.out, document)
         print(f"wrote {args.out}")
 
 

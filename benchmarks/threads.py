@@ -28,7 +28,6 @@ import argparse
 import csv
 import hashlib
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -102,20 +101,9 @@ def main() -> None:
             )
     if args.out:
         from ml3cli import files
-        from ml3cli.commands.runs import versions
+        from ml3cli.commands.runs import benchmark_record
 
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        document = {
-            "benchmark": "threads",
-            "commit": commit,
-            "versions": versions(),
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "load_after": load,
-            "machine": platform.machine(),
-            "rounds": args.rounds,
-            "results": results,
-        }
+        document = benchmark_record("threads") | {"rounds": args.rounds, "results": results}
         files.write_json_atomic(args.out, document)
         print(f"wrote {args.out}")
 

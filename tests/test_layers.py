@@ -198,7 +198,6 @@ def test_the_cli_is_the_only_user_of_typer():
 #: never replaced), as (module, call). TensorBoard's event files are torch's SummaryWriter's.
 STREAMED_LOGS = {
     ("ml3cli.commands.meta_train", "open(out_path.with_suffix(f'.rank{shard.rank}.log'), 'w', encoding='utf-8')"),
-    ("ml3cli.commands.meta_train", "open(log_path, 'w', encoding='utf-8')"),
     ("ml3cli.launchers", "open(run.log, 'w', encoding='utf-8')"),
 }
 

@@ -14,11 +14,9 @@ import math
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from ml3cli.commands.parsing import parse_seeds
 from ml3cli.engine import meta_train, optimizer_for
 from ml3cli.errors import DivergenceError, ML3Error, RunInterrupted
 from ml3cli.evaluate import NamedLoss, evaluate, step_size_ratio, tune_lr
+from ml3cli.launchers import Finished, LocalLauncher, Run
 from ml3cli.losses import baseline_name, builtin_loss
 from ml3cli.recipes import Recipe, checkpoint_path_for, load_recipe, recipe_to_dict
 from ml3cli.runtime import configure, resolve_device
@@ -60,8 +59,8 @@ def run(recipe_path: Path, options: MetaTrainOptions, console: Console) -> None:
             raise ML3Error("--seeds runs whole meta-trainings: it cannot be combined with --seed, --resume or --nproc")
         run_seed_sweep(
             recipe, parse_seeds(options.seeds), options.jobs, options.out,
-            lambda seed, path: argv(
-                seed=seed, out=path, quiet=True, log_dir=options.log_dir / f"seed{seed}" if options.log_dir else None
+            lambda seed: argv(  # the launcher adds --out
+                seed=seed, out=None, quiet=True, log_dir=options.log_dir / f"seed{seed}" if options.log_dir else None
             ), console,
         )  # fmt: skip
         return
@@ -369,12 +368,13 @@ def run_seed_sweep(
     seeds: Sequence[int],
     jobs: int,
     out: str | Path | None,
-    command_for: Callable[[int, Path], list[str]],
+    command_for: Callable[[int], list[str]],
     console: Console,
 ) -> list[Path]:
-    """``ml3 meta-train RECIPE --seeds ... --jobs J``: one meta-training process per seed, J at a time, then a
-    table across seeds. ``command_for(seed, artifact)`` gives the ``ml3`` arguments of one seed's run; each run's
-    output goes to ``ARTIFACT.log``. Raises ML3Error naming the seeds that failed (after all have run)."""
+    """``ml3 meta-train RECIPE --seeds ... --jobs J``: one meta-training process per seed, J at a time
+    (:class:`~ml3cli.launchers.LocalLauncher`), then a table across seeds. ``command_for(seed)`` gives the ``ml3``
+    arguments of one seed's run, without ``--out``; each run's output goes to ``ARTIFACT.log``. Raises ML3Error
+    naming the seeds that failed (after all have run)."""
     base = Path(out) if out else recipe.artifact_path
     if base.suffix != ".safetensors":
         raise ML3Error(f"--out {base}: an artifact path must end in .safetensors")
@@ -385,23 +385,19 @@ def run_seed_sweep(
     warn_if_oversubscribed(recipe.threads, jobs)
     console.print(f"meta-training {recipe.name} for seeds {list(seeds)}, {jobs} at a time (logs: ARTIFACT.log)")
 
-    def one(seed: int) -> tuple[int, int, float]:
-        started = time.perf_counter()
-        log_path = paths[seed].with_suffix(".log")
-        with open(log_path, "w", encoding="utf-8") as log:
-            code = subprocess.call(
-                [sys.executable, "-m", "ml3cli", *command_for(seed, paths[seed])], stdout=log, stderr=subprocess.STDOUT
-            )
-        seconds = time.perf_counter() - started
+    runs = {seed: Run(tuple(command_for(seed)), paths[seed]) for seed in seeds}
+    seed_of = {run: seed for seed, run in runs.items()}
+
+    def on_finished(done: Finished) -> None:
         console.print(
-            f"seed {seed}: {'done' if code == 0 else f'FAILED (exit {code})'} in {seconds:.1f} s → {log_path}"
+            f"seed {seed_of[done.run]}: {'done' if done.code == 0 else f'FAILED (exit {done.code})'} in "
+            f"{done.seconds:.1f} s → {done.run.log}"
         )
-        return seed, code, seconds
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(one, seeds))
+    finished = LocalLauncher(jobs).run_all(list(runs.values()), on_finished)
     wall = time.perf_counter() - started
+    results = [(seed_of[done.run], done.code, done.seconds) for done in finished]
 
     rows: list[dict[str, Any]] = []
     for seed, code, seconds in results:

@@ -115,3 +115,21 @@ def write_json(path: Path | None, document: Any) -> Path | None:
         sys.stdout.flush()
         return None
     return files.write_json_atomic(Path(path), document)
+
+
+def benchmark_record(name: str) -> dict[str, Any]:
+    """What every ``benchmarks/NAME.py --out`` result carries beside its numbers (``ml3 report`` prints it under the
+    table): the benchmark, the source commit, the versions, the cores and the load at the end of the run."""
+    import os
+
+    from ml3cli.commands.meta_train import source_commit
+    from ml3cli.runtime import usable_cores
+
+    return {
+        "benchmark": name,
+        "commit": source_commit(),
+        "versions": versions(),
+        "cpus": usable_cores(),
+        "machine": platform.machine(),
+        "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }

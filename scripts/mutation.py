@@ -65,7 +65,17 @@ TARGETS = {
             f"ml3cli/engine/{name}.py"
             for name in ("unroll", "inner_optimizers", "estimators", "outer", "state", "data")
         ),
-        tests=("tests/test_engine.py", "tests/test_inner_optimizers.py"),
+        # the outer loop's resume, data-collecting tasks and the learned inner rate drive paths of the engine that
+        # test_engine does not; the real-signal chain (20 s a run, a subprocess) is left to the default suite
+        tests=(
+            "tests/test_engine.py",
+            "tests/test_inner_optimizers.py",
+            "tests/test_collect.py",
+            "tests/test_resume.py",
+            "tests/test_learned_lr.py",
+            "-k",
+            "not real_signals",
+        ),
     ),
 }
 

@@ -10,6 +10,7 @@ while its optimizees train (online loss adaptation, from the support data only);
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -391,14 +392,16 @@ def validation_scores(
     steps: int,
     metric: str | None = None,
     optimizer: InnerOptimizer = SGD(),
+    adaptation: Adaptation | None = None,
 ) -> dict[float, float]:
     """The final metric of ``loss`` at each rate, on tasks of the ``validation`` stream (diverging: +inf), trained
-    with ``optimizer``."""
-    candidates = [NamedLoss(f"{loss.label}@{lr!r}", loss.fn, lr, loss.source) for lr in lrs]
+    with ``optimizer`` (and, for a learned loss, adapting online with ``adaptation``, as it will be tested)."""
+    candidates = [dataclasses.replace(loss, label=f"{loss.label}@{lr!r}", lr=lr) for lr in lrs]
     scores = {}
     found = evaluate(
-        task, candidates, tasks, seeds, steps, seed=0, stream="validation", record_at=(), optimizer=optimizer
-    )
+        task, candidates, tasks, seeds, steps, seed=0, stream="validation", record_at=(), optimizer=optimizer,
+        adaptation=adaptation,
+    )  # fmt: skip
     for lr, curves in zip(lrs, found, strict=True):
         value = float(metric_at(curves, steps, metric).mean())
         scores[lr] = value if math.isfinite(value) else math.inf
@@ -417,12 +420,14 @@ def tune_lr(
     step: float = 0.5,
     max_widenings: int = 3,
     optimizer: InnerOptimizer = SGD(),
+    adaptation: Adaptation | None = None,
 ) -> tuple[float, dict[float, float]]:
     """The learning rate of ``loss`` with the lowest mean final metric on validation tasks of ``task``'s family
     (the ``validation`` random stream: never a test task), on a grid around ``center`` widened until the choice
-    is interior (:func:`widen_until_interior`), trained with ``optimizer``. Returns the rate and every score."""
+    is interior (:func:`widen_until_interior`), trained with ``optimizer`` (and ``adaptation``, see
+    :func:`validation_scores`). Returns the rate and every score."""
     return widen_until_interior(
-        lambda lrs: validation_scores(task, loss, lrs, tasks, seeds, steps, metric, optimizer),
+        lambda lrs: validation_scores(task, loss, lrs, tasks, seeds, steps, metric, optimizer, adaptation),
         center, span, step, max_widenings,
     )  # fmt: skip
 

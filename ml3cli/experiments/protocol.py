@@ -31,13 +31,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from ml3cli import artifacts
-from ml3cli.engine import LossFn
+from ml3cli.engine import InnerOptimizer, LossFn
+from ml3cli.engine.inner_optimizers import SGD, optimizer_for
+from ml3cli.engine.online import Adaptation
 from ml3cli.errors import ML3Error
 from ml3cli.evaluate import LossCurves, NamedLoss, evaluate, metric_at, t_quantile_975, tune_lr
 from ml3cli.evaluate import widen_until_interior as widen_rates
 from ml3cli.launchers import Finished, Launcher, Run
 from ml3cli.losses import LossSpec, baseline_name, builtin_loss
-from ml3cli.recipes import Recipe, find_recipe, load_recipe, recipe_to_dict
+from ml3cli.recipes import InnerConfig, Recipe, find_recipe, load_recipe, recipe_to_dict
 from ml3cli.tasks import make_task
 from ml3cli.tasks.base import Task
 
@@ -201,14 +203,16 @@ class EvalSizes:
 
 def tune_interior(
     task, loss: NamedLoss, center: float, tasks: int, seeds: int, steps: int, metric: str | None = None,
-    sizes: EvalSizes | None = None,
+    sizes: EvalSizes | None = None, optimizer: InnerOptimizer = SGD(), adaptation: Adaptation | None = None,
 ) -> tuple[float, dict[float, float]]:  # fmt: skip
     """:func:`ml3cli.evaluate.tune_lr` on the grid of ``sizes``: the rate of ``loss`` with the lowest final metric
-    on ``tasks`` × ``seeds`` validation tasks, chosen where it is interior. Returns the rate and every score."""
+    on ``tasks`` × ``seeds`` validation tasks, chosen where it is interior, trained with ``optimizer`` (and
+    ``adaptation`` for a learned loss). Returns the rate and every score."""
     sizes = sizes or EvalSizes()
     return tune_lr(
-        task, loss, center, tasks, seeds, steps, metric, sizes.grid_span, sizes.grid_step, sizes.max_widenings
-    )
+        task, loss, center, tasks, seeds, steps, metric, sizes.grid_span, sizes.grid_step, sizes.max_widenings,
+        optimizer, adaptation,
+    )  # fmt: skip
 
 
 def widen_until_interior(
@@ -276,6 +280,8 @@ def compare_losses(
     extra: Callable[[dict[str, LossCurves]], dict[str, Any]] | None = None,
     curves_out: dict[str, LossCurves] | None = None,
     control: bool = False,
+    optimizer: str | None = None,
+    adaptation: Adaptation | None = None,
 ) -> dict[str, Any]:
     """The fair comparison of one recipe's learned losses (one per meta-train seed) against its baseline, on the
     task's metric (its task loss), or on one of its report metrics (``metric``, e.g. ``|θ−ν|``), lower is better.
@@ -287,6 +293,11 @@ def compare_losses(
     loss's whole test curves (label → :class:`LossCurves`), stored under ``extra``; ``curves_out`` receives the
     same curves. ``control``: a comparison shown beside the claim, left out of the experiment's verdict. The
     environment samples the tasks spend (tuning and test, baselines included) are added to the context.
+
+    ``optimizer``: how every optimizee trains, baseline included (``sgd``, ``momentum``, ``adam``; default: the
+    recipe's ``inner.optimizer``, with its settings); each loss's rate is tuned for it. ``adaptation``: the learned
+    losses adapt online (:mod:`ml3cli.engine.online`) while they train, at tuning as at test; the baseline is a
+    fixed hand-written loss either way.
     """
     recipe = context.recipe(recipe_name, seed=context.meta_seeds[0])
     test = recipe.meta_test
@@ -297,6 +308,8 @@ def compare_losses(
     sizes = sizes or EvalSizes()
     quick = context.experiment.quick_eval if context.quick else {}
     steps, fixed = sizes.steps or test.steps, recipe.meta_test_lr
+    inner = recipe.inner if optimizer in (None, recipe.inner.optimizer) else InnerConfig(optimizer=optimizer)
+    rule = optimizer_for(inner)
     tasks = sizes.tasks or quick.get("tasks") or test.tasks
     seeds = sizes.seeds or quick.get("seeds") or test.seeds
     tune_tasks = min(sizes.validation_tasks or tasks, tasks)
@@ -311,7 +324,7 @@ def compare_losses(
         return sum(t.environment_samples - before for t, before in counted.values())
 
     def tune(on: Task, loss: NamedLoss) -> tuple[float, dict[float, float]]:
-        return tune_interior(on, loss, fixed, tune_tasks, tune_seeds, steps, metric, sizes)
+        return tune_interior(on, loss, fixed, tune_tasks, tune_seeds, steps, metric, sizes, rule, adaptation)
 
     shown_label = label or f"{recipe_name} on {task.name}"
     context.say(
@@ -340,11 +353,14 @@ def compare_losses(
     for m, loss in learned.items():
         candidates += [at(loss, fixed, f"learned{m}@fixed"), at(loss, learned_tuned[m][0], f"learned{m}@tuned")]
     started = time.perf_counter()
-    curves = {c.label: c for c in evaluate(task, candidates, tasks, seeds, steps, seed=0)}
+    curves = {
+        c.label: c
+        for c in evaluate(task, candidates, tasks, seeds, steps, seed=0, optimizer=rule, adaptation=adaptation)
+    }
     for key, (base_task, loss, tuned_lr, _) in base.items():
         tag = "baseline" if key is None else f"baseline{key}"
         pair = [at(loss, fixed, f"{tag}@fixed"), at(loss, tuned_lr, f"{tag}@tuned")]
-        curves.update({c.label: c for c in evaluate(base_task, pair, tasks, seeds, steps, seed=0)})
+        curves.update({c.label: c for c in evaluate(base_task, pair, tasks, seeds, steps, seed=0, optimizer=rule)})
     test_seconds = time.perf_counter() - started
     if curves_out is not None:
         curves_out.update(curves)
@@ -357,6 +373,10 @@ def compare_losses(
     if not any(extras["report_metrics"].values()):
         del extras["report_metrics"]
     extras.update(extra(curves) if extra is not None else {})
+    if inner.optimizer != "sgd" or adaptation is not None:  # how the optimizees trained, where not plain SGD
+        extras["optimizer"] = inner.optimizer
+        if adaptation is not None:
+            extras["adaptation"] = adaptation.record()
     total = samples()
     context.count_samples(total)
     if total:

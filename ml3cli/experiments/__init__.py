@@ -34,6 +34,8 @@ REPRODUCIBLE: dict[str, str] = {
     "mfrl": "ml3cli.experiments.mfrl",
     "mountain_car": "ml3cli.experiments.mountain_car",
     "reacher_demos": "ml3cli.experiments.reacher_demos",
+    # beyond the paper: against baselines at their own tuned rates, with SGD and Adam, with online adaptation
+    "beyond_sine": "ml3cli.experiments.beyond_sine",
 }
 
 

@@ -73,6 +73,7 @@ TARGETS = {
             "tests/test_collect.py",
             "tests/test_resume.py",
             "tests/test_learned_lr.py",
+            "tests/test_outer_loop.py",
             "-k",
             "not real_signals",
         ),

@@ -221,8 +221,9 @@ class ThetaCollectingSine(FreshPointsSine):
         return found
 
 
-def sharded(monkeypatch, recipe, task_class, world: int):
-    """meta_train in ``world`` threads, one rank each; every rank's result."""
+def sharded(monkeypatch, recipe, task_class, world: int, resume=None, on_state=None):
+    """meta_train in ``world`` threads, one rank each (from the state ``resume``; rank 0 calls ``on_state``);
+    every rank's result."""
     exchange, results, errors = Exchange(world), [None] * world, []
     tasks = [task_class(OPTIONS) for _ in range(world)]  # built here: a task builds a module from the global RNG
     # φ and θ₀ are initialised from torch's global generator (seeded from the run's own): one thread at a time, as
@@ -242,7 +243,7 @@ def sharded(monkeypatch, recipe, task_class, world: int):
     def rank(r: int) -> None:
         try:
             shard = ThreadShard(rank=r, world=world, exchange=exchange)
-            results[r] = meta_train(recipe, tasks[r], shard=shard)
+            results[r] = meta_train(recipe, tasks[r], shard=shard, resume=resume, on_state=on_state if r == 0 else None)
         except BaseException as err:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(err)
             exchange.barrier.abort()
@@ -297,3 +298,37 @@ def test_a_collecting_task_without_a_generator_is_refused_by_name():
     batch, theta = task.sample_tasks(2, gen), task.init_theta(2, gen)
     with pytest.raises(ValueError, match=r"task 'sine' collects data and needs a generator"):
         share(task, theta, batch, None, None)
+
+
+def test_a_checkpoint_resumes_under_another_number_of_processes(monkeypatch):
+    """Every rank holds the whole outer-loop state after each step, so a state captured by one process resumes
+    under two ranks, and rank 0's state under one process, each applying the meta-gradient the uninterrupted
+    single process applies at the next step (to float rounding)."""
+    recipe = tiny(outer_steps=3, steps=2)
+    applied: dict[int, list[dict[str, torch.Tensor]]] = {}
+    step = outer.OuterOptimizer.step
+
+    def recording(self, metaloss, gradient):
+        applied.setdefault(threading.get_ident(), []).append({k: g.clone() for k, g in gradient.items()})
+        step(self, metaloss, gradient)
+
+    monkeypatch.setattr(outer.OuterOptimizer, "step", recording)
+    states: dict[int, Any] = {}
+    meta_train(recipe, SineRegression(OPTIONS), on_state=lambda s, snap: states.update({s: snap()}))
+    expected = applied.pop(threading.get_ident())[2]  # the meta-gradient of step 3
+
+    ranks = sharded(monkeypatch, recipe, SineRegression, world=2, resume=states[2])
+    assert len(applied) == 2 and all(len(gradients) == 1 for gradients in applied.values())
+    rank_states: dict[int, Any] = {}
+    for gradients in applied.values():
+        for k in expected:
+            torch.testing.assert_close(gradients[0][k], expected[k], rtol=1e-5, atol=1e-8)
+    assert all(len(result.curves) == len(ranks[0].curves) for result in ranks)
+
+    applied.clear()
+    sharded(monkeypatch, recipe, SineRegression, world=2, on_state=lambda s, snap: rank_states.update({s: snap()}))
+    applied.clear()
+    meta_train(recipe, SineRegression(OPTIONS), resume=rank_states[2])
+    (resumed,) = applied.values()
+    for k in expected:
+        torch.testing.assert_close(resumed[0][k], expected[k], rtol=1e-5, atol=1e-8)

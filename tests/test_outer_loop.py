@@ -202,6 +202,9 @@ class ThreadShard(Shard):
         values = self.exchange.all(self.rank, tensors)
         return {name: sum(v[name] for v in values) / self.world for name in tensors}
 
+    def any(self, flag):
+        return True in self.exchange.all(self.rank, bool(flag))
+
     def gather(self, tree):
         parts = self.exchange.all(self.rank, tree)
         return tree_map(lambda *leaves: None if leaves[0] is None else torch.cat(leaves), *parts,
@@ -332,3 +335,52 @@ def test_a_checkpoint_resumes_under_another_number_of_processes(monkeypatch):
     (resumed,) = applied.values()
     for k in expected:
         torch.testing.assert_close(resumed[0][k], expected[k], rtol=1e-5, atol=1e-8)
+
+
+def test_a_stop_request_on_one_process_stops_every_process_after_the_same_outer_step(monkeypatch, tmp_path):
+    """`ml3 meta-train --nproc N`: a signal that reaches one process (here rank 1, before its first step ends)
+    stops every process after that same outer step, rank 0 keeping the checkpoint; without the agreement rank 0
+    would go on alone and wait forever for rank 1's share of the next step."""
+    import signal
+
+    from rich.console import Console
+
+    from ml3cli.checkpoints import batch_type_of, load_checkpoint
+    from ml3cli.commands.meta_train import _meta_train_into, _StopRequest
+    from ml3cli.errors import RunInterrupted
+
+    lock = threading.Lock()
+
+    def one_at_a_time(function):
+        def locked(*args, **kwargs):
+            with lock:
+                return function(*args, **kwargs)
+
+        return locked
+
+    monkeypatch.setattr(outer, "build_metaloss", one_at_a_time(outer.build_metaloss))
+    exchange, outcomes = Exchange(2), [None, None]
+    exchange.barrier = threading.Barrier(2, timeout=20)
+    artifact = tmp_path / "tiny.safetensors"
+
+    def rank(r: int) -> None:
+        stop = _StopRequest()
+        stop.training = True
+        stop.signum = signal.SIGTERM if r == 1 else None
+        try:
+            _meta_train_into(tiny(outer_steps=4), artifact, Console(quiet=True), True, None, stop, "cpu",
+                             ThreadShard(rank=r, world=2, exchange=exchange))  # fmt: skip
+        except BaseException as err:  # noqa: BLE001 - inspected below
+            outcomes[r] = err
+            if not isinstance(err, RunInterrupted):
+                exchange.barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(err, RunInterrupted) for err in outcomes), outcomes
+    assert [(err.outer_step, err.signum) for err in outcomes] == [(1, signal.SIGTERM)] * 2
+    kept = load_checkpoint(artifact.with_name("tiny.checkpoint.safetensors"), batch_type_of(SineRegression(OPTIONS)))
+    assert kept.state.step == 1

@@ -207,3 +207,36 @@ def test_meta_test_steps_with_alpha_times_the_learned_scale(monkeypatch, capsys,
     for seed, recorded, expected in zip(document["seeds"], learned["per_seed"], curves, strict=True):
         assert recorded == pytest.approx(expected, rel=1e-5), f"seed {seed}"
     assert min(scales) > 1.2, "a scale near 1 could not tell a step that ignores it"
+
+
+def test_landscape_trains_its_centre_with_alpha_times_the_learned_scale(monkeypatch):
+    """`ml3 landscape --center-steps N` with a learned_lr loss as the centre's loss: the plane is centred on θ after
+    N steps θ ← θ − α·s_φ(θ)·∇_θ ℓ_φ(θ), written out here (s ≈ 1.4, so a step that ignores it is caught)."""
+    from ml3cli import landscape
+    from ml3cli.evaluate import NamedLoss
+
+    task, metaloss, phi, _, _ = setup(1)
+    centres = []
+    direction = landscape.filter_normalized_direction
+
+    def recording(theta, gen):
+        centres.append({k: v.clone() for k, v in theta.items()})
+        return direction(theta, gen)
+
+    monkeypatch.setattr(landscape, "filter_normalized_direction", recording)
+    scaled = NamedLoss("scaled", metaloss.as_loss_fn(), INNER_LR, "scaled.safetensors", metaloss)
+    landscape.landscape_2d(task, [scaled], seed=0, span=0.5, points=3, center_steps=3, center_loss=scaled)
+
+    gen = generator(0)
+    batch = landscape.task_slice(task.sample_tasks(1, gen), 0)
+    theta = landscape.theta_slice(task.init_theta(1, gen), 0)
+    scales = []
+    for _ in range(3):
+        at = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+        loss, scale = by_hand(metaloss, phi, task.loss_inputs(at, batch))
+        gradient = torch.autograd.grad(loss, list(at.values()))
+        theta = {k: v.detach() - INNER_LR * scale.detach() * g for (k, v), g in zip(at.items(), gradient, strict=True)}
+        scales.append(float(scale))
+    assert min(scales) > 1.2
+    for k, expected in theta.items():
+        torch.testing.assert_close(centres[0][k], expected, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ Most CLI cases call ``ml3cli.cli.main()`` in-process (the console script's own c
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,40 @@ def test_shipped_recipes_are_valid(name):
     """The recipes in recipes/ load and validate."""
     recipe = load_recipe(REPO / "recipes" / name)
     assert recipe.task == "sine" and recipe.meta_test.task == "sine_shifted"
+
+
+#: phrases of docs/cli.md's table of recipes → the recipe value each states (parsed from the phrase's number)
+RECIPE_FACTS: list[tuple[str, Any]] = [
+    (r"α = η = ([\d.e-]+)", lambda r, x: r.inner.lr == r.outer.lr == float(x)),
+    (r"(\d+) tasks per meta-update", lambda r, x: r.outer.tasks == int(x)),
+    (r"(\d+) (?:differentiable )?inner steps per meta-update", lambda r, x: r.inner.steps == int(x)),
+    (r"all (\d+) inner steps", lambda r, x: r.inner.steps == r.meta_test.steps == int(x)),
+    (r"(?:θ reset|reset) every (\d+)", lambda r, x: r.inner.reset_every == int(x)),
+    (r"([\d,]+) outer steps", lambda r, x: r.outer.steps == int(x.replace(",", ""))),
+    (r"both networks 2×(\d+)", lambda r, x: r.task_options["hidden"] == r.meta_loss.hidden == [int(x)] * 2),
+    (r"meta-loss (\d+)-(\d+)", lambda r, a, b: r.meta_loss.hidden == [int(a), int(b)]),
+    (r"optimizee 1→(\d+)→(\d+)→1", lambda r, a, b: r.task_options["hidden"] == [int(a), int(b)]),
+    (r"(one) inner step\b", lambda r, _: r.inner.steps == 1),
+    (r"x ∈ \[−(\d+), (\d+)\]", lambda r, a, b: r.meta_test.task_options["x_range"] == [-float(a), float(b)]),
+    (r"SGD at MSE's tuned rate ([\d.]+)", lambda r, x: r.inner.optimizer != "sgd" or r.inner.lr == float(x)),
+    (r"Adam at ([\d.e-]+)", lambda r, x: r.inner.optimizer != "adam" or r.inner.lr == float(x)),
+    (r"β = (\d+), γ = (\d+) on the `(\w+)` extra term",
+     lambda r, beta, gamma, term: (r.task_loss.weight, r.task_loss.extra) == (float(beta), {term: float(gamma)})),
+]  # fmt: skip
+
+
+def test_the_settings_in_the_table_of_recipes_are_the_recipes_own():
+    """Every number docs/cli.md's table of recipes states (outer steps, tasks per meta-update, rates, widths, …)
+    is the packaged recipe's, for every recipe the row names."""
+    rows = [line for line in (REPO / "docs" / "cli.md").read_text().splitlines() if line.startswith("| `recipes/")]
+    checked = 0
+    for row in rows:
+        names, what = row.split("|")[1], row.split("|")[2]
+        recipes = [load_recipe(REPO / "ml3cli" / "data" / "recipes" / f"{name}.yaml")
+                   for name in re.findall(r"`recipes/(\w+)\.yaml`", names)]  # fmt: skip
+        for pattern, holds in RECIPE_FACTS:
+            for found in re.finditer(pattern, what):
+                for recipe in recipes:
+                    assert holds(recipe, *found.groups()), f"{recipe.name}: {found.group(0)!r} in docs/cli.md"
+                    checked += 1
+    assert checked >= 15, checked

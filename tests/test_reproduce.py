@@ -222,25 +222,32 @@ def test_the_speed_page_tables_are_made_from_the_benchmarks_json(tmp_path):
     assert made.split(begin)[0] == page.split(begin)[0] and made.split(end)[1] == page.split(end)[1]
 
 
-def test_a_comparison_trains_and_tunes_every_loss_with_the_chosen_optimizer_and_adaptation(tiny_experiment, tmp_path):
+def test_a_comparison_trains_and_tunes_every_loss_with_the_chosen_optimizer_and_adaptation(
+    tiny_experiment, tmp_path, monkeypatch, capsys
+):
     """compare_losses(optimizer="adam"): the baseline's test curves are Adam's at the rate tuned for Adam, not
     SGD's; with adaptation the learned losses adapt at tuning and at test, and the hand-written baseline does not."""
     from ml3cli.engine.inner_optimizers import Adam
     from ml3cli.engine.online import Adaptation
     from ml3cli.evaluate import evaluate
-    from ml3cli.experiments.protocol import Context, compare_losses
+    from ml3cli.experiments.protocol import Context, EvalSizes, compare_losses
     from ml3cli.losses import builtin_loss
     from ml3cli.tasks import make_task
 
-    exp, options = tiny_experiment
-    document = reproduce(exp, dataclasses.replace(options, meta_seeds=1), Console(quiet=True))
+    exp, _ = tiny_experiment
+    artifact = tmp_path / "tiny.safetensors"
+    sets = [word for item in TINY for word in ("--set", item)]
+    trained = run_main(
+        monkeypatch, capsys, "meta-train", "sine_reference", *sets, "--out", artifact, "-q", cwd=tmp_path
+    )
+    assert trained.code == 0, trained.output
     context = Context(
         experiment=exp, quick=True, meta_seeds=[0], overrides={"sine_reference": list(TINY)},
-        artifact_paths={"sine_reference": {0: tmp_path / document["meta_train"][0]["artifact"]}},
+        artifact_paths={"sine_reference": {0: artifact}},
     )  # fmt: skip
-    assert context.artifact_paths["sine_reference"][0].is_file()
-    plain = compare_losses(context, "sine_reference")
-    adam = compare_losses(context, "sine_reference", optimizer="adam")
+    sizes = EvalSizes(grid_span=1.0, grid_step=1.0)  # 3 rates to start, a decade apart: enough to tell rules apart
+    plain = compare_losses(context, "sine_reference", sizes=sizes)
+    adam = compare_losses(context, "sine_reference", optimizer="adam", sizes=sizes)
     assert "optimizer" not in plain["extra"] and adam["extra"]["optimizer"] == "adam"
 
     recipe = context.recipe("sine_reference", seed=0)
@@ -250,7 +257,7 @@ def test_a_comparison_trains_and_tunes_every_loss_with_the_chosen_optimizer_and_
     assert adam["final"]["baseline_tuned"] == pytest.approx(by_hand.at(recipe.meta_test.steps).tolist(), rel=1e-6)
     assert adam["final"]["baseline_fixed"] != plain["final"]["baseline_fixed"]
 
-    adapting = compare_losses(context, "sine_reference", adaptation=Adaptation(lr=0.05))
+    adapting = compare_losses(context, "sine_reference", adaptation=Adaptation(lr=0.05), sizes=sizes)
     assert adapting["extra"]["adaptation"]["lr"] == 0.05
     assert adapting["final"]["baseline_tuned"] == plain["final"]["baseline_tuned"]  # a fixed hand-written loss
     assert adapting["lr"]["learned_scores"] != plain["lr"]["learned_scores"]  # tuned as it is tested: adapting

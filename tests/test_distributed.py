@@ -113,25 +113,23 @@ def test_seeds_in_parallel_jobs_match_single_runs(tmp_path, monkeypatch, capsys)
     assert not all(torch.equal(a[name], load_file(tmp_path / "sweep-seed0.safetensors")[name]) for name in a)
 
 
-def test_failed_seeds_are_named_with_their_logs(tmp_path):
-    path = recipe(tmp_path, tasks=2, steps=4)
-    result = run_cli(
-        "meta-train",
-        path,
-        "--out",
-        tmp_path / "bad.safetensors",
-        "--seeds",
-        "3",
-        "--set",
-        "outer.lr=1e30",
-        cwd=tmp_path,
-    )
-    assert result.code == 2
-    assert "seed(s) 3 (exit 2, see" in result.output and "bad-seed3.log" in result.output
-    assert "diverged" in (tmp_path / "bad-seed3.log").read_text()
-
-
 def test_seeds_cannot_be_combined_with_seed(tmp_path, monkeypatch, capsys):
     path = recipe(tmp_path)
     result = run_main(monkeypatch, capsys, "meta-train", path, "--seeds", "0-1", "--seed", "3", cwd=tmp_path)
     assert result.code == 2 and "--seeds runs whole meta-trainings" in result.output
+
+
+def test_a_failed_seed_is_named_with_its_log_and_the_others_still_finish(tmp_path):
+    """`--seeds 0,1`: seed 0's run is refused at once (another run holds its artifact); seed 1 still meta-trains
+    and writes its artifact, and the command exits 2 naming seed 0 and its log."""
+    from ml3cli import files
+
+    path = recipe(tmp_path, tasks=2, steps=4)
+    with files.exclusive_output(tmp_path / "run-seed0.safetensors"):
+        result = run_cli(
+            "meta-train", path, "--out", tmp_path / "run.safetensors", "--seeds", "0,1", "--jobs", "2", cwd=tmp_path
+        )
+    assert result.code == 2, result.output
+    assert "seed(s) 0 (exit 2, see" in result.output and "run-seed0.log" in result.output
+    assert "being written by another run" in (tmp_path / "run-seed0.log").read_text()
+    assert (tmp_path / "run-seed1.safetensors").is_file() and not (tmp_path / "run-seed0.safetensors").exists()

@@ -262,3 +262,15 @@ def test_a_comparison_trains_and_tunes_every_loss_with_the_chosen_optimizer_and_
     assert adapting["final"]["baseline_tuned"] == plain["final"]["baseline_tuned"]  # a fixed hand-written loss
     assert adapting["lr"]["learned_scores"] != plain["lr"]["learned_scores"]  # tuned as it is tested: adapting
     assert adapting["final"]["learned_fixed"] != plain["final"]["learned_fixed"]
+
+
+def test_a_rate_tuned_at_the_edge_of_the_rates_tried_is_named_on_the_results_page():
+    """A tuned rate that is the lowest or highest one tried is no interior optimum: the page names the loss."""
+    lr = {
+        "baseline_tuned": 0.01, "baseline_scores": {"0.001": 2.0, "0.01": 1.0, "0.1": 3.0},
+        "learned_tuned": {"0": 0.01, "1": 1e-8},
+        "learned_scores": {"0": {"0.001": 2.0, "0.01": 1.0, "0.1": 3.0}, "1": {"1e-08": 4.0, "1e-06": 4.1, "0.1": 9.0}},
+    }  # fmt: skip
+    assert report.rates_at_the_edge({"lr": lr}) == ["learned1 (1e-08)"]
+    lr["baseline_tuned"] = 0.1
+    assert report.rates_at_the_edge({"lr": lr}) == ["baseline (0.1)", "learned1 (1e-08)"]

@@ -20,7 +20,7 @@ from ml3cli.commands.output import fmt
 from ml3cli.commands.reproduce import RESULTS, measured, summarize
 from ml3cli.errors import ML3Error
 from ml3cli.experiments import REPRODUCIBLE
-from ml3cli.experiments.protocol import validate_results
+from ml3cli.experiments.protocol import source_of, validate_results
 from ml3cli.shipped import headline, read_index, tasks_label
 
 PAGE = Path("docs") / "results.md"
@@ -158,7 +158,7 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
     seconds = document["wall_seconds"]
     lines = [
         f'<a id="{name}"></a>',
-        f"## {name} (paper {document['paper']})",
+        f"## {name} ({source_of(document['paper'])})",
         "",
         f"Claim: {document['claim']}. Verdict: **{document['verdict']}**.",
         "",
@@ -168,7 +168,8 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
     for c in document["comparisons"]:
         lines += [
             f"**{c['label']}**: `{c['recipe']}` on {c['tasks']} held-out `{c['task']}` tasks × {c['test_seeds']} test seeds, "
-            f"{c['metric']} after {c['steps']} SGD steps; {len(c['meta_seeds'])} meta-train seeds:",
+            f"{c['metric']} after {c['steps']} {STEPS_OF.get((c.get('extra') or {}).get('optimizer', 'sgd'), 'SGD')} "
+            f"steps; {len(c['meta_seeds'])} meta-train seeds:",
             "",
             "| loss | lr | mean | sd over meta-train seeds | learned − baseline (95% CI) | learned better on |",
             "| --- | --- | --- | --- | --- | --- |",
@@ -184,6 +185,13 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
             " A control, not part of the claim: the experiment's verdict leaves it out." if c.get("control") else ""
         )
         lines += ["", f"Verdict: {c['verdict']['verdict']}: {c['verdict']['why']}.{control}", ""]
+        edges = rates_at_the_edge(c)
+        if edges:
+            lines += [
+                f"Tuned at the edge of the rates tried (no interior optimum within the widenings): {', '.join(edges)}. "
+                "At the lowest edge, every rate tried made the loss worse than the smallest step.",
+                "",
+            ]
         lines += extra_lines(c)
     dirty = " (with uncommitted changes)" if prov.get("dirty") else ""
     reused = [record for record in document["meta_train"] if record.get("reused")]
@@ -201,6 +209,25 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+#: how the optimizees of a comparison stepped, by the optimizer its ``extra`` records (plain SGD when none)
+STEPS_OF = {"sgd": "SGD", "momentum": "momentum", "adam": "Adam"}
+
+
+def rates_at_the_edge(comparison: dict[str, Any]) -> list[str]:
+    """The losses of a comparison whose tuned rate is the lowest or highest rate tried, as ``learned1 (1e-08)``."""
+    lr = comparison["lr"]
+    chosen = {"baseline": (lr.get("baseline_tuned"), lr.get("baseline_scores"))}
+    for seed, rate in (lr.get("learned_tuned") or {}).items():
+        chosen[f"learned{seed}"] = (rate, (lr.get("learned_scores") or {}).get(seed))
+    found = []
+    for label, (rate, scores) in chosen.items():
+        if isinstance(rate, (int, float)) and isinstance(scores, dict) and len(scores) > 1:
+            tried = sorted(float(r) for r in scores)
+            if rate in (tried[0], tried[-1]):
+                found.append(f"{label} ({rate:.3g})")
+    return found
 
 
 def extra_lines(comparison: dict[str, Any]) -> list[str]:

@@ -27,6 +27,7 @@ from ml3cli.experiments.protocol import (
     meta_train_all,
     overall_verdict,
     provenance,
+    source_of,
     validate_results,
 )
 from ml3cli.launchers import launcher_for
@@ -73,7 +74,7 @@ def run_experiment(exp: Experiment, options: ReproduceOptions, console: Console,
         for seed in seeds
     ]  # fmt: skip
     console.print(
-        f"[bold]{exp.name}[/] (paper {exp.paper}): {len(plan)} meta-training(s) of {', '.join(exp.recipes)} "
+        f"[bold]{exp.name}[/] ({source_of(exp.paper)}): {len(plan)} meta-training(s) of {', '.join(exp.recipes)} "
         f"for seeds {seeds}, {options.jobs} at a time{' (quick)' if options.quick else ''}"
     )
     if options.address is None:  # every recipe of an experiment runs on one thread, here
@@ -113,7 +114,7 @@ def run_experiment(exp: Experiment, options: ReproduceOptions, console: Console,
         "provenance": provenance(),
     }
     files.write_json_atomic(out / "results.json", validate_results(document, str(out / "results.json")))
-    figures = {"figure.png": plots.comparison_figure(comparisons, f"{exp.name} (paper {exp.paper})")}
+    figures = {"figure.png": plots.comparison_figure(comparisons, f"{exp.name} ({source_of(exp.paper)})")}
     figures.update(context.figures)
     for name, png in figures.items():
         files.write_bytes_atomic(out / name, png)

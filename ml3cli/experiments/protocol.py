@@ -71,6 +71,12 @@ class Experiment:
         return list(self.quick.get(recipe, ()) if isinstance(self.quick, dict) else self.quick)
 
 
+def source_of(paper: str) -> str:
+    """Where an experiment comes from, for headings: "paper 4.1.1, figure 2", or an ``Experiment.paper`` that is
+    not a section of the paper as it is ("beyond the paper")."""
+    return f"paper {paper}" if paper[:1].isdigit() else paper
+
+
 @dataclass
 class Context:
     """What the protocol of an experiment gets: the effective recipes, the meta-trained artifacts, the mode."""

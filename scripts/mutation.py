@@ -74,6 +74,7 @@ TARGETS = {
             "tests/test_resume.py",
             "tests/test_learned_lr.py",
             "tests/test_outer_loop.py",
+            "tests/test_engine_contracts.py",
             "-k",
             "not real_signals",
         ),
@@ -115,6 +116,54 @@ EQUIVALENT: dict[str, str] = {
     "ml3cli.artifacts.x__groups__mutmut_3": "_groups is called nowhere (dead code): no behaviour can change",
     "ml3cli.artifacts.x__groups__mutmut_4": "_groups is called nowhere (dead code): no behaviour can change",
     "ml3cli.artifacts.x__groups__mutmut_5": "_groups is called nowhere (dead code): no behaviour can change",
+    # engine: estimators
+    "ml3cli.engine.estimators.x__gradient_of__mutmut_6": "allow_unused=None is taken as materialize_grads (True) "
+    "by torch.autograd.grad",
+    "ml3cli.engine.estimators.x__gradient_of__mutmut_10": "allow_unused left out is taken as materialize_grads "
+    "(True) by torch.autograd.grad",
+    "ml3cli.engine.estimators.x__gradient_of__mutmut_18": "zip's strictness: autograd.grad returns one gradient per φ entry",
+    "ml3cli.engine.estimators.x__gradient_of__mutmut_21": "zip's strictness: autograd.grad returns one gradient per φ entry",
+    "ml3cli.engine.estimators.x__gradient_of__mutmut_22": "zip's strictness: autograd.grad returns one gradient per φ entry",
+    "ml3cli.engine.estimators.xǁTruncatedBackpropǁ_backward__mutmut_10": "thetas[1] exists (inner.steps >= 1) and "
+    "has the task axis of thetas[0]: every θ_k of the forward pass has",
+    "ml3cli.engine.estimators.xǁTruncatedBackpropǁ_backward__mutmut_30": "None and {} are both falsy, and `if "
+    "adjoint:` is the only read of adjoint before its first assignment",
+    "ml3cli.engine.estimators.xǁTruncatedBackpropǁ_backward__mutmut_67": "zip's strictness: grads[: len(leaf)] has "
+    "one gradient per φ entry",
+    "ml3cli.engine.estimators.xǁTruncatedBackpropǁ_backward__mutmut_70": "zip's strictness: grads[: len(leaf)] has "
+    "one gradient per φ entry",
+    "ml3cli.engine.estimators.xǁTruncatedBackpropǁ_backward__mutmut_71": "zip's strictness: grads[: len(leaf)] has "
+    "one gradient per φ entry",
+    "ml3cli.engine.estimators.xǁTruncatedBackpropǁ_backward__mutmut_74": "unreachable: every carried (floating) "
+    "state entry, momentum's velocity and Adam's m and v, enters its step's update, so its gradient is never None",
+    "ml3cli.engine.estimators.xǁTruncatedBackpropǁ_backward__mutmut_76": "unreachable: every carried (floating) "
+    "state entry, momentum's velocity and Adam's m and v, enters its step's update, so its gradient is never None",
+    "ml3cli.engine.estimators.xǁTruncatedBackpropǁ_backward__mutmut_80": "zip's strictness: grads[len(leaf) :] has "
+    "one gradient per carried state entry",
+    "ml3cli.engine.estimators.xǁTruncatedBackpropǁ_backward__mutmut_83": "zip's strictness: grads[len(leaf) :] has "
+    "one gradient per carried state entry",
+    "ml3cli.engine.estimators.xǁTruncatedBackpropǁ_backward__mutmut_84": "zip's strictness: grads[len(leaf) :] has "
+    "one gradient per carried state entry",
+    "ml3cli.engine.estimators.xǁTruncatedBackpropǁestimate__mutmut_17": "only a task that collects data reads the "
+    "generator share() hands on, and __post_init__ refuses such a task",
+    # engine: inner optimizers
+    "ml3cli.engine.inner_optimizers.x__sqrt__mutmut_17": "any positive placeholder under the root: where value <= 0 "
+    "the outer where returns 0 and passes back a zero gradient, whatever the root of the placeholder",
+    # engine: unroll
+    "ml3cli.engine.unroll.x_sgd_step__mutmut_5": "SGD.update hands back the state it is given untouched, and "
+    "sgd_step keeps θ' only",
+    "ml3cli.engine.unroll.x_sgd_step_autograd__mutmut_6": "SGD.update hands back the state it is given untouched, "
+    "and sgd_step_autograd keeps θ' only",
+    "ml3cli.engine.unroll.x_inner_step_autograd__mutmut_32": "allow_unused=None is taken as materialize_grads "
+    "(True) by torch.autograd.grad",
+    "ml3cli.engine.unroll.x_inner_step_autograd__mutmut_37": "allow_unused left out is taken as materialize_grads "
+    "(True) by torch.autograd.grad",
+    "ml3cli.engine.unroll.x_inner_step_autograd__mutmut_56": "zip's strictness: autograd.grad returns one gradient "
+    "per θ leaf",
+    "ml3cli.engine.unroll.x_inner_step_autograd__mutmut_59": "zip's strictness: autograd.grad returns one gradient "
+    "per θ leaf",
+    "ml3cli.engine.unroll.x_inner_step_autograd__mutmut_60": "zip's strictness: autograd.grad returns one gradient "
+    "per θ leaf",
 }
 
 #: mutmut's exit codes of a tested mutant, by the name the score uses

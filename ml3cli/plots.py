@@ -80,11 +80,15 @@ def distance_curves(curves: Mapping[str, np.ndarray], title: str) -> bytes:
 
 
 def comparison_figure(comparisons: Sequence[Mapping], title: str) -> bytes:
-    """One panel per comparison of ``ml3 reproduce``: the metric against SGD steps for the baseline and the learned
-    losses, each at the fixed and at its tuned rate; learned curves are the mean over meta-train seeds with a band of
-    ± one standard deviation."""
-    fig, axes = plt.subplots(1, len(comparisons), figsize=(6.4 * len(comparisons), 4.2), squeeze=False)
-    for ax, comparison in zip(axes[0], comparisons, strict=True):
+    """One panel per comparison of ``ml3 reproduce`` (three to a row): the metric against the optimizees' steps for
+    the baseline and the learned losses, each at the fixed and at its tuned rate; learned curves are the mean over
+    meta-train seeds with a band of ± one standard deviation."""
+    cols = min(len(comparisons), 3)
+    rows = -(-len(comparisons) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(comparisons) :]:
+        ax.set_visible(False)
+    for ax, comparison in zip(axes.flat, comparisons, strict=False):
         curves = comparison["curves"]
         steps = [int(s) for s in curves["baseline@fixed"]]
         for kind, style in (("fixed", "-"), ("tuned", "--")):
@@ -98,7 +102,8 @@ def comparison_figure(comparisons: Sequence[Mapping], title: str) -> bytes:
             mean, std = learned.mean(0), learned.std(0)
             ax.plot(steps, mean, style, color="C1", label=f"learned @ {kind} lr ({len(learned)} meta-train seeds)")
             ax.fill_between(steps, mean - std, mean + std, color="C1", alpha=0.15)
-        ax.set_xlabel(f"SGD steps on held-out {comparison['task']} tasks")
+        rule = {"momentum": "momentum", "adam": "Adam"}.get((comparison.get("extra") or {}).get("optimizer"), "SGD")
+        ax.set_xlabel(f"{rule} steps on held-out {comparison['task']} tasks")
         ax.set_ylabel(comparison["metric"])
         if all(v > 0 for c in curves.values() for v in c.values()):
             ax.set_yscale("log")

@@ -36,6 +36,7 @@ REPRODUCIBLE: dict[str, str] = {
     "reacher_demos": "ml3cli.experiments.reacher_demos",
     # beyond the paper: against baselines at their own tuned rates, with SGD and Adam, with online adaptation
     "beyond_sine": "ml3cli.experiments.beyond_sine",
+    "beyond_mnist_binary": "ml3cli.experiments.beyond_mnist_binary",
 }
 
 

@@ -146,6 +146,15 @@ EQUIVALENT: dict[str, str] = {
     "one gradient per carried state entry",
     "ml3cli.engine.estimators.xǁTruncatedBackpropǁestimate__mutmut_17": "only a task that collects data reads the "
     "generator share() hands on, and __post_init__ refuses such a task",
+    # engine: outer loop
+    "ml3cli.engine.outer.x_build_metaloss__mutmut_2": "fork_rng(devices=None) forks every CUDA device's generator "
+    "as well as the CPU's; φ is drawn from the CPU generator alone, which is forked and restored either way",
+    **{
+        f"ml3cli.engine.outer.x_meta_train__mutmut_{n}": "an initial value that is never read: θ is None at the "
+        "first outer step, so the redraw sets the inner state, the batch and the age before any use (a resume sets "
+        "all three from the checkpoint)"
+        for n in (33, 34, 35, 36)
+    },
     # engine: inner optimizers
     "ml3cli.engine.inner_optimizers.x__sqrt__mutmut_17": "any positive placeholder under the root: where value <= 0 "
     "the outer where returns 0 and passes back a zero gradient, whatever the root of the placeholder",

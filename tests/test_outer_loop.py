@@ -267,21 +267,30 @@ def test_two_shards_meta_train_like_one_process(monkeypatch, task_class, truncat
     """Two ranks, each differentiating half of the 4 tasks: every rank applies the meta-gradient one process
     applies, and records the same curves, to float rounding (the mean of two half-means is summed in another
     order). Two outer steps: Adam's first steps move φ by ±η whatever a gradient entry's size, so an entry within
-    rounding of 0 can flip φ by 2η and every later step with it."""
+    rounding of 0 can flip φ by 2η and every later step with it. θ is carried from the first outer step into the
+    second (reset every 4 inner steps), so the gathered θ must be the whole batch's, no more. Each rank diagnoses
+    its own share only."""
     if truncate and task_class.collects_data:
         pytest.skip("truncation is refused for a task that collects data")
-    recipe = tiny(outer_steps=2, steps=2, truncate=truncate)
+    recipe = tiny(outer_steps=2, steps=2, reset_every=4, truncate=truncate)
     applied: dict[int, list[dict[str, torch.Tensor]]] = {}
-    step = outer.OuterOptimizer.step
+    step, diagnose, diagnosed = outer.OuterOptimizer.step, outer.diagnose, []
 
     def recording(self, metaloss, gradient):
         applied.setdefault(threading.get_ident(), []).append({k: g.clone() for k, g in gradient.items()})
         step(self, metaloss, gradient)
 
+    def diagnosing(metaloss, phi, task, theta, batch, objective, gen, shard=None):
+        diagnosed.append(shard)
+        return diagnose(metaloss, phi, task, theta, batch, objective, gen, shard)
+
     monkeypatch.setattr(outer.OuterOptimizer, "step", recording)
+    monkeypatch.setattr(outer, "diagnose", diagnosing)
     alone = meta_train(recipe, task_class(OPTIONS))
     expected = applied.pop(threading.get_ident())
+    diagnosed.clear()
     results = sharded(monkeypatch, recipe, task_class, world=2)
+    assert len(diagnosed) == 4 and all(isinstance(shard, ThreadShard) for shard in diagnosed)
     assert len(applied) == 2
     for gradients in applied.values():
         assert len(gradients) == 2
@@ -384,3 +393,47 @@ def test_a_stop_request_on_one_process_stops_every_process_after_the_same_outer_
     assert [(err.outer_step, err.signum) for err in outcomes] == [(1, signal.SIGTERM)] * 2
     kept = load_checkpoint(artifact.with_name("tiny.checkpoint.safetensors"), batch_type_of(SineRegression(OPTIONS)))
     assert kept.state.step == 1
+
+
+def test_phi_starts_as_metalosss_own_initialisation_under_the_first_draw_of_the_runs_generator():
+    """φ₀ of seed s: torch's default initialisation of the MetaLoss, seeded with the first number the run's
+    generator draws from [0, 2⁶²), so that φ₀ depends on the seed alone (not on torch's global generator, which it
+    leaves as it found it)."""
+    from ml3cli.metaloss import MetaLoss
+    from ml3cli.runtime import generator
+
+    recipe = tiny()
+    task = SineRegression(OPTIONS)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    built = outer.build_metaloss(recipe, task, generator(recipe.seed))
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(int(torch.randint(0, 2**62, (), generator=generator(recipe.seed))))
+    config = recipe.meta_loss
+    expected = MetaLoss(task.loss_inputs_spec, config.hidden, config.activation, config.bias, config.output)
+    for (name, value), (_, other) in zip(built.state_dict().items(), expected.state_dict().items(), strict=True):
+        assert torch.equal(value, other), name
+
+
+def test_the_cosine_schedule_steps_adam_at_half_one_plus_cos_of_the_steps_done_also_after_a_resume(monkeypatch):
+    """outer.lr_schedule: cosine: outer step s (of S) takes its Adam step at η·½(1 + cos(π(s−1)/S)), from η at the
+    first step down towards 0; a run resumed after step 2 continues the same rates."""
+    import math
+
+    recipe = recipe_from_dict({**TINY_RECIPE, "outer": {**TINY_RECIPE["outer"], "steps": 5, "lr_schedule": "cosine"}})
+    rates: list[float] = []
+    step = outer.OuterOptimizer.step
+
+    def recording(self, metaloss, gradient):
+        rates.append(self.adam.param_groups[0]["lr"])
+        step(self, metaloss, gradient)
+
+    monkeypatch.setattr(outer.OuterOptimizer, "step", recording)
+    states: dict[int, Any] = {}
+    meta_train(recipe, SineRegression(OPTIONS), on_state=lambda s, snap: states.update({s: snap()}))
+    eta = recipe.outer.lr
+    expected = [eta * 0.5 * (1 + math.cos(math.pi * (s - 1) / 5)) for s in range(1, 6)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    rates.clear()
+    meta_train(recipe, SineRegression(OPTIONS), resume=states[2])
+    assert rates == pytest.approx(expected[2:], rel=1e-12)

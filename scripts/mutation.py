@@ -149,6 +149,8 @@ EQUIVALENT: dict[str, str] = {
     # engine: outer loop
     "ml3cli.engine.outer.x_build_metaloss__mutmut_2": "fork_rng(devices=None) forks every CUDA device's generator "
     "as well as the CPU's; φ is drawn from the CPU generator alone, which is forked and restored either way",
+    "ml3cli.engine.outer.x_build_metaloss__mutmut_9": "torch.randint(high, size) is torch.randint(0, high, size): "
+    "low defaults to 0",
     **{
         f"ml3cli.engine.outer.x_meta_train__mutmut_{n}": "an initial value that is never read: θ is None at the "
         "first outer step, so the redraw sets the inner state, the batch and the age before any use (a resume sets "

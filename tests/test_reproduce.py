@@ -60,12 +60,21 @@ def test_quick_reproduction_writes_valid_results_and_reuses_its_artifacts(tiny_e
     assert again["comparisons"][0]["final"] == comparison["final"]  # same artifacts, same streams: same numbers
 
 
-def test_a_changed_recipe_is_meta_trained_again(tiny_experiment):
-    exp, options = tiny_experiment
-    reproduce(exp, dataclasses.replace(options, meta_seeds=1), Console(quiet=True))
-    changed = dataclasses.replace(exp, quick=(*TINY, "outer.lr=0.01"))
-    document = reproduce(changed, dataclasses.replace(options, meta_seeds=1), Console(quiet=True))
-    assert [record["reused"] for record in document["meta_train"]] == [False]
+def test_a_changed_recipe_is_meta_trained_again(tmp_path, monkeypatch, capsys):
+    """An artifact is reused only when it was meta-trained by exactly the job's recipe and seed: another override or
+    another seed meta-trains again (reproduce's reuse of unchanged artifacts is tested above, end to end)."""
+    from ml3cli.experiments.protocol import MetaTrainJob
+
+    artifact = tmp_path / "a.safetensors"
+    sets = [word for item in TINY for word in ("--set", item)]
+    trained = run_main(
+        monkeypatch, capsys, "meta-train", "sine_reference", *sets, "--out", artifact, "-q", cwd=tmp_path
+    )
+    assert trained.code == 0, trained.output
+    assert MetaTrainJob("sine_reference", 0, TINY, artifact).reusable()
+    assert not MetaTrainJob("sine_reference", 0, (*TINY, "outer.lr=0.01"), artifact).reusable()
+    assert not MetaTrainJob("sine_reference", 1, TINY, artifact).reusable()
+    assert not MetaTrainJob("sine_reference", 0, TINY, tmp_path / "missing.safetensors").reusable()
 
 
 def test_the_verdict_compares_tuned_against_tuned():

@@ -83,17 +83,14 @@ def test_commands_warn_before_oversubscribing_the_cores(tmp_path, monkeypatch, c
         assert one.code == 0 and "CPU cores" not in one.stderr
     finally:
         torch.set_num_threads(threads)
+    from ml3cli.launchers import LocalLauncher
+
+    def launched(self, runs, on_finished):  # the warning must come before any process starts: stop the sweep here
+        raise SystemExit(7)
+
+    monkeypatch.setattr(LocalLauncher, "run_all", launched)
     sweep = run_main(
-        monkeypatch,
-        capsys,
-        "meta-train",
-        recipe,
-        "--seeds",
-        "0-2",
-        "--jobs",
-        "3",
-        "--out",
-        "c.safetensors",
+        monkeypatch, capsys, "meta-train", recipe, "--seeds", "0-2", "--jobs", "3", "--out", "c.safetensors",
         cwd=tmp_path,
-    )
-    assert sweep.code == 0 and "3 processes × 1 threads is more than the 2 CPU cores" in sweep.stderr
+    )  # fmt: skip
+    assert sweep.code == 7 and "3 processes × 1 threads is more than the 2 CPU cores" in sweep.stderr

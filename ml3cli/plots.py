@@ -79,6 +79,13 @@ def distance_curves(curves: Mapping[str, np.ndarray], title: str) -> bytes:
     return png_bytes(fig)
 
 
+def stepped_with(comparison: Mapping) -> str:
+    """How the optimizees of a comparison stepped, for labels: SGD, momentum or Adam (the optimizer its ``extra``
+    records; plain SGD when none)."""
+    recorded = (comparison.get("extra") or {}).get("optimizer")
+    return {"momentum": "momentum", "adam": "Adam"}.get(recorded, "SGD")
+
+
 def comparison_figure(comparisons: Sequence[Mapping], title: str) -> bytes:
     """One panel per comparison of ``ml3 reproduce`` (three to a row): the metric against the optimizees' steps for
     the baseline and the learned losses, each at the fixed and at its tuned rate; learned curves are the mean over
@@ -102,8 +109,7 @@ def comparison_figure(comparisons: Sequence[Mapping], title: str) -> bytes:
             mean, std = learned.mean(0), learned.std(0)
             ax.plot(steps, mean, style, color="C1", label=f"learned @ {kind} lr ({len(learned)} meta-train seeds)")
             ax.fill_between(steps, mean - std, mean + std, color="C1", alpha=0.15)
-        rule = {"momentum": "momentum", "adam": "Adam"}.get((comparison.get("extra") or {}).get("optimizer"), "SGD")
-        ax.set_xlabel(f"{rule} steps on held-out {comparison['task']} tasks")
+        ax.set_xlabel(f"{stepped_with(comparison)} steps on held-out {comparison['task']} tasks")
         ax.set_ylabel(comparison["metric"])
         if all(v > 0 for c in curves.values() for v in c.values()):
             ax.set_yscale("log")

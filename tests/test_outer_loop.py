@@ -224,24 +224,29 @@ class ThetaCollectingSine(FreshPointsSine):
         return found
 
 
+def initialise_one_thread_at_a_time(monkeypatch, task_class=None) -> None:
+    """φ (and θ₀ of ``task_class``) are initialised from torch's global generator, seeded from the run's own: one
+    thread at a time, as each process of a real process group has a global generator of its own."""
+    lock = threading.Lock()
+
+    def one_at_a_time(function):
+        def locked(*args, **kwargs):
+            with lock:
+                return function(*args, **kwargs)
+
+        return locked
+
+    monkeypatch.setattr(outer, "build_metaloss", one_at_a_time(outer.build_metaloss))
+    if task_class is not None:
+        monkeypatch.setattr(task_class, "init_theta", one_at_a_time(task_class.init_theta))
+
+
 def sharded(monkeypatch, recipe, task_class, world: int, resume=None, on_state=None):
     """meta_train in ``world`` threads, one rank each (from the state ``resume``; rank 0 calls ``on_state``);
     every rank's result."""
     exchange, results, errors = Exchange(world), [None] * world, []
     tasks = [task_class(OPTIONS) for _ in range(world)]  # built here: a task builds a module from the global RNG
-    # φ and θ₀ are initialised from torch's global generator (seeded from the run's own): one thread at a time, as
-    # each process of a real process group has a global generator of its own
-    lock = threading.Lock()
-
-    def one_at_a_time(function):
-        def locked(*args):
-            with lock:
-                return function(*args)
-
-        return locked
-
-    monkeypatch.setattr(outer, "build_metaloss", one_at_a_time(outer.build_metaloss))
-    monkeypatch.setattr(task_class, "init_theta", one_at_a_time(task_class.init_theta))
+    initialise_one_thread_at_a_time(monkeypatch, task_class)
 
     def rank(r: int) -> None:
         try:
@@ -261,6 +266,19 @@ def sharded(monkeypatch, recipe, task_class, world: int, resume=None, on_state=N
     return results
 
 
+def record_applied_gradients(monkeypatch) -> dict[int, list[dict[str, torch.Tensor]]]:
+    """The meta-gradient every Adam step of φ applies, in order, by the thread (rank) that applied it."""
+    applied: dict[int, list[dict[str, torch.Tensor]]] = {}
+    step = outer.OuterOptimizer.step
+
+    def recording(self, metaloss, gradient):
+        applied.setdefault(threading.get_ident(), []).append({k: g.clone() for k, g in gradient.items()})
+        step(self, metaloss, gradient)
+
+    monkeypatch.setattr(outer.OuterOptimizer, "step", recording)
+    return applied
+
+
 @pytest.mark.parametrize("task_class", [SineRegression, ThetaCollectingSine], ids=["plain", "collecting"])
 @pytest.mark.parametrize("truncate", [False, True], ids=["full", "truncated"])
 def test_two_shards_meta_train_like_one_process(monkeypatch, task_class, truncate):
@@ -273,18 +291,13 @@ def test_two_shards_meta_train_like_one_process(monkeypatch, task_class, truncat
     if truncate and task_class.collects_data:
         pytest.skip("truncation is refused for a task that collects data")
     recipe = tiny(outer_steps=2, steps=2, reset_every=4, truncate=truncate)
-    applied: dict[int, list[dict[str, torch.Tensor]]] = {}
-    step, diagnose, diagnosed = outer.OuterOptimizer.step, outer.diagnose, []
-
-    def recording(self, metaloss, gradient):
-        applied.setdefault(threading.get_ident(), []).append({k: g.clone() for k, g in gradient.items()})
-        step(self, metaloss, gradient)
+    applied = record_applied_gradients(monkeypatch)
+    diagnose, diagnosed = outer.diagnose, []
 
     def diagnosing(metaloss, phi, task, theta, batch, objective, gen, shard=None):
         diagnosed.append(shard)
         return diagnose(metaloss, phi, task, theta, batch, objective, gen, shard)
 
-    monkeypatch.setattr(outer.OuterOptimizer, "step", recording)
     monkeypatch.setattr(outer, "diagnose", diagnosing)
     alone = meta_train(recipe, task_class(OPTIONS))
     expected = applied.pop(threading.get_ident())
@@ -317,14 +330,7 @@ def test_a_checkpoint_resumes_under_another_number_of_processes(monkeypatch):
     under two ranks, and rank 0's state under one process, each applying the meta-gradient the uninterrupted
     single process applies at the next step (to float rounding)."""
     recipe = tiny(outer_steps=3, steps=2)
-    applied: dict[int, list[dict[str, torch.Tensor]]] = {}
-    step = outer.OuterOptimizer.step
-
-    def recording(self, metaloss, gradient):
-        applied.setdefault(threading.get_ident(), []).append({k: g.clone() for k, g in gradient.items()})
-        step(self, metaloss, gradient)
-
-    monkeypatch.setattr(outer.OuterOptimizer, "step", recording)
+    applied = record_applied_gradients(monkeypatch)
     states: dict[int, Any] = {}
     meta_train(recipe, SineRegression(OPTIONS), on_state=lambda s, snap: states.update({s: snap()}))
     expected = applied.pop(threading.get_ident())[2]  # the meta-gradient of step 3
@@ -358,16 +364,7 @@ def test_a_stop_request_on_one_process_stops_every_process_after_the_same_outer_
     from ml3cli.commands.meta_train import _meta_train_into, _StopRequest
     from ml3cli.errors import RunInterrupted
 
-    lock = threading.Lock()
-
-    def one_at_a_time(function):
-        def locked(*args, **kwargs):
-            with lock:
-                return function(*args, **kwargs)
-
-        return locked
-
-    monkeypatch.setattr(outer, "build_metaloss", one_at_a_time(outer.build_metaloss))
+    initialise_one_thread_at_a_time(monkeypatch)
     exchange, outcomes = Exchange(2), [None, None]
     exchange.barrier = threading.Barrier(2, timeout=20)
     artifact = tmp_path / "tiny.safetensors"

@@ -21,6 +21,7 @@ from ml3cli.commands.reproduce import RESULTS, measured, summarize
 from ml3cli.errors import ML3Error
 from ml3cli.experiments import REPRODUCIBLE
 from ml3cli.experiments.protocol import source_of, validate_results
+from ml3cli.plots import stepped_with
 from ml3cli.shipped import headline, read_index, tasks_label
 
 PAGE = Path("docs") / "results.md"
@@ -168,8 +169,7 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
     for c in document["comparisons"]:
         lines += [
             f"**{c['label']}**: `{c['recipe']}` on {c['tasks']} held-out `{c['task']}` tasks × {c['test_seeds']} test seeds, "
-            f"{c['metric']} after {c['steps']} {STEPS_OF.get((c.get('extra') or {}).get('optimizer', 'sgd'), 'SGD')} "
-            f"steps; {len(c['meta_seeds'])} meta-train seeds:",
+            f"{c['metric']} after {c['steps']} {stepped_with(c)} steps; {len(c['meta_seeds'])} meta-train seeds:",
             "",
             "| loss | lr | mean | sd over meta-train seeds | learned − baseline (95% CI) | learned better on |",
             "| --- | --- | --- | --- | --- | --- |",
@@ -209,10 +209,6 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
-
-
-#: how the optimizees of a comparison stepped, by the optimizer its ``extra`` records (plain SGD when none)
-STEPS_OF = {"sgd": "SGD", "momentum": "momentum", "adam": "Adam"}
 
 
 def rates_at_the_edge(comparison: dict[str, Any]) -> list[str]:

@@ -12,7 +12,8 @@ Layering: an experiment may use the engine, the tasks, the baselines and the pri
 simulator (:mod:`ml3cli.control`, :mod:`ml3cli.envs`), or anything a command of the CLI needs.
 
 Modules: one per experiment of :data:`REPRODUCIBLE`; :mod:`~ml3cli.experiments.protocol` holds what they share
-(the meta-training plan, the fair comparison, the verdict, the schema of ``results.json``).
+(the meta-training plan, the fair comparison, the verdict, the schema of ``results.json``), and
+:mod:`~ml3cli.experiments.physics_prior` the comparison of the two inverse-dynamics experiments.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ REPRODUCIBLE: dict[str, str] = {
     # beyond the paper: against baselines at their own tuned rates, with SGD and Adam, with online adaptation
     "beyond_sine": "ml3cli.experiments.beyond_sine",
     "beyond_mnist_binary": "ml3cli.experiments.beyond_mnist_binary",
+    "beyond_sawyer": "ml3cli.experiments.beyond_sawyer",
 }
 
 

@@ -142,7 +142,7 @@ class Task(ABC):
             raise ML3Error(
                 f"task {self.name!r} has no training split of fixed data to measure a validation loss on, which "
                 "online loss adaptation (--adapt) needs: use a supervised family (sine, sine_shifted, "
-                "sine_frequency, mnist_binary, mnist)"
+                "sine_frequency, mnist_binary, mnist, inverse_dynamics_reacher, inverse_dynamics_sawyer)"
             )
 
     def extra_term(self, name: str, theta: Theta, task: Any) -> Tensor:

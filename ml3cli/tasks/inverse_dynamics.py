@@ -306,6 +306,8 @@ class InverseDynamics(Task):
     metric = "torque_mse"
     builtin_losses = {"torque_mse": torque_mse, "l1": torque_l1, "huber": torque_huber}
     extra_term_names = ("inertia_prior",)
+    # online adaptation's validation loss: torque MSE on the training samples (the prior's M(q) is never read)
+    query_from_support = {"q_query": "q", "qd_query": "qd", "qdd_query": "qdd", "u_query": "u"}
 
     def __init__(self, options: TaskOptions | None = None, device: torch.device | str = "cpu"):
         super().__init__(options, device)

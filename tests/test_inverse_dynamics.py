@@ -363,3 +363,39 @@ def test_reproduce_inverse_dynamics_writes_the_three_comparisons_per_robot(tmp_p
     # 4 recipes × 2 seeds meta-trained on 3 trajectories × 40 samples; meta-test: test and validation per robot
     assert document["environment_samples"] == {"meta_train": 8 * 120, "meta_test": 2 * 2 * 120}
     assert (tmp_path / "out" / "figure.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_reproduce_beyond_sawyer_adapts_the_learned_losses_and_not_torque_mse(tmp_path, monkeypatch):
+    """beyond_sawyer: the three comparisons frozen, then the same three with the learned losses adapting online
+    (recorded as such); torque MSE trains alike in both, the learned losses do not (φ moved), and both recipes
+    normalise the torques."""
+    import dataclasses
+    import json
+
+    import numpy as np
+    from rich.console import Console
+
+    from ml3cli.commands.options import ReproduceOptions
+    from ml3cli.commands.reproduce import reproduce
+    from ml3cli.experiments import experiment
+    from ml3cli.experiments.beyond_sawyer import ADAPTATION, RECIPES
+    from ml3cli.experiments.protocol import validate_results
+    from ml3cli.recipes import load_recipe
+
+    for recipe in map(load_recipe, RECIPES):
+        assert recipe.task_options["normalize_torques"] and recipe.meta_test.task_options["normalize_torques"]
+    monkeypatch.chdir(tmp_path)
+    quick = (*TINY_REPRODUCE, "meta_test.steps=20")  # two updates of φ at every=10
+    exp = dataclasses.replace(experiment("beyond_sawyer"), quick=quick, quick_eval={"tasks": 2, "seeds": 2})
+    reproduce(exp, ReproduceOptions(quick=True, meta_seeds=1, jobs=2, out_dir=tmp_path / "out"), Console(quiet=True))
+    document = validate_results(json.loads((tmp_path / "out" / "results.json").read_text()), "results.json")
+    frozen, adapting = document["comparisons"][:3], document["comparisons"][3:]
+    assert [c["recipe"] for c in frozen] == [c["recipe"] for c in adapting] == [RECIPES[0], RECIPES[1], RECIPES[0]]
+    for c in frozen:
+        assert "adaptation" not in c["extra"]
+    for c in adapting:
+        assert c["extra"]["adaptation"] == ADAPTATION.record() and c["label"].startswith("Sawyer, normalised + online")
+    with_prior, adapted = frozen[0], adapting[0]
+    assert with_prior["final"]["baseline_fixed"] == adapted["final"]["baseline_fixed"]  # torque MSE never adapts
+    assert not np.allclose(with_prior["final"]["learned_fixed"], adapted["final"]["learned_fixed"])

@@ -115,6 +115,38 @@ def test_the_committed_results_page_is_what_the_committed_json_gives(monkeypatch
     report.run(Console(quiet=True), check=True)
 
 
+def test_the_table_of_targets_is_filled_from_the_comparisons_it_names():
+    """Each cell of the targets table is its comparison's verdict and Δ at tuned rates (a changed number in the
+    data changes the cell), a target is met only when a cell is reproduced, an experiment without a full run says
+    "not run", and a label the results do not hold is refused, naming it."""
+    import copy
+
+    from ml3cli.commands.reproduce import RESULTS
+    from ml3cli.experiments.targets import TARGETS, Measured, Target
+
+    documents = report.load_results(REPO / RESULTS)
+    assert all(where.experiment in REPRODUCIBLE for t in TARGETS for where in t.cells().values() if where)
+    report.targets_table(documents)  # every label of a committed experiment is found
+    sine = next(d for d in documents if d["experiment"] == "beyond_sine")
+    target = Target(
+        task="sine", beat="MSE", plain=Measured("beyond_sine", "sgd: plain ML³ (sine)"), frozen=None,
+        adapting=Measured("no_such_run", "anything"),
+    )  # fmt: skip
+    row = report.targets_table([sine], (target,)).splitlines()[-1]
+    plain = sine["comparisons"][0]
+    assert plain["label"] == "sgd: plain ML³ (sine)"
+    assert f"**{plain['verdict']['verdict']}**: Δ {report.difference(plain['tuned'])} after 100 SGD steps" in row
+    assert "| — |" in row and "not run (`ml3 reproduce no_such_run`)" in row and row.endswith("| no |")
+    changed = copy.deepcopy(sine)
+    changed["comparisons"][0]["tuned"]["mean"] = -12.5
+    changed["comparisons"][0]["verdict"]["verdict"] = "reproduced"
+    row = report.targets_table([changed], (target,)).splitlines()[-1]
+    assert "**reproduced**: Δ -12.5 (" in row and row.endswith("| **yes** |")
+    renamed = dataclasses.replace(target, plain=Measured("beyond_sine", "sgd: plain (renamed)"))
+    with pytest.raises(ML3Error, match=r"'sgd: plain \(renamed\)' of beyond_sine, which results/beyond_sine"):
+        report.targets_table([sine], (renamed,))
+
+
 def test_a_stale_table_of_shipped_losses_is_refused_and_regenerated(tmp_path, monkeypatch):
     """One number changed by hand in docs/cli.md's table is caught by `ml3 report --check`; `ml3 report` puts back
     exactly what the index gives and leaves the rest of the guide alone."""

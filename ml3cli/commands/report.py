@@ -21,6 +21,7 @@ from ml3cli.commands.reproduce import RESULTS, measured, summarize
 from ml3cli.errors import ML3Error
 from ml3cli.experiments import REPRODUCIBLE
 from ml3cli.experiments.protocol import source_of, validate_results
+from ml3cli.experiments.targets import TARGETS, Measured, Target
 from ml3cli.plots import stepped_with
 from ml3cli.shipped import headline, read_index, tasks_label
 
@@ -146,10 +147,67 @@ def results_page(documents: list[dict[str, Any]]) -> str:
         "",
         status_table(documents).replace("(docs/results.md#", "(#"),
         "",
+        "## Beyond the paper: the targets",
+        "",
+        "Can a learned loss beat a hand-written one at the hand-written loss's OWN tuned rate? One row per target, "
+        "one column per ingredient; each cell is a comparison above (Δ = learned − baseline at tuned rates, 95% "
+        "interval, lower is better). A target is met when some cell is reproduced. —: no such variant; not run: the "
+        "experiment has no full run yet.",
+        "",
+        targets_table(documents),
+        "",
     ]
     for document in documents:
         parts += experiment_section(document)
     return "\n".join(parts).rstrip() + "\n"
+
+
+def targets_table(documents: list[dict[str, Any]], targets: tuple[Target, ...] = TARGETS) -> str:
+    """The table of targets (:mod:`ml3cli.experiments.targets`), each cell from the comparison it names."""
+    by_experiment = {d["experiment"]: d for d in documents}
+    names = list(targets[0].cells()) if targets else []
+    lines = [
+        f"| target | must beat, at its tuned rate | {' | '.join(names)} | met |",
+        "| --- | --- |" + " --- |" * (len(names) + 1),
+    ]
+    for target in targets:
+        wheres = list(target.cells().values())
+        found = [measured_comparison(by_experiment, where) for where in wheres]
+        cells = [target_cell(where, c, target.by_reason) for where, c in zip(wheres, found, strict=True)]
+        met = any(c is not None and c["verdict"]["verdict"] == "reproduced" for c in found)
+        run = any(c is not None for c in found)
+        lines.append(
+            f"| {target.task} | {target.beat} | {' | '.join(cells)} | {'**yes**' if met else 'no' if run else '—'} |"
+        )
+    return "\n".join(lines)
+
+
+def measured_comparison(by_experiment: dict[str, dict[str, Any]], where: Measured | None) -> dict[str, Any] | None:
+    """The comparison ``where`` names, or None where it names none or its experiment has no full run; refused
+    where the experiment's results hold no comparison of that label."""
+    if where is None or where.experiment not in by_experiment:
+        return None
+    comparisons = {c["label"]: c for c in by_experiment[where.experiment]["comparisons"]}
+    if where.label not in comparisons:
+        raise ML3Error(
+            f"the table of targets names the comparison {where.label!r} of {where.experiment}, which "
+            f"results/{where.experiment}/results.json does not hold (it holds: {', '.join(map(repr, comparisons))})"
+        )
+    return comparisons[where.label]
+
+
+def target_cell(where: Measured | None, comparison: dict[str, Any] | None, by_reason: bool) -> str:
+    """A cell of the table of targets: the verdict and Δ at tuned rates (or the verdict's reason), linked."""
+    if where is None:
+        return "—"
+    if comparison is None:
+        return f"not run (`ml3 reproduce {where.experiment}`)"
+    verdict = comparison["verdict"]
+    measured = cell(verdict["why"]) if by_reason else f"Δ {difference(comparison['tuned'])}"
+    return (
+        f"**{verdict['verdict']}**: {measured} after {comparison['steps']} {stepped_with(comparison)} steps "
+        f"([{comparison['label']}](#{where.experiment}))"
+    )
 
 
 def experiment_section(document: dict[str, Any]) -> list[str]:

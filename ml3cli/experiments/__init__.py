@@ -13,7 +13,8 @@ simulator (:mod:`ml3cli.control`, :mod:`ml3cli.envs`), or anything a command of 
 
 Modules: one per experiment of :data:`REPRODUCIBLE`; :mod:`~ml3cli.experiments.protocol` holds what they share
 (the meta-training plan, the fair comparison, the verdict, the schema of ``results.json``), and
-:mod:`~ml3cli.experiments.physics_prior` the comparison of the two inverse-dynamics experiments.
+:mod:`~ml3cli.experiments.physics_prior` the comparison of the two inverse-dynamics experiments;
+:mod:`~ml3cli.experiments.targets` declares the targets beyond the paper and the comparisons that measure them.
 """
 
 from __future__ import annotations

@@ -280,7 +280,7 @@ class InverseDynamicsOptions(TaskOptions):
     normalize_torques: bool = Field(
         False,
         description="the loss sees û_j / s_j and u_j / s_j, s_j the std of joint j's torque over the meta-train "
-        "split's training trajectories, so one learning rate suits every joint",
+        "split's training trajectories, so that the loss, shared by every joint, sees every joint on one scale",
     )
 
     @field_validator("omega_range")

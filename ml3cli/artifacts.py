@@ -287,13 +287,6 @@ def file_integrity(info: dict[str, Any]) -> str:
     return metadata.integrity(info["_version"])
 
 
-def _groups(value: Any) -> tuple[str, ...]:
-    """An input's declared group axes from the metadata: a list of names."""
-    if not (isinstance(value, list) and all(isinstance(g, str) for g in value)):
-        raise ValueError(f"groups must be a list of axis names, got {value!r}")
-    return tuple(value)
-
-
 def _legacy_groups(
     inputs: tuple[LossInput, ...], expect_inputs: Sequence[LossInput | str] | None, task: Any
 ) -> tuple[LossInput, ...]:

@@ -111,11 +111,6 @@ EQUIVALENT: dict[str, str] = {
     "ml3cli.artifacts.x_save_loss__mutmut_20": "allow_nan=True is json.dumps's default",
     "ml3cli.artifacts.x_load_loss__mutmut_52": "the path only enters the message of a corrupt entry, which _checked has already refused",
     "ml3cli.artifacts.x_load_loss__mutmut_58": "unreachable message: safetensors' tensors are the file's bytes that file_sha256 hashed",
-    "ml3cli.artifacts.x__groups__mutmut_1": "_groups is called nowhere (dead code): no behaviour can change",
-    "ml3cli.artifacts.x__groups__mutmut_2": "_groups is called nowhere (dead code): no behaviour can change",
-    "ml3cli.artifacts.x__groups__mutmut_3": "_groups is called nowhere (dead code): no behaviour can change",
-    "ml3cli.artifacts.x__groups__mutmut_4": "_groups is called nowhere (dead code): no behaviour can change",
-    "ml3cli.artifacts.x__groups__mutmut_5": "_groups is called nowhere (dead code): no behaviour can change",
     # engine: estimators
     "ml3cli.engine.estimators.x__gradient_of__mutmut_6": "allow_unused=None is taken as materialize_grads (True) "
     "by torch.autograd.grad",

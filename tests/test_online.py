@@ -114,6 +114,34 @@ def test_online_loss_replays_the_recorded_batches_in_order(float64):
     assert not torch.equal(online.loss.net[0].weight, metaloss.net[0].weight)  # the copy learned, not the original
 
 
+def test_online_loss_steps_a_learned_lr_loss_at_its_step_scale(float64):
+    """A loss meta-trained with learned_lr: plain SGD at inner_lr on OnlineLoss's output takes θ − α·scale·∇_θ M_φ
+    (the step the loss was meta-trained for), so the replay is the model's own trajectory and φ adapts."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    metaloss = MetaLoss(make_task("sine").loss_inputs_spec, hidden=(8,), activation="tanh", learned_lr=True)
+    online = OnlineLoss(metaloss, model, lr=1e-2, every=2, unroll=2, inner_lr=INNER_LR)
+    optimizer = torch.optim.SGD(model.parameters(), lr=INNER_LR)
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.rand(6, 1, generator=gen), torch.randn(6, 1, generator=gen)
+    value, scale = metaloss.loss_and_step_scale(y_pred=model(x), y_true=y)
+    scale = float(scale.detach())
+    assert abs(scale - 1) > 0.05  # a step scale that is not 1, or the check below could not tell
+    grads = torch.autograd.grad(value, list(model.parameters()))
+    expected = [p.detach() - INNER_LR * scale * g for p, g in zip(model.parameters(), grads, strict=True)]
+    found = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        online(model(x), y).backward()
+        optimizer.step()
+        if not found:
+            for p, e in zip(model.parameters(), expected, strict=True):
+                torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-14)
+        found.append(online.step((x, y), (x, y)))
+    assert found[0] is None and found[1] is not None and online.adapter.updates == 1
+    assert not torch.equal(online.loss.net[0].weight, metaloss.net[0].weight)
+
+
 def test_online_loss_refuses_a_model_that_did_not_take_the_replayed_steps():
     """Momentum moves θ elsewhere than the replayed SGD steps: the meta-gradient would be another trajectory's."""
     torch.manual_seed(0)

@@ -265,7 +265,13 @@ class OnlineLoss(nn.Module):
         return self.adapter.adaptation
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
-        """M_φ of the inputs with the current φ (as the loss module itself; φ gets no gradient from it)."""
+        """M_φ of the inputs with the current φ (as the loss module itself; φ gets no gradient from it). A loss
+        meta-trained with ``learned_lr`` returns its value times its step scale, the scale held constant, so that
+        plain SGD at ``inner_lr`` takes the step it was meta-trained for, θ − α·scale·∇_θ M_φ (and the one the
+        replay takes)."""
+        if self.loss.learned_lr:
+            value, scale = self.loss.loss_and_step_scale(*args, **kwargs)
+            return value * scale.detach()
         return self.loss(*args, **kwargs)
 
     def _open_window(self) -> None:

@@ -280,17 +280,19 @@ def record_applied_gradients(monkeypatch) -> dict[int, list[dict[str, torch.Tens
 
 
 @pytest.mark.parametrize("task_class", [SineRegression, ThetaCollectingSine], ids=["plain", "collecting"])
-@pytest.mark.parametrize("truncate", [False, True], ids=["full", "truncated"])
-def test_two_shards_meta_train_like_one_process(monkeypatch, task_class, truncate):
+@pytest.mark.parametrize(
+    ("truncate", "optimizer"), [(False, "sgd"), (True, "sgd"), (False, "adam")], ids=["full", "truncated", "adam"]
+)
+def test_two_shards_meta_train_like_one_process(monkeypatch, task_class, truncate, optimizer):
     """Two ranks, each differentiating half of the 4 tasks: every rank applies the meta-gradient one process
     applies, and records the same curves, to float rounding (the mean of two half-means is summed in another
     order). Two outer steps: Adam's first steps move φ by ±η whatever a gradient entry's size, so an entry within
     rounding of 0 can flip φ by 2η and every later step with it. θ is carried from the first outer step into the
     second (reset every 4 inner steps), so the gathered θ must be the whole batch's, no more. Each rank diagnoses
-    its own share only."""
+    its own share only. With Adam as the inner optimizer its state (moments, step count) is carried and split with θ."""
     if truncate and task_class.collects_data:
         pytest.skip("truncation is refused for a task that collects data")
-    recipe = tiny(outer_steps=2, steps=2, reset_every=4, truncate=truncate)
+    recipe = tiny(outer_steps=2, steps=2, reset_every=4, truncate=truncate, optimizer=optimizer)
     applied = record_applied_gradients(monkeypatch)
     diagnose, diagnosed = outer.diagnose, []
 

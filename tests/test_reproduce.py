@@ -229,7 +229,7 @@ def test_the_sine_experiment_runs_quick_end_to_end(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["sine_reference", "shaped_sine", "mnist_binary", "beyond_sine", "beyond_mnist_binary"]
+    "name", ["sine_reference", "shaped_sine", "mnist_binary", "beyond_sine", "beyond_mnist_binary", "beyond_mnist"]
 )
 def test_the_supervised_experiments_run_quick_end_to_end(name, tmp_path, monkeypatch):
     """The other supervised experiments at their --quick settings (the RL and robot ones have their own files)."""

@@ -39,6 +39,7 @@ REPRODUCIBLE: dict[str, str] = {
     # beyond the paper: against baselines at their own tuned rates, with SGD and Adam, with online adaptation
     "beyond_sine": "ml3cli.experiments.beyond_sine",
     "beyond_mnist_binary": "ml3cli.experiments.beyond_mnist_binary",
+    "beyond_mnist": "ml3cli.experiments.beyond_mnist",
     "beyond_sawyer": "ml3cli.experiments.beyond_sawyer",
 }
 

@@ -117,10 +117,12 @@ def test_the_committed_results_page_is_what_the_committed_json_gives(monkeypatch
 
 def test_the_table_of_targets_is_filled_from_the_comparisons_it_names():
     """Each cell of the targets table is its comparison's verdict and Δ at tuned rates (a changed number in the
-    data changes the cell), a target is met only when a cell is reproduced, an experiment without a full run says
-    "not run", and a label the results do not hold is refused, naming it."""
+    data changes the cell) and the metric shown beside it at tuned rates, a target is met only when a cell is
+    reproduced, an experiment without a full run says "not run", and a label the results do not hold is refused,
+    naming it."""
     import copy
 
+    from ml3cli.commands.output import fmt
     from ml3cli.commands.reproduce import RESULTS
     from ml3cli.experiments.targets import TARGETS, Measured, Target
 
@@ -142,6 +144,13 @@ def test_the_table_of_targets_is_filled_from_the_comparisons_it_names():
     changed["comparisons"][0]["verdict"]["verdict"] = "reproduced"
     row = report.targets_table([changed], (target,)).splitlines()[-1]
     assert "**reproduced**: Δ -12.5 (" in row and row.endswith("| **yes** |")
+    mnist = next(d for d in documents if d["experiment"] == "beyond_mnist_binary")["comparisons"][0]
+    accuracy = {k: v["accuracy"] for k, v in mnist["extra"]["report_metrics"].items()}
+    learned = np.mean([accuracy[f"learned{m}@tuned"] for m in mnist["meta_seeds"]])
+    shown = Target(task="pairs", beat="CE", plain=Measured("beyond_mnist_binary", mnist["label"]), frozen=None,
+                   adapting=None, beside="accuracy")  # fmt: skip
+    row = report.targets_table(documents, (shown,)).splitlines()[-1]
+    assert f"steps; accuracy {fmt(learned)} vs {fmt(accuracy['baseline@tuned'])} ([" in row
     renamed = dataclasses.replace(target, plain=Measured("beyond_sine", "sgd: plain (renamed)"))
     with pytest.raises(ML3Error, match=r"'sgd: plain \(renamed\)' of beyond_sine, which results/beyond_sine"):
         report.targets_table([sine], (renamed,))

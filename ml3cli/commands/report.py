@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from ml3cli import files
@@ -173,7 +174,7 @@ def targets_table(documents: list[dict[str, Any]], targets: tuple[Target, ...] =
     for target in targets:
         wheres = list(target.cells().values())
         found = [measured_comparison(by_experiment, where) for where in wheres]
-        cells = [target_cell(where, c, target.by_reason) for where, c in zip(wheres, found, strict=True)]
+        cells = [target_cell(where, c, target) for where, c in zip(wheres, found, strict=True)]
         met = any(c is not None and c["verdict"]["verdict"] == "reproduced" for c in found)
         run = any(c is not None for c in found)
         lines.append(
@@ -196,18 +197,37 @@ def measured_comparison(by_experiment: dict[str, dict[str, Any]], where: Measure
     return comparisons[where.label]
 
 
-def target_cell(where: Measured | None, comparison: dict[str, Any] | None, by_reason: bool) -> str:
-    """A cell of the table of targets: the verdict and Δ at tuned rates (or the verdict's reason), linked."""
+def target_cell(where: Measured | None, comparison: dict[str, Any] | None, target: Target) -> str:
+    """A cell of the table of targets: the verdict and Δ at tuned rates (or the verdict's reason), the metric
+    ``target.beside`` learned vs baseline at tuned rates, linked to the comparison."""
     if where is None:
         return "—"
     if comparison is None:
         return f"not run (`ml3 reproduce {where.experiment}`)"
     verdict = comparison["verdict"]
-    measured = cell(verdict["why"]) if by_reason else f"Δ {difference(comparison['tuned'])}"
-    return (
-        f"**{verdict['verdict']}**: {measured} after {comparison['steps']} {stepped_with(comparison)} steps "
-        f"([{comparison['label']}](#{where.experiment}))"
-    )
+    measured = cell(verdict["why"]) if target.by_reason else f"Δ {difference(comparison['tuned'])}"
+    measured += f" after {comparison['steps']} {stepped_with(comparison)} steps"
+    if target.beside is not None:
+        learned, baseline = tuned_means(comparison, target.beside)
+        measured += f"; {target.beside} {fmt(learned)} vs {fmt(baseline)}"
+    return f"**{verdict['verdict']}**: {measured} ([{comparison['label']}](#{where.experiment}))"
+
+
+def tuned_means(comparison: dict[str, Any], name: str) -> tuple[float, float]:
+    """The metric ``name`` at tuned rates, learned (mean over meta-train seeds) and baseline (mean over its curves),
+    from the comparison's report metrics or, failing those, its ``extra[name]`` (one value per curve)."""
+    extra = comparison.get("extra") or {}
+    values = {label: found[name] for label, found in extra.get("report_metrics", {}).items() if name in found}
+    values = values or extra.get(name) or {}
+    if not values:
+        raise ML3Error(f"the table of targets shows {name!r} beside {comparison['label']!r}, which does not record it")
+
+    def mean(prefix: str) -> float:
+        return float(
+            np.mean([v for label, v in values.items() if label.startswith(prefix) and label.endswith("@tuned")])
+        )
+
+    return mean("learned"), mean("baseline")
 
 
 def experiment_section(document: dict[str, Any]) -> list[str]:

@@ -39,6 +39,9 @@ class Target:
     #: show the verdict's reason rather than Δ at tuned rates (a comparison whose verdict is not about Δ: PPO's final
     #: level)
     by_reason: bool = False
+    #: a metric shown beside Δ, learned vs baseline at tuned rates (the mean over seeds): a report metric of the
+    #: comparison (``accuracy``) or a per-curve value of its ``extra`` (``inertia_error``)
+    beside: str | None = None
 
     def cells(self) -> dict[str, Measured | None]:
         return {"plain ML³": self.plain, "improved, frozen": self.frozen, "improved, adapting online": self.adapting}
@@ -65,6 +68,7 @@ TARGETS: tuple[Target, ...] = (
         plain=Measured("beyond_mnist_binary", "sgd: plain ML³"),
         frozen=None,
         adapting=Measured("beyond_mnist_binary", "sgd: + online adaptation"),
+        beside="accuracy",
     ),
     Target(
         task="`mnist_binary`, 4 held-out pairs, LeNet, Adam",
@@ -72,6 +76,7 @@ TARGETS: tuple[Target, ...] = (
         plain=Measured("beyond_mnist_binary", "adam: plain ML³"),
         frozen=None,
         adapting=Measured("beyond_mnist_binary", "adam: + online adaptation"),
+        beside="accuracy",
     ),
     Target(
         task="`mnist` (10 classes), LeNet",
@@ -79,6 +84,7 @@ TARGETS: tuple[Target, ...] = (
         plain=Measured("mnist_binary", "10 classes, LeNet"),
         frozen=Measured("beyond_mnist", "sgd: meta-trained on 10 classes (mnist10)"),
         adapting=None,
+        beside="accuracy",
     ),
     Target(
         task="`inverse_dynamics_sawyer` (with the physics prior)",
@@ -88,6 +94,7 @@ TARGETS: tuple[Target, ...] = (
         adapting=Measured(
             "beyond_sawyer", "Sawyer, normalised + online adaptation: learned with the prior vs torque_mse"
         ),
+        beside="inertia_error",
     ),
     Target(
         task="`reacher_goal_mf`",

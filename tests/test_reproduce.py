@@ -156,6 +156,23 @@ def test_the_table_of_targets_is_filled_from_the_comparisons_it_names():
         report.targets_table([sine], (renamed,))
 
 
+def test_a_baseline_that_diverged_at_the_fixed_rate_is_said_so():
+    """beyond_sawyer's torque MSE diverges at the recipes' fixed rate: its section says so; the same comparison
+    with a finite baseline there does not."""
+    import copy
+
+    from ml3cli.commands.reproduce import RESULTS
+
+    sawyer = next(d for d in report.load_results(REPO / RESULTS) if d["experiment"] == "beyond_sawyer")
+    sawyer = {**sawyer, "comparisons": sawyer["comparisons"][:1]}
+    assert "torque_mse diverged (nan)" in "\n".join(report.experiment_section(sawyer))
+    finite = copy.deepcopy(sawyer)
+    finite["comparisons"][0]["final"]["baseline_fixed"] = [1.0] * len(
+        finite["comparisons"][0]["final"]["baseline_fixed"]
+    )
+    assert "diverged" not in "\n".join(report.experiment_section(finite))
+
+
 def test_a_stale_table_of_shipped_losses_is_refused_and_regenerated(tmp_path, monkeypatch):
     """One number changed by hand in docs/cli.md's table is caught by `ml3 report --check`; `ml3 report` puts back
     exactly what the index gives and leaves the rest of the guide alone."""

@@ -10,6 +10,7 @@ hand, so a number on the page is never staler than its data.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +264,12 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
             " A control, not part of the claim: the experiment's verdict leaves it out." if c.get("control") else ""
         )
         lines += ["", f"Verdict: {c['verdict']['verdict']}: {c['verdict']['why']}.{control}", ""]
+        if not math.isfinite(summarize(c, "fixed")["baseline"]):
+            lines += [
+                f"At the fixed rate {c['baseline']} diverged (nan): the same-rate comparison is undefined, and the "
+                "tuned one decides.",
+                "",
+            ]
         edges = rates_at_the_edge(c)
         if edges:
             lines += [

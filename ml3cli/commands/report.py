@@ -253,8 +253,9 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
             "| loss | lr | mean | sd over meta-train seeds | learned − baseline (95% CI) | learned better on |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
+        summaries = {kind: summarize(c, kind) for kind in ("fixed", "tuned")}
         for kind, key in (("fixed", "same_lr"), ("tuned", "tuned")):
-            s, paired = summarize(c, kind), c[key]
+            s, paired = summaries[kind], c[key]
             lines.append(f"| {c['baseline']} @ {kind} lr | {s['baseline_lr']} | {fmt(s['baseline'])} | | | |")
             lines.append(
                 f"| learned @ {kind} lr | {s['learned_lr']} | {fmt(s['learned'])} | {fmt(s['learned_sd'])} "
@@ -264,7 +265,7 @@ def experiment_section(document: dict[str, Any]) -> list[str]:
             " A control, not part of the claim: the experiment's verdict leaves it out." if c.get("control") else ""
         )
         lines += ["", f"Verdict: {c['verdict']['verdict']}: {c['verdict']['why']}.{control}", ""]
-        if not math.isfinite(summarize(c, "fixed")["baseline"]):
+        if not math.isfinite(summaries["fixed"]["baseline"]):
             lines += [
                 f"At the fixed rate {c['baseline']} diverged (nan): the same-rate comparison is undefined, and the "
                 "tuned one decides.",

@@ -8,9 +8,9 @@ against cross-entropy at its own rate, over 300 LeNet steps:
 
 * **meta-trained on 10 classes**: the ``mnist10`` losses, frozen.
 
-Online adaptation is not a row yet: one 10-class LeNet row at 300 steps costs about 35 minutes on one core, and
-adapting adds about 40% (measured on ``beyond_mnist_binary``); ``ml3 compare --task mnist ... --adapt`` measures it
-by hand.
+Online adaptation is not a row yet: the frozen row's comparison took 19 minutes on one core and adapting adds
+about 40% (measured on ``beyond_mnist_binary``), more than the session that ran it had left; ``ml3 compare --task
+mnist ... --adapt`` measures it by hand.
 
 Protocol (:func:`~ml3cli.experiments.protocol.compare_losses`): 3 meta-train seeds; 4 test tasks × 2 test seeds (the
 recipe's meta-test: 100 training and 200 held-out images per task); each loss at its own rate chosen on 2

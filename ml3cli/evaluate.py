@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ml3cli.engine import InnerOptimizer, LossFn, detached, inner_gradient, inner_step
 from ml3cli.engine.inner_optimizers import SGD
-from ml3cli.engine.online import Adaptation, LossAdapter
+from ml3cli.engine.online import Adaptation, LossAdapter, RecordedData
 from ml3cli.metaloss import MetaLoss
 from ml3cli.runtime import generator, stream_seed
 from ml3cli.tasks.base import Task
@@ -94,14 +94,18 @@ def train_curve(
 
     With an ``adapter`` the optimizees train with its loss (``loss_fn`` unused), whose φ every
     ``adapter.adaptation.every`` steps takes a step on the validation loss of the tasks' training data
-    (:meth:`Task.validation_batch`), through the last ``unroll`` steps (:mod:`ml3cli.engine.online`).
+    (:meth:`Task.validation_batch`; for a task that collects data, a fresh rollout of the current θ from ``gen``),
+    through the last ``unroll`` steps (:mod:`ml3cli.engine.online`).
     """
     if task.collects_data and gen is None:
         raise ValueError(f"task {task.name!r} collects data and needs a generator")
+    recorded = RecordedData(task, gen) if adapter is not None and task.collects_data else None
     if adapter is not None:
-        loss_fn, validation = adapter.loss_fn, task.validation_batch(batch)
-        estimator = adapter.estimator(task, lr, optimizer)
-        adaptation, window = adapter.adaptation, (theta, optimizer.init(theta))
+        loss_fn, adaptation, window = adapter.loss_fn, adapter.adaptation, (theta, optimizer.init(theta))
+        if recorded is None:
+            validation, estimator = task.validation_batch(batch), adapter.estimator(task, lr, optimizer)
+        else:  # the replay reads the rollouts the steps trained on; L_val a fresh rollout (see engine.online)
+            validation, estimator = batch, adapter.estimator(recorded, lr, optimizer)  # type: ignore[arg-type]
     gather = (lambda theta, purpose: task.collect(theta, batch, gen, purpose)) if task.collects_data else None
     if isinstance(lr, torch.Tensor):
         each = vmap(lambda theta, state, batch, lr: inner_step(task, loss_fn, theta, state, batch, lr, optimizer))
@@ -137,9 +141,17 @@ def train_curve(
             record(theta, step)
             if adapter is not None and adaptation.opens_window(step):
                 window = theta, state
-            theta, state = step_fn(theta, state, gather(theta, "inner") if gather is not None else batch)
+                if recorded is not None:
+                    recorded.open()
+            inner_batch = gather(theta, "inner") if gather is not None else batch
+            if recorded is not None:
+                recorded.record(inner_batch)
+            theta, state = step_fn(theta, state, inner_batch)
             if adapter is not None and adaptation.due(step + 1):
-                adapter.adapt(estimator, window[0], validation, state=window[1])
+                if recorded is not None:
+                    recorded.collect_validation(theta, batch)
+                    recorded.replay()
+                adapter.adapt(estimator, window[0], validation, state=window[1], gen=gen)
         record(theta, steps)
     return stack(history), {name: stack(values) for name, values in extras.items()}
 

@@ -234,6 +234,65 @@ def test_the_validation_loss_never_reads_the_query_points(name, tmp_path):
     assert not all(torch.isfinite(v).all() for v in touched.phi.values())
 
 
+TINY_REACHER = {"hidden": [8], "episodes": 2, "task_loss_episodes": 2, "horizon": 10}
+
+
+def rl_adaptation(poison_measurements: bool = False, lr: float = 0.05):
+    """Two ReacherGoal policies trained 4 steps by a small learned loss adapting every 2 steps through both; with
+    ``poison_measurements`` every rollout that measures the metric (a ``task_loss`` rollout from the optimizee's
+    generator) has NaN rewards and distances. Returns the adapter, the curve, the θ each replay reached, the θ at
+    each validation rollout and the learned loss as it was."""
+    task = make_task("reacher_goal_mf", TINY_REACHER)
+    gen = generator(0)
+    batch, theta = task.sample_tasks(2, gen), task.init_theta(2, gen)
+    torch.manual_seed(3)
+    metaloss = MetaLoss(task.loss_inputs_spec, hidden=(8,))
+    adapter = LossAdapter(metaloss, Adaptation(every=2, unroll=2, lr=lr))
+    replayed, validated = [], []
+    real_collect, real_apply = task.collect, adapter.apply
+
+    def collect(theta, batch, generator, purpose):
+        data = real_collect(theta, batch, generator, purpose)
+        if purpose == "task_loss" and generator is not gen:
+            validated.append(theta)
+        if poison_measurements and purpose == "task_loss" and generator is gen:
+            return data._replace(reward=data.reward * math.nan, distance=data.distance * math.nan)
+        return data
+
+    task.collect = collect
+    adapter.apply = lambda found: replayed.append(found.theta) or real_apply(found)
+    curve, _ = train_curve(task, None, theta, batch, 0.1, 4, gen=gen, adapter=adapter)
+    return adapter, curve, replayed, validated, metaloss
+
+
+def test_rl_adaptation_replays_the_rollouts_trained_on_and_never_reads_the_measurements():
+    """On a task that collects rollouts, each φ update replays the very steps the policies took (the replay ends at
+    the θ the optimizee reached, which fresh rollouts would not give) and takes L_val on a rollout of its own at that
+    θ; rollouts that measure the metric never reach φ: poisoned with NaN, φ's updates are bit for bit the same."""
+    clean, clean_curve, replayed, validated, metaloss = rl_adaptation()
+    assert clean.updates == 2 and len(replayed) == len(validated) == 2
+    for reached, at in zip(replayed, validated, strict=True):
+        for name in reached:
+            torch.testing.assert_close(reached[name], at[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(clean.phi[k], v.detach()) for k, v in metaloss.named_parameters())
+    blind, blind_curve, *_ = rl_adaptation(poison_measurements=True)
+    for k in clean.phi:
+        assert torch.equal(clean.phi[k], blind.phi[k]), f"φ's update {k} read a measurement rollout"
+    assert torch.isfinite(clean_curve).all() and not torch.isfinite(blind_curve).any()
+
+
+def test_rl_adaptation_at_rate_zero_leaves_the_policies_curves_as_frozen():
+    """The validation rollouts draw from a generator of their own: at η = 0 the curves of a collecting task are the
+    frozen loss's bit for bit (its training and measurement rollouts unchanged), and at η > 0 they are not."""
+    task = make_task("reacher_goal_mf", TINY_REACHER)
+    losses = [small_learned(task)]
+    frozen = evaluate(task, losses, tasks=2, seeds=1, steps=4)
+    still = evaluate(task, losses, tasks=2, seeds=1, steps=4, adaptation=Adaptation(every=2, unroll=2, lr=0.0))
+    moving = evaluate(task, losses, tasks=2, seeds=1, steps=4, adaptation=Adaptation(every=2, unroll=2, lr=0.5))
+    assert np.array_equal(frozen[0].values, still[0].values) and still[0].adapts
+    assert not np.array_equal(frozen[0].values, moving[0].values)
+
+
 def test_a_family_without_a_training_split_is_refused():
     task = make_task("mountain_car", {})
     with pytest.raises(ML3Error, match="training split"):

@@ -10,7 +10,7 @@ from rich.console import Console
 from ml3cli.commands.options import ReproduceOptions
 from ml3cli.commands.reproduce import reproduce
 from ml3cli.experiments import REPRODUCIBLE, experiment
-from ml3cli.experiments.mfrl import final_level, ppo_verdict, ratio, samples_to_gain
+from ml3cli.experiments.against_ppo import final_level, ppo_verdict, ratio, samples_to_gain
 from ml3cli.experiments.protocol import VERDICTS, Paired, validate_results
 
 
@@ -48,7 +48,7 @@ def test_the_verdict_needs_a_faster_start_and_a_final_level_not_worse():
 def test_ppo_rate_widens_its_grid_until_the_choice_is_interior(monkeypatch):
     """Final levels that grow up to 10× CleanRL's rate and fall after it: the three-rate check (its top edge
     winning) widens upwards until the best rate has a worse one on either side; a diverged rate never wins."""
-    from ml3cli.experiments import mfrl
+    from ml3cli.experiments import against_ppo, mfrl
 
     def fake(task, goals, seeds, updates, config, stream, cache=None):
         if config.lr > 5e-3:
@@ -56,11 +56,11 @@ def test_ppo_rate_widens_its_grid_until_the_choice_is_interior(monkeypatch):
         level = -abs(np.log10(config.lr / 3e-3))  # best at 3e-3
         return np.full((seeds, updates + 1, goals), level), 2048
 
-    monkeypatch.setattr(mfrl, "ppo_performance", fake)
-    lr, levels = mfrl.ppo_rate(None, mfrl.FULL[mfrl.REACHER])
+    monkeypatch.setattr(against_ppo, "ppo_performance", fake)
+    lr, levels = against_ppo.ppo_rate(None, mfrl.FULL[mfrl.REACHER])
     assert lr == pytest.approx(3e-3) and min(levels) < lr < max(levels)
     assert len(levels) == 5 and levels[max(levels)] < levels[lr]
-    no_widening = mfrl.ppo_rate(None, mfrl.QUICK[mfrl.REACHER])
+    no_widening = against_ppo.ppo_rate(None, mfrl.QUICK[mfrl.REACHER])
     assert no_widening[0] == pytest.approx(3e-4 * 10**0.5) and len(no_widening[1]) == 3  # the edge: not widened
 
 
@@ -69,30 +69,32 @@ def test_finished_ppo_runs_are_kept_and_read_back(tmp_path, monkeypatch):
     every run back, bit for bit, with its environment samples, and trains nothing; another rate trains again. An
     interrupted call resumes after the seeds it finished."""
     from ml3cli.baselines.ppo import PPOConfig
-    from ml3cli.experiments import mfrl
+    from ml3cli.experiments import against_ppo
     from ml3cli.tasks import make_task
 
     trained = []
-    real = mfrl.train_ppo
-    monkeypatch.setattr(mfrl, "train_ppo", lambda *args: trained.append(1) or real(*args))
+    real = against_ppo.train_ppo
+    monkeypatch.setattr(against_ppo, "train_ppo", lambda *args: trained.append(1) or real(*args))
 
     def task():
         return make_task("reacher_goal_mf", {"hidden": [8], "episodes": 2, "task_loss_episodes": 2, "horizon": 10})
 
     config = PPOConfig(steps_per_update=20, num_minibatches=2, update_epochs=1)
     fresh = task()
-    first, per_update = mfrl.ppo_performance(fresh, 2, 2, 2, config, "test", tmp_path)
+    first, per_update = against_ppo.ppo_performance(fresh, 2, 2, 2, config, "test", tmp_path)
     assert len(trained) == 2 and len(list(tmp_path.glob("ppo-*.json"))) == 2
     again = task()
-    second, per_update_again = mfrl.ppo_performance(again, 2, 2, 2, config, "test", tmp_path)
+    second, per_update_again = against_ppo.ppo_performance(again, 2, 2, 2, config, "test", tmp_path)
     assert len(trained) == 2 and per_update_again == per_update
     np.testing.assert_array_equal(first, second)
     assert first.dtype == second.dtype and again.environment_samples == fresh.environment_samples > 0
-    mfrl.ppo_performance(task(), 2, 2, 2, PPOConfig(lr=1e-3, steps_per_update=20, num_minibatches=2), "test", tmp_path)
+    against_ppo.ppo_performance(
+        task(), 2, 2, 2, PPOConfig(lr=1e-3, steps_per_update=20, num_minibatches=2), "test", tmp_path
+    )
     assert len(trained) == 4
     # a run stopped after its first seed: the next one trains the second seed only
     sorted(tmp_path.glob("ppo-*.json"))[0].unlink()
-    mfrl.ppo_performance(task(), 2, 2, 2, config, "test", tmp_path)
+    against_ppo.ppo_performance(task(), 2, 2, 2, config, "test", tmp_path)
     assert len(trained) == 5
 
 
@@ -117,3 +119,27 @@ def test_quick_reproduction_of_mfrl(tmp_path, monkeypatch):
         assert ppo["samples_per_update"]["ppo"] >= 2048 and ppo["config"]["normalize_obs"]
         assert len(ppo["lr_check"]["scores"]) == 3
         assert set(ppo["samples_to_80pct"]) >= {"learned", "ppo", "ratio_ppo_over_learned"}
+
+
+@pytest.mark.slow
+def test_quick_reproduction_of_beyond_reacher(tmp_path, monkeypatch):
+    """The reward-input losses against PPO at --quick sizes, frozen and adapting online: both rows carry PPO's
+    numbers; the adapting row's learned losses adapted, and its sample axis counts each φ update's rollout."""
+    from ml3cli.experiments.beyond_reacher import ADAPTATION
+
+    monkeypatch.chdir(tmp_path)
+    options = ReproduceOptions(quick=True, meta_seeds=2, jobs=2, out_dir=tmp_path / "out")
+    document = reproduce(experiment("beyond_reacher"), options, Console(quiet=True))
+    validate_results(document, "beyond_reacher")
+    frozen, adapting = document["comparisons"]
+    assert "adaptation" not in frozen["extra"] and adapting["extra"]["adaptation"] == ADAPTATION.record()
+    assert all("likelihood_verdict" in row["extra"] for row in (frozen, adapting))
+    per_update = frozen["extra"]["ppo"]["samples_per_update"]["learned"]
+    steps = frozen["steps"]
+    assert frozen["extra"]["ppo"]["budget_samples"]["learned"] == steps * per_update
+    assert steps // ADAPTATION.every >= 1  # φ did adapt
+    rollout = 4 * 50  # the recipe's task_loss_episodes × horizon: one validation rollout per φ update
+    assert (
+        adapting["extra"]["ppo"]["budget_samples"]["learned"]
+        == steps * per_update + steps // ADAPTATION.every * rollout
+    )

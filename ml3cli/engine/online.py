@@ -18,15 +18,23 @@ data that meta-test measures its metric on never reach φ. Note the choice: the 
 optimizee trains on (as in AdaLFL, whose meta-objective is the training loss), so adaptation rewards a loss that
 fits the training data faster; nothing of the test split is held back for it.
 
+A task that collects its data (a policy's rollouts, :attr:`~ml3cli.tasks.base.Task.collects_data`) has no fixed
+training split: its validation loss is the task loss (for model-free RL the REINFORCE surrogate, whose value is the
+return) on a FRESH rollout of the current policy, the agent's own experience, gathered for the update alone (its
+environment steps are counted; the rollouts that measure the metric are never used). The replay is fed the
+rollouts the last K steps actually trained on (:class:`RecordedData`), so it is again the optimizee's trajectory.
+
 * :class:`Adaptation`: the settings (N, η, K);
 * :class:`LossAdapter`: an adapting copy of a learned loss and Adam on its φ, stepped by a caller that owns the
   optimizee's steps (meta-test, :func:`ml3cli.evaluate.train_curve`);
+* :class:`RecordedData`: a collecting task whose replay reads the recorded rollouts instead of new ones;
 * :class:`OnlineLoss`: the same beside an ordinary PyTorch training loop.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -146,6 +154,50 @@ class LossAdapter:
         self.adam.zero_grad(set_to_none=True)
         self.updates += 1
         return found
+
+
+class RecordedData:
+    """A task that collects data, seen by a replay: its :meth:`collect` hands out the recorded batches of the last K
+    inner steps in order (``inner``) and the validation batch (``task_loss``) instead of rolling out again;
+    everything else is the task's own. The caller records: :meth:`open` at the window's first step, :meth:`record`
+    after each inner batch is gathered, :meth:`collect_validation` before the update.
+
+    The validation rollouts draw from a generator of their own, derived from the optimizee's (``gen``), so that
+    adapting leaves the optimizee's training and measurement rollouts as they would have been: with η = 0 the
+    curves are those of the frozen loss, bit for bit."""
+
+    def __init__(self, task: Task, gen: torch.Generator):
+        self._task = task
+        digest = hashlib.sha256(f"ml3/online-adaptation/{gen.initial_seed()}".encode()).digest()
+        self.gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 2)
+        self._inner: list[Any] = []
+        self._replayed: list[Any] = []
+        self.validation: Any = None
+
+    def collect_validation(self, theta: Theta, batch: Any) -> None:
+        """A fresh rollout at ``theta`` (the optimizee now) for L_val, from this replay's own generator."""
+        self.validation = self._task.collect(theta, batch, self.gen, "task_loss")
+
+    def open(self) -> None:
+        """Forget the batches of the previous window."""
+        self._inner = []
+
+    def record(self, batch: Any) -> None:
+        self._inner.append(batch)
+
+    def replay(self) -> None:
+        """Hand out the recorded batches again from the first (before each meta-gradient)."""
+        self._replayed = list(self._inner)
+
+    def collect(self, theta: Theta, batch: Any, generator: torch.Generator, purpose: str) -> Any:
+        if purpose == "inner":
+            if not self._replayed:
+                raise RuntimeError("RecordedData: the replay asked for more inner steps than were recorded")
+            return self._replayed.pop(0)
+        return self.validation
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
 
 
 # -- beside an ordinary training loop -----------------------------------------------------------------------------

@@ -13,7 +13,8 @@ simulator (:mod:`ml3cli.control`, :mod:`ml3cli.envs`), or anything a command of 
 
 Modules: one per experiment of :data:`REPRODUCIBLE`; :mod:`~ml3cli.experiments.protocol` holds what they share
 (the meta-training plan, the fair comparison, the verdict, the schema of ``results.json``), and
-:mod:`~ml3cli.experiments.physics_prior` the comparison of the two inverse-dynamics experiments;
+:mod:`~ml3cli.experiments.physics_prior` the comparison of the two inverse-dynamics experiments,
+:mod:`~ml3cli.experiments.against_ppo` the rows of a learned loss against PPO;
 :mod:`~ml3cli.experiments.targets` declares the targets beyond the paper and the comparisons that measure them.
 """
 
@@ -41,6 +42,7 @@ REPRODUCIBLE: dict[str, str] = {
     "beyond_mnist_binary": "ml3cli.experiments.beyond_mnist_binary",
     "beyond_mnist": "ml3cli.experiments.beyond_mnist",
     "beyond_sawyer": "ml3cli.experiments.beyond_sawyer",
+    "beyond_reacher": "ml3cli.experiments.beyond_reacher",
 }
 
 

@@ -100,8 +100,10 @@ TARGETS: tuple[Target, ...] = (
         task="`reacher_goal_mf`",
         beat="PPO (CleanRL's setup): end at or above its final level",
         plain=Measured("mfrl", "ReacherGoal (mfrl_reacher) against PPO"),
-        frozen=None,
-        adapting=Measured("beyond_mnist", "sgd: + online adaptation"),
+        frozen=Measured("beyond_reacher", "ReacherGoal, reward input (mfrl_reacher_reward) against PPO"),
+        adapting=Measured(
+            "beyond_reacher", "ReacherGoal, reward input + online adaptation (mfrl_reacher_reward) against PPO"
+        ),
         by_reason=True,
     ),
 )

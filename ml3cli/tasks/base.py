@@ -132,17 +132,21 @@ class Task(ABC):
         """``batch`` with its query data replaced by its training (support) data, so that :meth:`task_loss` on it is
         a validation loss on the training split: online loss adaptation (:mod:`ml3cli.engine.online`) descends it,
         and the query data the meta-test metric is measured on never reach φ. Refused for a family without a
-        support/query split of fixed data (:attr:`query_from_support` empty)."""
-        self.check_validation_split()
+        support/query split of fixed data (:attr:`query_from_support` empty; a task that collects data measures its
+        validation loss on a fresh rollout instead)."""
+        if not self.query_from_support:
+            raise ValueError(f"task {self.name!r} has no support/query split of fixed data")
         return batch._replace(**{query: getattr(batch, support) for query, support in self.query_from_support.items()})
 
     def check_validation_split(self) -> None:
-        """Refuse, in one line, a family that :meth:`validation_batch` cannot serve."""
-        if not self.query_from_support:
+        """Refuse, in one line, a family that online adaptation cannot serve: one with neither a support/query split
+        of fixed data (:meth:`validation_batch`) nor data of its own to collect (a fresh rollout)."""
+        if not self.query_from_support and not self.collects_data:
             raise ML3Error(
                 f"task {self.name!r} has no training split of fixed data to measure a validation loss on, which "
                 "online loss adaptation (--adapt) needs: use a supervised family (sine, sine_shifted, "
-                "sine_frequency, mnist_binary, mnist, inverse_dynamics_reacher, inverse_dynamics_sawyer)"
+                "sine_frequency, mnist_binary, mnist, inverse_dynamics_reacher, inverse_dynamics_sawyer) or one "
+                "that collects rollouts (reacher_goal_mf, ant_goal, the model-based ones)"
             )
 
     def extra_term(self, name: str, theta: Theta, task: Any) -> Tensor:

@@ -9,6 +9,7 @@ headless Agg backend.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -113,7 +114,8 @@ def comparison_figure(comparisons: Sequence[Mapping], title: str) -> bytes:
         ax.set_ylabel(comparison["metric"])
         if all(v > 0 for c in curves.values() for v in c.values()):
             ax.set_yscale("log")
-        ax.set_title(f"{comparison['label']}: {comparison['verdict']['verdict']}")
+        # long labels ("…, reward input + online adaptation (recipe) against PPO") would run into the next panel
+        ax.set_title(textwrap.fill(f"{comparison['label']}: {comparison['verdict']['verdict']}", 70), fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)

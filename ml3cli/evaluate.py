@@ -150,7 +150,6 @@ def train_curve(
             if adapter is not None and adaptation.due(step + 1):
                 if recorded is not None:
                     recorded.collect_validation(theta, batch)
-                    recorded.replay()
                 adapter.adapt(estimator, window[0], validation, state=window[1], gen=gen)
         record(theta, steps)
     return stack(history), {name: stack(values) for name, values in extras.items()}

@@ -117,6 +117,12 @@ def stream_seed(purpose: str, seed: int) -> int:
         raise ValueError(f"unknown random stream {purpose!r}; expected one of {STREAMS}")
     if purpose == "meta_train":
         return seed
+    return hashed_seed(purpose, seed)
+
+
+def hashed_seed(purpose: str, seed: int) -> int:
+    """A 62-bit seed for the stream ``purpose`` of ``seed``, a hash of the two (streams of neighbouring seeds and of
+    different purposes stay apart)."""
     digest = hashlib.sha256(f"ml3/{purpose}/{seed}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 2
 

@@ -34,7 +34,6 @@ rollouts the last K steps actually trained on (:class:`RecordedData`), so it is 
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -48,6 +47,7 @@ from ml3cli.engine.unroll import LossFn, Phi
 from ml3cli.errors import ML3Error
 from ml3cli.metaloss import MetaLoss
 from ml3cli.recipes import InnerConfig
+from ml3cli.runtime import generator, hashed_seed
 from ml3cli.tasks.base import Task, TaskOptions, Theta
 
 
@@ -168,15 +168,10 @@ class RecordedData:
 
     def __init__(self, task: Task, gen: torch.Generator):
         self._task = task
-        digest = hashlib.sha256(f"ml3/online-adaptation/{gen.initial_seed()}".encode()).digest()
-        self.gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 2)
+        self.gen = generator(hashed_seed("online-adaptation", gen.initial_seed()))
         self._inner: list[Any] = []
         self._replayed: list[Any] = []
         self.validation: Any = None
-
-    def collect_validation(self, theta: Theta, batch: Any) -> None:
-        """A fresh rollout at ``theta`` (the optimizee now) for L_val, from this replay's own generator."""
-        self.validation = self._task.collect(theta, batch, self.gen, "task_loss")
 
     def open(self) -> None:
         """Forget the batches of the previous window."""
@@ -185,8 +180,10 @@ class RecordedData:
     def record(self, batch: Any) -> None:
         self._inner.append(batch)
 
-    def replay(self) -> None:
-        """Hand out the recorded batches again from the first (before each meta-gradient)."""
+    def collect_validation(self, theta: Theta, batch: Any) -> None:
+        """Before a meta-gradient: a fresh rollout at ``theta`` (the optimizee now) for L_val, from this replay's own
+        generator, and the recorded batches handed out again from the first."""
+        self.validation = self._task.collect(theta, batch, self.gen, "task_loss")
         self._replayed = list(self._inner)
 
     def collect(self, theta: Theta, batch: Any, generator: torch.Generator, purpose: str) -> Any:
